@@ -1,0 +1,102 @@
+"""MLflow set-up: where runs go, and Lightning's MLFlowLogger pointed there.
+
+Default store: an embedded sqlite database in the working directory
+(``sqlite:///<cwd>/mlflow.db``) with artifacts beside it in ``<cwd>/mlruns``,
+so nothing has to be started and ``mlflow ui --backend-store-uri
+sqlite:///mlflow.db`` shows the runs.  ``MLFLOW_TRACKING_URI`` or the
+``tracking_uri`` setting points elsewhere (a server, another database).
+
+Two facts of MLflow 3 on a plain machine shape this module: a tracking URI
+that is a bare folder selects the deprecated file store, which raises unless
+``MLFLOW_ALLOW_FILE_STORE`` is set, and an experiment created in a sqlite
+store without an explicit artifact location puts its artifacts in
+``./mlruns`` of whatever the *current* directory happens to be.  So the
+experiment is always created here, with an absolute artifact location.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from gman.errors import ConfigError
+
+DEFAULT_DB_NAME = "mlflow.db"
+DEFAULT_ARTIFACT_DIR = "mlruns"
+
+
+def resolve_tracking_uri(setting: str | None = None, workdir: str | Path | None = None) -> str:
+    """The tracking URI to use: the setting, else ``MLFLOW_TRACKING_URI``, else the embedded sqlite store."""
+    uri = setting or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        workdir = Path(workdir or os.getcwd()).resolve()
+        return f"sqlite:///{workdir / DEFAULT_DB_NAME}"
+    if "://" not in uri and not uri.startswith(("sqlite:", "databricks")):
+        raise ConfigError(
+            f"tracking_uri: {uri!r} is not a URI; use sqlite:///<path>/mlflow.db or http://host:port"
+        )
+    return uri
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """Absolute artifact folder for a sqlite store (``mlruns`` beside the database); None lets a server choose."""
+    if tracking_uri.startswith("sqlite:///"):
+        db_path = Path(tracking_uri[len("sqlite:///"):])
+        return (db_path.parent / DEFAULT_ARTIFACT_DIR).resolve().as_uri()
+    return None
+
+
+def ensure_experiment(name: str, tracking_uri: str) -> str:
+    """Id of the experiment called ``name``, created (with an explicit artifact location) if needed."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=default_artifact_location(tracking_uri))
+
+
+def make_logger(experiment_name: str, tracking_uri: str, run_id: str | None = None, run_name: str | None = None,
+                tags: dict[str, str] | None = None):
+    """Lightning's MLFlowLogger on ``tracking_uri``; ``run_id`` reopens an existing run (``--resume``).
+
+    The run stays RUNNING when Lightning finishes ``fit`` or ``test`` (see
+    :class:`RunFinishedByCaller`): it is done only after the caller has
+    logged the test tables, plots and model.
+    """
+    ensure_experiment(experiment_name, tracking_uri)
+    return RunFinishedByCaller(
+        experiment_name=experiment_name,
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        run_name=run_name,
+        tags=tags,
+        artifact_location=default_artifact_location(tracking_uri),
+        log_model=False,  # the best checkpoint and the serving package are logged by the caller
+    )
+
+
+class RunFinishedByCaller(MLFlowLogger):
+    """MLFlowLogger whose successful ``finalize`` does not end the run.
+
+    Lightning finalises its loggers after ``fit`` and again after ``test``;
+    the stock logger marks the run FINISHED at the first one, while ``gman
+    train`` still has to test, score the baselines and log the outputs.  A
+    failure ("failed") is still recorded at once; success is recorded by
+    :meth:`finish`.
+    """
+
+    def finalize(self, status: str = "success") -> None:
+        if status == "failed":
+            super().finalize(status)
+
+    @rank_zero_only
+    def finish(self, status: str = "FINISHED") -> None:
+        """Mark the run terminated (FINISHED, FAILED or KILLED) if it was ever started."""
+        if self._initialized:
+            self.experiment.set_terminated(self.run_id, status)

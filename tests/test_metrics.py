@@ -1,0 +1,65 @@
+"""Masked MAE / RMSE / MAPE per horizon step."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gman.training.metrics import HorizonMetrics, horizon_errors, masked_mae, steps_for_minutes
+
+
+def test_masked_mae_ignores_missing_labels():
+    pred = torch.tensor([[1.0, 2.0, 3.0]])
+    target = torch.tensor([[2.0, 0.0, 5.0]])     # 0.0 = missing reading
+    mask = torch.tensor([[True, False, True]])
+    assert masked_mae(pred, target, mask).item() == pytest.approx((1.0 + 2.0) / 2)
+    assert masked_mae(pred, target, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_per_step_errors_match_a_direct_computation():
+    rng = np.random.default_rng(0)
+    pred = rng.normal(50, 10, size=(7, 4, 5))
+    target = rng.normal(50, 10, size=(7, 4, 5))
+    mask = rng.random((7, 4, 5)) > 0.3
+    target[~mask] = 0.0
+    errors = horizon_errors(pred, target, mask)
+    for q in range(4):
+        m = mask[:, q]
+        err = pred[:, q][m] - target[:, q][m]
+        assert errors.mae[q] == pytest.approx(np.abs(err).mean())
+        assert errors.rmse[q] == pytest.approx(np.sqrt((err ** 2).mean()))
+        assert errors.mape[q] == pytest.approx(100 * np.mean(np.abs(err) / np.abs(target[:, q][m])))
+        assert errors.count[q] == m.sum()
+    all_err = (pred - target)[mask]
+    assert errors.mae_all == pytest.approx(np.abs(all_err).mean())
+    assert errors.rmse_all == pytest.approx(np.sqrt((all_err ** 2).mean()))
+
+
+def test_batches_combine_exactly_and_zero_labels_never_give_nan():
+    rng = np.random.default_rng(1)
+    pred = torch.tensor(rng.normal(size=(10, 3, 4)))
+    target = torch.tensor(rng.normal(size=(10, 3, 4)))
+    target[0, 0, 0] = 0.0                        # observed zero: left out of MAPE only
+    mask = torch.ones(10, 3, 4, dtype=torch.bool)
+    whole = horizon_errors(pred, target, mask)
+    metrics = HorizonMetrics(3)
+    for chunk in (slice(0, 3), slice(3, 4), slice(4, 10)):
+        metrics.update(pred[chunk], target[chunk], mask[chunk])
+    parts = metrics.compute()
+    assert parts.mae == pytest.approx(whole.mae)
+    assert parts.rmse == pytest.approx(whole.rmse)
+    assert all(math.isfinite(v) for v in parts.mape)
+    assert parts.mae[0] == pytest.approx((pred[:, 0] - target[:, 0]).abs().mean().item())
+
+
+def test_a_step_without_labels_is_nan_not_zero():
+    errors = horizon_errors(np.ones((2, 2, 1)), np.ones((2, 2, 1)), np.array([[[True], [False]]] * 2))
+    assert errors.mae[0] == 0.0 and math.isnan(errors.mae[1])
+
+
+def test_minutes_map_to_steps_for_the_data_interval():
+    assert steps_for_minutes((15, 30, 60), 5.0, 12) == {15: 3, 30: 6, 60: 12}
+    assert steps_for_minutes((15, 30, 60), 15.0, 4) == {15: 1, 30: 2, 60: 4}
+    assert steps_for_minutes((15, 30, 60), 10.0, 12) == {30: 3, 60: 6}   # 15 min is no whole step
