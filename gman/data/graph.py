@@ -40,16 +40,27 @@ GRAPH_FORMATS = ("dcrnn-pickle", "dense-csv", "edge-list", "distance-csv", "dist
 
 # The only callables a DCRNN adj_mx.pkl references (seen in the METR-LA and
 # PEMS-BAY files): numpy's array reconstruction.  numpy 2 renamed numpy.core to
-# numpy._core, so both spellings are admitted.  Lists, dicts, str, bytes and
-# numbers need no global lookup at all.
+# numpy._core, so both spellings are admitted; protocol 5 rebuilds arrays with
+# _frombuffer.  Lists, dicts, str, bytes and numbers need no global lookup,
+# except that Python 3 writes bytes at protocol <= 2 as _codecs.encode(text,
+# "latin1"), which is admitted for that one encoding only.
 _ALLOWED_PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
 }
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """Stand-in for ``_codecs.encode`` that only turns text into latin-1 bytes."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode used for something other than latin-1 bytes")
+    return text.encode("latin1")
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -65,6 +76,8 @@ class _PlainDataUnpickler(pickle.Unpickler):
         self._path = path
 
     def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         if (module, name) in _ALLOWED_PICKLE_GLOBALS:
             return super().find_class(module, name)
         raise DataError(
