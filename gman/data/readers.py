@@ -1,0 +1,486 @@
+"""Readers of traffic series -> :class:`SensorDataset`, behind one entry point.
+
+``load_dataset(source, **options)``; ``source`` is one of
+
+- ``"synthetic"``: the built-in network (options: those of :func:`make_synthetic`);
+- a path; the format comes from the extension or ``format=``:
+
+  | format       | file                                                                          |
+  | ------------ | ----------------------------------------------------------------------------- |
+  | ``h5``       | DCRNN ``metr-la.h5``: ``pd.read_hdf`` DataFrame, DatetimeIndex x sensor ids   |
+  | ``csv``      | wide: a timestamp column (or ``start_time`` + ``interval``) and one column per sensor; |
+  |              | a CSV with ``timestamp, sensor_id, value`` columns is read as long           |
+  | ``long-csv`` | one reading per row: ``timestamp, sensor_id, value``                          |
+  | ``parquet``  | wide (DatetimeIndex or timestamp column) or long, as for CSV                  |
+  | ``npz``      | PEMS0X ``data`` array [T, N, F]: ``feature`` + ``start_time`` + ``interval``  |
+
+- a pandas DataFrame (wide with a DatetimeIndex or timestamp column, or long);
+- a dataset card name (``gman.data.registry.card_reader_options(name)`` gives the options).
+
+Missing readings: NaN always, plus every reading equal to ``missing_value``
+(default 0.0, the convention of METR-LA / PEMS-BAY; ``None`` = only NaN).
++/-Inf, text in numeric columns, duplicate / unsorted timestamps and irregular
+intervals are errors (``fill_gaps=True`` turns missing timestamps into missing
+readings instead).
+
+The graph (``graph_path``, ``graph_format``) is read by
+:func:`gman.data.graph.load_adjacency` and matched to the data **by sensor id**:
+the adjacency is reordered to the data's column order; a bare matrix without
+ids is taken to be in the data's column order (or in ``graph_sensor_ids``).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gman.data.dataset import SensorDataset
+from gman.errors import ConfigError, DataError
+
+#: Options of file / DataFrame sources (``load_dataset`` keyword arguments).
+READER_OPTIONS = {
+    "values_path": "path of the series file (a card's data file; the source when source is None)",
+    "format": "h5 | csv | long-csv | parquet | npz (default: from the extension)",
+    "graph_path": "graph file (DCRNN pickle, dense CSV, edge list, distances)",
+    "graph_format": "dcrnn-pickle | dense-csv | edge-list | distance-csv | distance-matrix",
+    "graph_sensor_ids": "sensor order of a bare adjacency matrix: a list or a text file of ids",
+    "graph_threshold": "Gaussian kernel cut-off for distance graphs (default 0.1)",
+    "start_time": "timestamp of the first row, for files without timestamps",
+    "interval": "time step, e.g. '5min' (required with start_time)",
+    "missing_value": "reading that means 'missing' besides NaN (default 0.0; None = NaN only)",
+    "feature": "npz: index or name (flow, occupancy, speed) of the feature to read",
+    "key": "h5 key / npz array name",
+    "sensor_ids": "ids for data that has none (npz): a list or a text file of ids",
+    "timestamp_column": "name of the timestamp column (default: detected)",
+    "sensor_column": "long format: sensor id column (default sensor_id)",
+    "value_column": "long format: value column (default value)",
+    "fill_gaps": "turn missing timestamps into missing readings instead of an error (default False)",
+    "name": "data set name (default: file stem or card name)",
+    "units": "units of the readings, e.g. mph",
+}
+
+VALUE_FORMATS = ("h5", "csv", "long-csv", "parquet", "npz")
+_EXTENSIONS = {
+    ".h5": "h5", ".hdf5": "h5", ".hdf": "h5",
+    ".csv": "csv", ".txt": "csv",
+    ".parquet": "parquet", ".pq": "parquet",
+    ".npz": "npz",
+}
+_TIMESTAMP_NAMES = ("timestamp", "time", "datetime", "date", "")
+_NPZ_FEATURES = {"flow": 0, "occupancy": 1, "speed": 2}
+
+
+@dataclass
+class _Table:
+    """A series as read, before validation: values [T, N] float64 (NaN = missing)."""
+
+    values: np.ndarray
+    index: pd.DatetimeIndex | None
+    sensor_ids: list[str] | None  # None: the file has no ids (npz)
+
+
+# ============================================================================ entry point
+
+def load_dataset(source: Any = None, **options) -> SensorDataset:
+    """Load a :class:`SensorDataset` from ``source`` (see the module docstring)."""
+    if isinstance(source, SensorDataset):
+        return source
+    if isinstance(source, pd.DataFrame):
+        _check_keys(options, READER_OPTIONS, "DataFrame")
+        return _load_table_source(source, "DataFrame", options)
+    if source is None:
+        if options.get("values_path") is None:
+            raise ConfigError("load_dataset: give a source (path, card name, 'synthetic' or DataFrame) or values_path")
+        source = options.pop("values_path")
+    if isinstance(source, str) and source == "synthetic":
+        return _load_synthetic(options)
+    if isinstance(source, Path) or _looks_like_path(str(source)):
+        _check_keys(options, READER_OPTIONS, str(source))
+        if options.get("values_path") is not None:
+            raise ConfigError(f"values_path: given together with the path source {source!r}; give one")
+        options.pop("values_path", None)
+        return _load_table_source(Path(source), str(source), options)
+    return _load_card(str(source), options)
+
+
+def _looks_like_path(text: str) -> bool:
+    return ("/" in text or "\\" in text or Path(text).suffix.lower() in _EXTENSIONS or Path(text).exists())
+
+
+def _load_synthetic(options: dict) -> SensorDataset:
+    from gman.data.synthetic import make_synthetic
+
+    allowed = {name: "" for name in inspect.signature(make_synthetic).parameters}
+    # the data module passes its reader options through; unset (None) ones are ignored
+    options = {k: v for k, v in options.items() if not (v is None and k in READER_OPTIONS)}
+    _check_keys(options, allowed, "synthetic")
+    return make_synthetic(**options)
+
+
+def _load_card(name: str, options: dict) -> SensorDataset:
+    try:
+        from gman.data.registry import card_reader_options
+    except ModuleNotFoundError as err:  # the registry module is optional for plain files
+        if err.name != "gman.data.registry":
+            raise
+        raise DataError(f"{name}: not a file, and no dataset cards are available") from None
+    card_options = dict(card_reader_options(name))
+    card_options.setdefault("name", name)
+    # explicit options win over the card's, except for unset (None) ones
+    card_options.update({k: v for k, v in options.items() if v is not None})
+    _check_keys(card_options, READER_OPTIONS, f"dataset card {name!r}")
+    values_path = card_options.pop("values_path", None)
+    if values_path is None:
+        raise ConfigError(f"dataset card {name!r}: gives no values_path")
+    return _load_table_source(Path(values_path), str(values_path), card_options)
+
+
+def _check_keys(options: dict, allowed, where: str) -> None:
+    unknown = [key for key in options if key not in allowed]
+    if unknown:
+        raise ConfigError(f"{where}: unknown option {unknown[0]!r}; known: {', '.join(sorted(allowed))}")
+
+
+# ============================================================================ files and frames
+
+def _load_table_source(source, where: str, options: dict) -> SensorDataset:
+    """Read a path or DataFrame, then validate, mask, attach the graph."""
+    options = {k: v for k, v in options.items() if v is not None or k == "missing_value"}
+    if isinstance(source, pd.DataFrame):
+        table = _read_frame(source, where, options)
+        default_name = "dataframe"
+    else:
+        table = _read_file(source, options)
+        default_name = source.stem
+    return _finish(table, where, options, default_name)
+
+
+def _read_file(path: Path, options: dict) -> _Table:
+    fmt = options.get("format") or _EXTENSIONS.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"{path}: cannot tell the format from the extension; give format= one of {', '.join(VALUE_FORMATS)}")
+    if fmt not in VALUE_FORMATS:
+        raise ConfigError(f"format: unknown value {fmt!r} for {path}; choose from {', '.join(VALUE_FORMATS)}")
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    where = str(path)
+    if fmt == "npz":
+        return _read_npz(path, options)
+    try:
+        if fmt == "h5":
+            frame = pd.read_hdf(path, key=options.get("key"))
+        elif fmt == "parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_csv(path, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty") from None
+    except Exception as err:  # corrupt files raise all sorts (HDF5ExtError, ArrowInvalid, ParserError, ...)
+        raise DataError(f"{path}: cannot read as {fmt} ({type(err).__name__}: {_first_line(err)})") from None
+    if isinstance(frame, pd.Series):
+        frame = frame.to_frame()
+    if not isinstance(frame, pd.DataFrame):
+        raise DataError(f"{path}: expected a table, got {type(frame).__name__}")
+    if fmt == "long-csv":
+        return _read_long(frame, where, options)
+    return _read_frame(frame, where, options)
+
+
+def _read_frame(frame: pd.DataFrame, where: str, options: dict) -> _Table:
+    """A wide or long DataFrame -> _Table."""
+    if frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise DataError(f"{where}: no data rows or columns")
+    columns = [str(c) for c in frame.columns]
+    sensor_column = options.get("sensor_column", "sensor_id")
+    value_column = options.get("value_column", "value")
+    if not isinstance(frame.index, pd.DatetimeIndex) and sensor_column in columns and value_column in columns:
+        return _read_long(frame, where, options)
+    return _read_wide(frame, where, options)
+
+
+def _read_wide(frame: pd.DataFrame, where: str, options: dict) -> _Table:
+    frame = frame.copy(deep=False)
+    frame.columns = [str(c).strip() for c in frame.columns]
+    timestamp_column = options.get("timestamp_column")
+    index = None
+    if timestamp_column is not None:
+        if timestamp_column not in frame.columns:
+            raise DataError(f"{where}: no timestamp column {timestamp_column!r}")
+    elif isinstance(frame.index, pd.DatetimeIndex):
+        index = frame.index
+    elif "start_time" not in options:
+        first = frame.columns[0]
+        first_is_text = not pd.api.types.is_numeric_dtype(frame[first])
+        if first.lower() in _TIMESTAMP_NAMES or first.startswith("Unnamed") or first_is_text:
+            timestamp_column = first
+        else:
+            raise DataError(
+                f"{where}: no timestamp column (first column {first!r} is numeric); "
+                "give timestamp_column, or start_time and interval"
+            )
+    if timestamp_column is not None:
+        index = pd.DatetimeIndex(_parse_timestamps(frame[timestamp_column], where, timestamp_column))
+        frame = frame.drop(columns=[timestamp_column])
+    if frame.shape[1] == 0:
+        raise DataError(f"{where}: no sensor columns")
+    values = _numeric_values(frame, where)
+    return _Table(values, index, list(frame.columns))
+
+
+def _read_long(frame: pd.DataFrame, where: str, options: dict) -> _Table:
+    """timestamp, sensor_id, value rows -> wide; absent (timestamp, sensor) pairs are missing."""
+    frame = frame.copy(deep=False)
+    frame.columns = [str(c).strip() for c in frame.columns]
+    sensor_column = options.get("sensor_column", "sensor_id")
+    value_column = options.get("value_column", "value")
+    timestamp_column = options.get("timestamp_column")
+    if timestamp_column is None:
+        timestamp_column = next((c for c in frame.columns if c.lower() in _TIMESTAMP_NAMES), None)
+    for role, column in (("timestamp", timestamp_column), ("sensor", sensor_column), ("value", value_column)):
+        if column is None or column not in frame.columns:
+            raise DataError(f"{where}: long format needs a {role} column (have {list(frame.columns)[:6]})")
+    if frame.shape[0] == 0:
+        raise DataError(f"{where}: no data rows")
+    timestamps = _parse_timestamps(frame[timestamp_column], where, timestamp_column)
+    sensors = frame[sensor_column].map(_id_text)
+    values = _numeric_values(frame[[value_column]], where)[:, 0]
+    long = pd.DataFrame({"t": timestamps, "s": sensors.to_numpy(), "v": values})
+    duplicated = long.duplicated(["t", "s"])
+    if duplicated.any():
+        row = long[duplicated].iloc[0]
+        raise DataError(f"{where}: duplicate reading for sensor {row['s']} at {row['t']}")
+    sensor_order = list(pd.unique(long["s"]))
+    wide = long.pivot(index="t", columns="s", values="v").reindex(columns=sensor_order).sort_index()
+    return _Table(wide.to_numpy(dtype=np.float64), pd.DatetimeIndex(wide.index), sensor_order)
+
+
+def _read_npz(path: Path, options: dict) -> _Table:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise DataError(f"{path}: cannot read as npz ({type(err).__name__}: {_first_line(err)})") from None
+    with archive:
+        keys = list(archive.files)
+        key = options.get("key") or ("data" if "data" in keys else (keys[0] if len(keys) == 1 else None))
+        if key not in keys:
+            raise DataError(f"{path}: no array {key!r} in the npz (has {keys[:5]}); give key=")
+        try:
+            array = archive[key]
+        except Exception as err:
+            raise DataError(f"{path}: cannot read array {key!r} ({_first_line(err)})") from None
+    if not np.issubdtype(array.dtype, np.number):
+        raise DataError(f"{path}: array {key!r} is not numeric (dtype {array.dtype})")
+    if array.ndim == 3:
+        feature = options.get("feature", 0)
+        if isinstance(feature, str) and not feature.lstrip("-").isdigit():
+            if feature not in _NPZ_FEATURES or array.shape[2] != 3:
+                raise ConfigError(f"feature: {feature!r} unknown for {path} with {array.shape[2]} features; give an index")
+            feature = _NPZ_FEATURES[feature]
+        feature = int(feature)
+        if not 0 <= feature < array.shape[2]:
+            raise ConfigError(f"feature: index {feature} out of range for {path} with {array.shape[2]} features")
+        array = array[:, :, feature]
+    elif array.ndim != 2:
+        raise DataError(f"{path}: array {key!r} must be [T, N] or [T, N, F], got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise DataError(f"{path}: array {key!r} is empty (shape {array.shape})")
+    if "start_time" not in options:
+        raise DataError(f"{path}: an npz file holds no timestamps; give start_time and interval")
+    return _Table(array.astype(np.float64), None, None)
+
+
+# ============================================================================ validation
+
+def _finish(table: _Table, where: str, options: dict, default_name: str) -> SensorDataset:
+    values = table.values
+    index = table.index
+    interval = _parse_interval(options.get("interval"), where)
+    if index is None:
+        start_time = options.get("start_time")
+        if start_time is None or interval is None:
+            raise DataError(f"{where}: the data has no timestamps; give start_time and interval")
+        try:
+            start = pd.Timestamp(start_time)
+        except (TypeError, ValueError):
+            raise ConfigError(f"start_time: cannot parse {start_time!r} as a timestamp") from None
+        index = pd.date_range(start, periods=values.shape[0], freq=interval)
+    elif options.get("start_time") is not None:
+        raise ConfigError(f"start_time: given, but {where} has its own timestamps")
+    index = pd.DatetimeIndex(index)
+    if index.hasnans:
+        raise DataError(f"{where}: empty timestamp at row {int(np.argmax(index.isna())) + 1}")
+    if index.unit != "ns":  # pandas 3 writes h5 indexes as datetime64[us]; older files are [ns]
+        index = index.as_unit("ns")
+
+    if interval is not None and len(index) >= 2 and not options.get("fill_gaps"):
+        actual = pd.Timedelta(index[1] - index[0])
+        if actual != interval:
+            raise DataError(f"{where}: interval is {actual} in the file but {interval} was given")
+    if options.get("fill_gaps"):
+        values, index = _fill_gaps(values, index, interval, where)
+
+    infinite = np.isinf(values)
+    if infinite.any():
+        t, n = np.argwhere(infinite)[0]
+        sensor = table.sensor_ids[n] if table.sensor_ids else n
+        raise DataError(f"{where}: infinite value {values[t, n]} at {index[t]}, sensor {sensor}")
+
+    mask = ~np.isnan(values)
+    missing_value = options.get("missing_value", 0.0)
+    if missing_value is not None:
+        try:
+            missing_value = float(missing_value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"missing_value: expected a number or None, got {missing_value!r}") from None
+        mask &= values != missing_value
+    values = np.where(mask, values, 0.0)
+
+    sensor_ids = table.sensor_ids
+    if sensor_ids is None and options.get("sensor_ids") is not None:
+        sensor_ids = _read_id_list(options["sensor_ids"], "sensor_ids")
+        if len(sensor_ids) != values.shape[1]:
+            raise DataError(f"{where}: {len(sensor_ids)} sensor_ids given for {values.shape[1]} sensors")
+    adjacency = None
+    if options.get("graph_path") is not None:
+        adjacency, sensor_ids = _match_graph(sensor_ids, values.shape[1], where, options)
+    if sensor_ids is None:
+        sensor_ids = [str(i) for i in range(values.shape[1])]  # PEMS0X convention: node index
+
+    name = str(options.get("name") or default_name)
+    try:
+        return SensorDataset(
+            values=values,
+            mask=mask,
+            index=index,
+            sensor_ids=sensor_ids,
+            adjacency=adjacency,
+            name=name,
+            units=str(options.get("units", "")),
+        )
+    except DataError as err:
+        message = str(err).removeprefix(f"dataset {name!r}: ")
+        raise DataError(f"{where}: {message}") from None
+
+
+def _match_graph(data_ids: list[str] | None, num_nodes: int, where: str, options: dict):
+    """(adjacency in the data's sensor order, the data's sensor ids)."""
+    from gman.data.graph import load_adjacency
+
+    graph_path = Path(options["graph_path"])
+    kwargs = {}
+    if options.get("graph_threshold") is not None:
+        kwargs["threshold"] = float(options["graph_threshold"])
+    # Data without ids (npz) are in node-index order: ids "0".."N-1" unless the graph names its nodes.
+    index_ids = [str(i) for i in range(num_nodes)]
+    adjacency, graph_ids = load_adjacency(
+        graph_path, format=options.get("graph_format"), sensor_ids=data_ids or index_ids, **kwargs
+    )
+    if graph_ids is None and options.get("graph_sensor_ids") is not None:
+        graph_ids = _read_id_list(options["graph_sensor_ids"], "graph_sensor_ids")
+        if len(graph_ids) != adjacency.shape[0]:
+            raise DataError(f"{graph_path}: {len(graph_ids)} graph_sensor_ids for a {adjacency.shape[0]}x{adjacency.shape[0]} matrix")
+    if adjacency.shape[0] != num_nodes and (graph_ids is None or data_ids is None):
+        raise DataError(
+            f"{where} and {graph_path}: the data has {num_nodes} sensors but the graph has {adjacency.shape[0]}"
+        )
+    if graph_ids is None:  # a bare matrix: in the data's column order
+        return adjacency, data_ids
+    graph_ids = [str(s) for s in graph_ids]
+    if data_ids is None:  # data without ids (npz): in the graph's node order
+        return adjacency, graph_ids
+    only_data = [s for s in data_ids if s not in set(graph_ids)]
+    only_graph = [s for s in graph_ids if s not in set(data_ids)]
+    if only_data or only_graph:
+        raise DataError(
+            f"{where} and {graph_path}: sensor ids differ: {len(only_data)} only in the data "
+            f"(e.g. {only_data[:3]}), {len(only_graph)} only in the graph (e.g. {only_graph[:3]})"
+        )
+    position = {s: i for i, s in enumerate(graph_ids)}
+    order = np.array([position[s] for s in data_ids])
+    return adjacency[np.ix_(order, order)], data_ids
+
+
+def _fill_gaps(values: np.ndarray, index: pd.DatetimeIndex, interval, where: str):
+    """Reindex to a full regular range; new rows are NaN (missing)."""
+    if len(index) < 2:
+        return values, index
+    if not index.is_monotonic_increasing or index.has_duplicates:
+        raise DataError(f"{where}: timestamps are not sorted and unique; cannot fill gaps")
+    if interval is None:
+        interval = pd.Timedelta(np.diff(index.asi8).min(), unit="ns")
+    full = pd.date_range(index[0], index[-1], freq=interval)
+    off_grid = ~index.isin(full)
+    if off_grid.any():
+        raise DataError(f"{where}: timestamp {index[off_grid][0]} is not on the {interval} grid from {index[0]}")
+    frame = pd.DataFrame(values, index=index).reindex(full)
+    return frame.to_numpy(dtype=np.float64), full
+
+
+def _numeric_values(frame: pd.DataFrame, where: str) -> np.ndarray:
+    """[T, N] float64; a non-numeric cell is an error naming its column and row."""
+    numeric = frame.apply(pd.to_numeric, errors="coerce") if not all(
+        pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype) for dtype in frame.dtypes
+    ) else frame
+    values = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
+    if numeric is not frame:
+        text = numeric.isna().to_numpy() & frame.notna().to_numpy()
+        if text.any():
+            row, col = np.argwhere(text)[0]
+            raise DataError(
+                f"{where}: non-numeric value {frame.iat[row, col]!r} in column {frame.columns[col]!r}, data row {row + 1}"
+            )
+    return values
+
+
+def _parse_timestamps(column: pd.Series, where: str, name: str) -> pd.Series:
+    if pd.api.types.is_datetime64_any_dtype(column):
+        return column
+    parsed = pd.to_datetime(column, errors="coerce", format="mixed")
+    bad = parsed.isna() & column.notna()
+    if bad.any():
+        row = int(np.argmax(bad.to_numpy()))
+        raise DataError(f"{where}: cannot parse {column.iloc[row]!r} in column {name!r}, data row {row + 1} as a timestamp")
+    return parsed
+
+
+def _parse_interval(interval, where: str) -> pd.Timedelta | None:
+    if interval is None:
+        return None
+    try:
+        if isinstance(interval, (int, float, np.integer, np.floating)):
+            value = pd.Timedelta(seconds=float(interval))
+        else:
+            value = pd.Timedelta(interval)
+    except (TypeError, ValueError):
+        raise ConfigError(f"interval: cannot parse {interval!r} (use e.g. '5min' or seconds)") from None
+    if value <= pd.Timedelta(0):
+        raise ConfigError(f"interval: must be positive, got {interval!r}")
+    return value
+
+
+def _read_id_list(ids, option: str) -> list[str]:
+    if isinstance(ids, (list, tuple)):
+        return [_id_text(s) for s in ids]
+    from gman.data.graph import read_sensor_ids
+
+    return read_sensor_ids(ids)
+
+
+def _id_text(value) -> str:
+    """Sensor ids are text; ``717099``, ``717099.0`` and ``'717099'`` agree."""
+    if isinstance(value, bytes):
+        value = value.decode("latin1")
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__

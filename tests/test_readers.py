@@ -1,0 +1,200 @@
+"""load_dataset: every supported source, missing-value conventions, id matching and bad input."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gman.data.readers import load_dataset
+from gman.errors import ConfigError, DataError
+
+LOS = dict(start_time="2012-03-01 00:00", interval="5min")
+
+
+def small_frame(num_steps=40, ids=("a", "b", "c"), start="2024-01-01"):
+    rng = np.random.default_rng(1)
+    values = rng.uniform(30, 70, size=(num_steps, len(ids))).round(2)
+    values[3, 1] = 0.0
+    values[5, 2] = np.nan
+    index = pd.date_range(start, periods=num_steps, freq="5min", name="timestamp")
+    return pd.DataFrame(values, index=index, columns=list(ids))
+
+
+# ---------------------------------------------------------------- real files
+
+def test_los_loop_wide_csv_without_timestamps_and_dense_graph(shared_data):
+    ds = load_dataset(
+        shared_data / "los-loop/los_speed.csv", graph_path=shared_data / "los-loop/los_adj.csv", units="mph", **LOS
+    )
+    assert (ds.num_steps, ds.num_nodes) == (2016, 207)
+    assert ds.index[0] == pd.Timestamp("2012-03-01 00:00") and ds.index[-1] == pd.Timestamp("2012-03-07 23:55")
+    assert ds.sensor_ids[:2] == ["773869", "767541"] and ds.steps_per_day == 288
+    assert ds.mask.all() and ds.adjacency.shape == (207, 207) and ds.units == "mph"
+
+
+def test_graph_is_reordered_by_id_not_position(shared_data, tmp_path):
+    speeds = pd.read_csv(shared_data / "los-loop/los_speed.csv")
+    shuffled = speeds[list(np.random.default_rng(0).permutation(speeds.columns))]
+    shuffled.to_csv(tmp_path / "shuffled.csv", index=False)
+    pickle_graph = shared_data / "graphs/metr-la/adj_mx.pkl"
+    original = load_dataset(shared_data / "los-loop/los_speed.csv", graph_path=pickle_graph, **LOS)
+    permuted = load_dataset(tmp_path / "shuffled.csv", graph_path=pickle_graph, **LOS)
+    order = [original.sensor_ids.index(s) for s in permuted.sensor_ids]
+    assert np.array_equal(permuted.adjacency, original.adjacency[np.ix_(order, order)])
+    assert np.array_equal(permuted.values, original.values[:, order])
+    # the symmetrised published graph is max(A, A^T) of the pickle, in the CSV's column order
+    dense = load_dataset(shared_data / "los-loop/los_speed.csv", graph_path=shared_data / "los-loop/los_adj.csv", **LOS)
+    assert np.array_equal(dense.adjacency, np.maximum(original.adjacency, original.adjacency.T))
+
+
+def test_mismatched_ids_name_both_files(shared_data, tmp_path):
+    speeds = pd.read_csv(shared_data / "los-loop/los_speed.csv").iloc[:, :-1]  # drop one sensor
+    speeds = speeds.rename(columns={speeds.columns[0]: "999999"})
+    speeds.to_csv(tmp_path / "fewer.csv", index=False)
+    graph = shared_data / "graphs/metr-la/adj_mx.pkl"
+    with pytest.raises(DataError) as err:
+        load_dataset(tmp_path / "fewer.csv", graph_path=graph, **LOS)
+    message = str(err.value)
+    assert "fewer.csv" in message and "adj_mx.pkl" in message and "999999" in message and "\n" not in message
+    assert "1 only in the data" in message and "2 only in the graph" in message
+
+
+def test_dcrnn_h5_us_and_ns_indexes_and_zero_is_missing(shared_data, tmp_path):
+    frame = pd.read_csv(shared_data / "los-loop/los_speed.csv").iloc[:300]
+    frame.index = pd.date_range("2012-03-01", periods=300, freq="5min")
+    frame.iloc[10:20, 3] = 0.0
+    graph = shared_data / "graphs/metr-la/adj_mx.pkl"
+    loaded = []
+    for unit in ("us", "ns"):
+        frame.index = frame.index.as_unit(unit)
+        frame.to_hdf(tmp_path / f"metr-{unit}.h5", key="df")
+        loaded.append(load_dataset(tmp_path / f"metr-{unit}.h5", graph_path=graph, units="mph"))
+    us, ns = loaded
+    assert us.index.equals(ns.index) and np.array_equal(us.time_features(), ns.time_features())
+    assert np.array_equal(us.values, ns.values)
+    assert not us.mask[10:20, 3].any() and us.mask.sum() == 300 * 207 - 10
+    assert us.adjacency.shape == (207, 207) and np.count_nonzero(us.adjacency) == 1722
+
+
+def test_raw_metr_la_zeros_follow_the_missing_value_setting(shared_data):
+    raw = json.loads((shared_data / "metr-la-raw-100/METRLA.json").read_text())
+    speeds = np.array([[reading[0] for reading in raw[str(t)]] for t in range(100)])
+    frame = pd.DataFrame(speeds, index=pd.date_range("2012-03-01", periods=100, freq="5min"))
+    zeros_missing = load_dataset(frame)
+    assert int((~zeros_missing.mask).sum()) == 646
+    nan_only = load_dataset(frame, missing_value=None)
+    assert nan_only.mask.all()
+    frame.iloc[0, 0] = np.nan
+    assert not load_dataset(frame, missing_value=None).mask[0, 0]  # NaN always means missing
+
+
+# ---------------------------------------------------------------- formats agree
+
+def test_wide_csv_long_csv_parquet_and_dataframe_agree(tmp_path):
+    frame = small_frame()
+    frame.to_csv(tmp_path / "wide.csv")
+    long = frame.stack(future_stack=True).rename("value").rename_axis(["timestamp", "sensor_id"]).reset_index()
+    long = long.sample(frac=1.0, random_state=0)  # long rows may come in any order
+    long.to_csv(tmp_path / "long.csv", index=False)
+    frame.to_parquet(tmp_path / "wide.parquet")
+    long.to_parquet(tmp_path / "long.parquet")
+    reference = load_dataset(frame)
+    assert reference.sensor_ids == ["a", "b", "c"]
+    assert not reference.mask[3, 1] and not reference.mask[5, 2] and reference.mask.sum() == 118
+    for source in ("wide.csv", "long.csv", "wide.parquet", "long.parquet"):
+        ds = load_dataset(tmp_path / source)
+        assert sorted(ds.sensor_ids) == ["a", "b", "c"], source
+        order = [ds.sensor_ids.index(s) for s in reference.sensor_ids]
+        assert ds.index.equals(reference.index), source
+        assert np.allclose(ds.values[:, order], reference.values), source
+        assert np.array_equal(ds.mask[:, order], reference.mask), source
+        assert ds.name == source.split(".")[0]
+
+
+def test_pems_npz_feature_start_time_and_edge_list(shared_data, tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.uniform(1, 100, size=(50, 307, 3)).astype(np.float32)
+    np.savez(tmp_path / "PEMS04.npz", data=data)
+    ds = load_dataset(
+        tmp_path / "PEMS04.npz", feature="speed", start_time="2018-01-01", interval="5min",
+        graph_path=shared_data / "graphs/pems0x/PEMS04.csv", graph_format="edge-list",
+    )
+    assert ds.num_nodes == 307 and ds.sensor_ids[:3] == ["0", "1", "2"]
+    assert np.allclose(ds.values, data[:, :, 2]) and ds.index[-1] == pd.Timestamp("2018-01-01 04:05")
+    edges = pd.read_csv(shared_data / "graphs/pems0x/PEMS04.csv")
+    assert np.count_nonzero(ds.adjacency) == len(edges)
+    assert ds.adjacency[edges.iloc[0, 0], edges.iloc[0, 1]] == 1.0
+    assert np.allclose(load_dataset(tmp_path / "PEMS04.npz", feature=0, **LOS).values, data[:, :, 0])
+
+
+def test_card_name_uses_registry_options(tmp_path, monkeypatch):
+    small_frame().to_csv(tmp_path / "values.csv")
+    registry = types.ModuleType("gman.data.registry")
+    registry.card_reader_options = lambda name: {"values_path": str(tmp_path / "values.csv"), "units": "mph"}
+    monkeypatch.setitem(sys.modules, "gman.data.registry", registry)
+    ds = load_dataset("my-card")
+    assert ds.name == "my-card" and ds.units == "mph" and ds.num_nodes == 3
+    assert load_dataset("my-card", units="km/h").units == "km/h"
+
+
+def test_fill_gaps_turns_missing_timestamps_into_missing_readings(tmp_path):
+    frame = small_frame().drop(index=pd.Timestamp("2024-01-01 00:20"))
+    with pytest.raises(DataError, match="irregular interval"):
+        load_dataset(frame)
+    ds = load_dataset(frame, fill_gaps=True)
+    assert ds.num_steps == 40 and not ds.mask[4].any()
+
+
+# ---------------------------------------------------------------- bad input
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("text.csv", "timestamp,a,b\n2024-01-01 00:00,1,2\n2024-01-01 00:05,x,3\n", "non-numeric value 'x' in column 'a', data row 2"),
+        ("inf.csv", "timestamp,a,b\n2024-01-01 00:00,1,2\n2024-01-01 00:05,inf,3\n", "infinite value"),
+        ("dup.csv", "timestamp,a\n2024-01-01 00:00,1\n2024-01-01 00:00,2\n", "duplicate timestamp"),
+        ("unsorted.csv", "timestamp,a\n2024-01-01 00:10,1\n2024-01-01 00:05,2\n2024-01-01 00:15,2\n", "not sorted"),
+        ("gap.csv", "timestamp,a\n2024-01-01 00:00,1\n2024-01-01 00:05,2\n2024-01-01 00:15,2\n", "irregular interval"),
+        ("badtime.csv", "timestamp,a\n2024-01-01 00:00,1\nnot-a-time,2\n", "cannot parse 'not-a-time'"),
+        ("empty.csv", "", "file is empty"),
+        ("header.csv", "timestamp,a,b\n", "no data rows"),
+        ("corrupt.h5", "this is not an HDF5 file\n", "cannot read as h5"),
+        ("corrupt.parquet", "PAR1 nonsense", "cannot read as parquet"),
+        ("corrupt.npz", "PK nonsense", "cannot read as npz"),
+    ],
+)
+def test_bad_files_raise_one_line_data_errors_naming_the_file(tmp_path, name, text, message):
+    path = write(tmp_path, name, text)
+    with pytest.raises(DataError, match=message) as err:
+        load_dataset(path)
+    assert name in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_graphs_and_options(tmp_path):
+    values = tmp_path / "v.csv"
+    small_frame().to_csv(values)
+    with pytest.raises(DataError, match="v.csv: file not found"):
+        load_dataset(tmp_path / "missing/v.csv")
+    with pytest.raises(DataError, match="square"):
+        load_dataset(values, graph_path=write(tmp_path, "rect.csv", "1,0,0,0\n0,1,0,0\n0,0,1,0\n"))
+    with pytest.raises(DataError, match="3 sensors but the graph has 2"):
+        load_dataset(values, graph_path=write(tmp_path, "two.csv", "1,0\n0,1\n"))
+    with pytest.raises(ConfigError, match="unknown option 'graph'"):
+        load_dataset(values, graph="x")
+    with pytest.raises(DataError, match="interval is 0 days 00:05:00 in the file but 0 days 00:15:00"):
+        load_dataset(values, interval="15min")
+    np.savez(tmp_path / "x.npz", data=np.ones((5, 2, 1)))
+    with pytest.raises(DataError, match="x.npz: an npz file holds no timestamps"):
+        load_dataset(tmp_path / "x.npz")
+    with pytest.raises(DataError, match="no timestamp column"):
+        load_dataset(write(tmp_path, "nots.csv", "1,2\n3,4\n5,6\n"))
