@@ -1,0 +1,254 @@
+"""The GMAN network (Zheng, Fan, Wang, Qi: "GMAN: A Graph Multi-Attention
+Network for Traffic Prediction", AAAI 2020) as a plain ``nn.Module``.
+
+Data flow (``D = K·d``; shapes for a batch of ``B`` windows)::
+
+    x [B, P, N] ─ unsqueeze ─ FC[D, D] (1 → D ReLU, D → D) ─────────────────► X [B, P, N, D]
+    SE [N, D_se], time [B, P+Q, 2] ─ SpatioTemporalEmbedding ──► STE [B, P+Q, N, D]
+                                        STE_P = STE[:, :P], STE_Q = STE[:, P:]
+    X ─ L × STAttBlock(·, STE_P) ─ TransformAttention(·, STE_P, STE_Q) ─ L × STAttBlock(·, STE_Q)
+      ─ dropout ─ FC D → D (ReLU) ─ dropout ─ FC D → 1 ─ squeeze ──────────► y [B, Q, N]
+
+Inputs and outputs are normalised (z-scored) values; the caller scales.
+
+Paper vs. the authors' code — this module follows the code by default, each
+difference is a named constructor option:
+
+==========================  ======================  =========================================
+option                      default (code)          paper / alternative
+==========================  ======================  =========================================
+``attention_output_fc``     True: FC[D, D] (ReLU,   False: the attention output is the
+                            linear) after spatial,  concatenation of the heads (eqs. 3, 5, 8)
+                            temporal and transform
+                            attention
+``fusion_output_fc``        True: FC[D, D] after    False: ``H = z⊙H_S + (1−z)⊙H_T`` (eq. 7)
+                            the gated fusion
+``batch_norm``              ``"activation"``: BN    ``"all"`` (after every FC layer but the
+                            (eps 1e-3) between the  final 1-channel one), ``"none"``; the paper
+                            linear map and ReLU of  does not mention batch-norm
+                            FC layers with ReLU
+``causal_mask``             True (METR-LA code,     False (the authors' PEMS-BAY code)
+                            paper)
+``dropout``                 0.1 before each of the  0.0 (the authors' PEMS-BAY code)
+                            two output FC layers
+                            (METR-LA code)
+==========================  ======================  =========================================
+
+The authors' batch-norm momentum follows a schedule (0.5, halved with the
+learning-rate decay, floored at 0.01); ``bn_momentum`` sets the start and
+:meth:`GMAN.set_bn_momentum` changes it later.
+
+Unlike a popular PyTorch port, the ``D`` channels are split into ``K`` heads
+of ``d`` channels each (head ``k`` = channels ``k·d … k·d + d − 1``, as the
+authors' ``tf.split(x, K, axis=-1)``), so ``K ≠ d`` works.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gman.model.layers import (
+    BATCH_NORM_MODES,
+    FC,
+    SPATIAL_ATTENTIONS,
+    STE,
+    BatchNorm,
+    SpatioTemporalEmbedding,
+    STAttBlock,
+    TransformAttention,
+)
+
+__all__ = ["GMAN"]
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"GMAN: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"GMAN: {name} must be true or false, got {value!r}")
+    return value
+
+
+def _fraction(name: str, value: Any, low_open: bool, high_closed: bool) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > 0 if low_open else value >= 0) and (value <= 1 if high_closed else value < 1)
+    if not ok:
+        lo, hi = ("(0" if low_open else "[0"), ("1]" if high_closed else "1)")
+        raise ValueError(f"GMAN: {name} must be a number in {lo}, {hi}, got {value!r}")
+    return float(value)
+
+
+class GMAN(nn.Module):
+    """Graph multi-attention network: ``[B, P, N]`` history → ``[B, Q, N]`` forecast.
+
+    Args:
+        num_nodes: ``N``, sensors.
+        steps_per_day: ``T_day = 86400 / interval seconds`` (288 at 5 minutes), the
+            depth of the time-of-day one-hot.
+        se_dim: ``D_se``, width of the spatial embedding ``spatial_embedding [N, D_se]``.
+        history_steps: ``P``.  horizon_steps: ``Q``.
+        num_layers: ``L``, ST-attention blocks in the encoder and again in the decoder.
+        num_heads: ``K``.  head_dim: ``d``; the model width is ``D = K·d``.
+        dropout: dropout rate before each of the two output FC layers.
+        causal_mask: temporal attention sees only current and earlier steps.
+        learnable_spatial_embedding: ``spatial_embedding`` is an ``nn.Parameter``
+            (initialised ``N(0, 0.1²)``) rather than a buffer of zeros to be filled
+            by :meth:`set_spatial_embedding` (e.g. from node2vec).
+        attention_output_fc, fusion_output_fc, batch_norm: see the module docstring.
+        bn_momentum: PyTorch batch-norm momentum (``1 −`` the authors' EMA decay).
+        spatial_attention: name of the spatial attention implementation
+            (``SPATIAL_ATTENTIONS``; ``"dense"`` = full attention over all sensors).
+        spatial_attention_options: extra keyword arguments for it (JSON values).
+
+    forward(x [B, P, N] float, time [B, P+Q, 2] long) -> [B, Q, N]
+        ``time[..., 0]`` day of week 0..6, ``time[..., 1]`` time-of-day index
+        ``0..steps_per_day−1``, for the history steps then the future steps.
+    """
+
+    def __init__(
+        self,
+        num_nodes: int,
+        steps_per_day: int,
+        se_dim: int = 64,
+        history_steps: int = 12,
+        horizon_steps: int = 12,
+        num_layers: int = 3,
+        num_heads: int = 8,
+        head_dim: int = 8,
+        dropout: float = 0.1,
+        causal_mask: bool = True,
+        learnable_spatial_embedding: bool = False,
+        attention_output_fc: bool = True,
+        fusion_output_fc: bool = True,
+        batch_norm: str = "activation",
+        bn_momentum: float = 0.5,
+        spatial_attention: str = "dense",
+        spatial_attention_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_nodes = _positive_int("num_nodes", num_nodes)
+        self.steps_per_day = _positive_int("steps_per_day", steps_per_day)
+        self.se_dim = _positive_int("se_dim", se_dim)
+        self.history_steps = _positive_int("history_steps", history_steps)
+        self.horizon_steps = _positive_int("horizon_steps", horizon_steps)
+        self.num_layers = _positive_int("num_layers", num_layers)
+        self.num_heads = _positive_int("num_heads", num_heads)
+        self.head_dim = _positive_int("head_dim", head_dim)
+        dropout = _fraction("dropout", dropout, low_open=False, high_closed=False)
+        bn_momentum = _fraction("bn_momentum", bn_momentum, low_open=True, high_closed=True)
+        for name, value in (
+            ("causal_mask", causal_mask),
+            ("learnable_spatial_embedding", learnable_spatial_embedding),
+            ("attention_output_fc", attention_output_fc),
+            ("fusion_output_fc", fusion_output_fc),
+        ):
+            _flag(name, value)
+        if batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(f"GMAN: batch_norm must be one of {', '.join(BATCH_NORM_MODES)}, got {batch_norm!r}")
+        if spatial_attention not in SPATIAL_ATTENTIONS:
+            raise ValueError(
+                f"GMAN: spatial_attention must be one of {', '.join(SPATIAL_ATTENTIONS)}, got {spatial_attention!r}"
+            )
+        options = dict(spatial_attention_options or {})
+        self._config = dict(
+            num_nodes=num_nodes, steps_per_day=steps_per_day, se_dim=se_dim,
+            history_steps=history_steps, horizon_steps=horizon_steps, num_layers=num_layers,
+            num_heads=num_heads, head_dim=head_dim, dropout=dropout, causal_mask=causal_mask,
+            learnable_spatial_embedding=learnable_spatial_embedding,
+            attention_output_fc=attention_output_fc, fusion_output_fc=fusion_output_fc,
+            batch_norm=batch_norm, bn_momentum=bn_momentum,
+            spatial_attention=spatial_attention, spatial_attention_options=options,
+        )
+        dim = self.num_heads * self.head_dim
+        self.dim = dim
+
+        if learnable_spatial_embedding:
+            self.spatial_embedding = nn.Parameter(torch.randn(num_nodes, se_dim) * 0.1)
+        else:
+            self.register_buffer("spatial_embedding", torch.zeros(num_nodes, se_dim))
+
+        bn = dict(batch_norm=batch_norm, bn_momentum=bn_momentum)
+        self.input_fc = FC(1, [dim, dim], [True, False], **bn)
+        self.ste = SpatioTemporalEmbedding(se_dim, steps_per_day, dim, **bn)
+
+        def block() -> STAttBlock:
+            spatial = SPATIAL_ATTENTIONS[spatial_attention](
+                num_heads, head_dim, batch_norm, bn_momentum, attention_output_fc, **options
+            )
+            return STAttBlock(
+                num_heads, head_dim, attention_output_fc=attention_output_fc,
+                fusion_output_fc=fusion_output_fc, causal_mask=causal_mask, spatial=spatial, **bn,
+            )
+
+        self.encoder = nn.ModuleList([block() for _ in range(num_layers)])
+        self.transform = TransformAttention(num_heads, head_dim, output_fc=attention_output_fc, **bn)
+        self.decoder = nn.ModuleList([block() for _ in range(num_layers)])
+        self.output_fc = FC(dim, [dim, 1], [True, False], dropout=dropout, no_bn_last=True, **bn)
+
+    # ------------------------------------------------------------------ config
+    @property
+    def config(self) -> dict:
+        """Constructor arguments (JSON-serialisable): ``GMAN(**model.config)`` rebuilds it."""
+        cfg = dict(self._config)
+        cfg["spatial_attention_options"] = dict(cfg["spatial_attention_options"])
+        return cfg
+
+    def set_spatial_embedding(self, se: Any) -> None:
+        """Copy spatial-embedding values ``se [N, se_dim]`` into ``spatial_embedding``."""
+        se = torch.as_tensor(se)
+        expected = (self.num_nodes, self.se_dim)
+        if tuple(se.shape) != expected:
+            raise ValueError(
+                f"spatial embedding has shape {list(se.shape)}, expected [{expected[0]}, {expected[1]}] (num_nodes, se_dim)"
+            )
+        if not (se.is_floating_point() or se.dtype in (torch.int32, torch.int64)):
+            raise ValueError(f"spatial embedding must be numeric, got dtype {se.dtype}")
+        if not bool(torch.isfinite(se).all()):
+            raise ValueError("spatial embedding contains NaN or infinite values")
+        with torch.no_grad():
+            self.spatial_embedding.copy_(se.to(self.spatial_embedding.dtype))
+
+    def set_bn_momentum(self, momentum: float) -> None:
+        """Set the momentum of every batch-norm layer (PyTorch convention, ``1 −`` EMA decay)."""
+        momentum = _fraction("bn_momentum", momentum, low_open=True, high_closed=True)
+        for module in self.modules():
+            if isinstance(module, BatchNorm):
+                module.momentum = momentum
+
+    # ----------------------------------------------------------------- forward
+    def embed(self, time: Tensor) -> STE:
+        """Factored STE for ``time [B, P+Q, 2]``: spatial [N, D], temporal [B, P+Q, D]."""
+        return self.ste(self.spatial_embedding, time)
+
+    def forward(self, x: Tensor, time: Tensor) -> Tensor:
+        """x [B, P, N] normalised, time [B, P+Q, 2] long -> [B, Q, N] normalised."""
+        p, q, n = self.history_steps, self.horizon_steps, self.num_nodes
+        if x.dim() != 3 or x.shape[1] != p or x.shape[2] != n:
+            raise ValueError(f"GMAN: x must have shape [B, {p}, {n}], got {list(x.shape)}")
+        if time.dim() != 3 or time.shape[1] != p + q or time.shape[2] != 2 or time.shape[0] != x.shape[0]:
+            raise ValueError(f"GMAN: time must have shape [{x.shape[0]}, {p + q}, 2], got {list(time.shape)}")
+        ste = self.embed(time.long())
+        ste_p, ste_q = ste.steps(0, p), ste.steps(p, p + q)
+        h = self.input_fc(x.unsqueeze(-1))  # [B, P, N, D]
+        for blk in self.encoder:
+            h = blk(h, ste_p)
+        h = self.transform(h, ste_p, ste_q)  # [B, Q, N, D]
+        for blk in self.decoder:
+            h = blk(h, ste_q)
+        return self.output_fc(h).squeeze(-1)  # [B, Q, N]
+
+    def extra_repr(self) -> str:  # noqa: D102
+        c = self._config
+        return (
+            f"N={c['num_nodes']}, P={c['history_steps']}, Q={c['horizon_steps']}, L={c['num_layers']}, "
+            f"K={c['num_heads']}, d={c['head_dim']}, causal_mask={c['causal_mask']}, batch_norm={c['batch_norm']!r}"
+        )
