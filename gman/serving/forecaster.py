@@ -1,0 +1,364 @@
+"""`Forecaster`: a trained GMAN that answers "what will each sensor read in the next Q steps?".
+
+    >>> from gman import Forecaster
+    >>> forecaster = Forecaster.load("runs/package")         # or a .ckpt, runs:/<id>/model, models:/<name>/<v>
+    >>> forecast = forecaster.predict(history)               # history: DatetimeIndex x sensor-id columns
+    >>> Forecaster.to_wide(forecast)                         # target_time x sensor_id
+
+``history`` holds at least the last P steps at the model's interval. Missing
+readings are NaN or the package's missing value. The forecast is tidy: one row
+per (sensor, future step)::
+
+    sensor_id      str        one of forecaster.sensor_ids
+    issued_at      Timestamp  last observed timestamp of the history
+    target_time    Timestamp  issued_at + step * interval
+    step           int        1..Q
+    minutes_ahead  float      step * interval in minutes
+    prediction     float      forecast reading, in the data's units
+
+Preparing the model input repeats the data pipeline exactly (``WindowDataset``):
+
+    x    = (v - mean) / std at observed readings, 0 (= the mean) at missing ones   [B, P, N]
+    time = (day_of_week, time_of_day) of the P history + Q future timestamps      [B, P+Q, 2]
+    prediction = GMAN(x, time) * std + mean                                      [B, Q, N]
+
+Loading needs torch, numpy and pandas only: no Lightning, PyG, or (except for
+MLflow URIs) MLflow is imported, and no pickled code runs.
+"""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+import pandas as pd
+
+from gman.data.dataset import time_features
+from gman.errors import DataError, ForecastInputError
+from gman.serving import package as pkg
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from gman.model import GMAN
+
+History = Union[pd.DataFrame, Sequence[pd.DataFrame], Mapping[Any, pd.DataFrame]]
+
+# "runs:/...", "models:/...", "s3://...", "mlflow-artifacts:/..." — a URI scheme, not a Windows drive letter.
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+TIDY_COLUMNS = ["sensor_id", "issued_at", "target_time", "step", "minutes_ahead", "prediction"]
+
+
+class Forecaster:
+    """A GMAN network plus everything needed to turn a raw history into forecasts.
+
+    Build one with :meth:`load` (or :meth:`from_package`); the constructor takes
+    the network and the package metadata (``gman.json`` content).
+    """
+
+    def __init__(self, model: "GMAN", metadata: dict[str, Any]):
+        pkg.check_metadata(metadata, "metadata")
+        self.model = model.eval()
+        self.metadata = metadata
+        self._sensor_ids = [str(s) for s in metadata["sensor_ids"]]
+        self._sensor_array = np.array(self._sensor_ids, dtype=object)
+        self._interval = pd.Timedelta(seconds=int(metadata["interval_seconds"]))
+        self._mean = float(metadata["scaler"]["mean"])
+        self._std = float(metadata["scaler"]["std"])
+        missing = metadata.get("missing_value")
+        self._missing_value = None if missing is None else float(missing)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, source: str | os.PathLike) -> "Forecaster":
+        """Load from a package folder, a Lightning checkpoint file, an MLflow model folder, or an MLflow URI."""
+        text = os.fspath(source)
+        if _URI_SCHEME.match(text) and not Path(text).exists():
+            return cls.from_mlflow(text)
+        path = Path(text)
+        if path.is_dir():
+            if pkg.is_package(path):
+                return cls.from_package(path)
+            found = _find_package(path)
+            if found is not None:  # an MLflow model folder (MLmodel + artifacts/package)
+                return cls.from_package(found)
+            raise DataError(f"{path}: neither a gman model package (gman.json) nor an MLflow model holding one")
+        if path.is_file():
+            return cls.from_checkpoint(path)
+        raise DataError(f"model source {text!r}: no such file or folder, and not an MLflow URI")
+
+    @classmethod
+    def from_package(cls, path: str | os.PathLike) -> "Forecaster":
+        """Load the package folder written by :func:`gman.serving.package.save_package`."""
+        metadata = pkg.read_metadata(path)
+        state = pkg.load_state_dict(path, metadata)
+        return cls(pkg.build_model(metadata, state, str(path)), metadata)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike) -> "Forecaster":
+        """Load a Lightning checkpoint of ``GMANLightningModule`` without importing Lightning.
+
+        The file is read with ``torch.load(weights_only=True)``: plain containers
+        and tensors only. It must carry the package metadata under
+        ``"gman_package"`` (scaler, sensor ids, interval... — what
+        :func:`gman.serving.package.package_metadata` returns) and the network's
+        weights in ``state_dict`` under the prefix ``model.``.
+        """
+        import torch
+
+        path = Path(path)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # UnpicklingError for non-weights content, RuntimeError for non-torch files
+            detail = " ".join(str(err).split())[:200]
+            raise DataError(f"{path}: not a checkpoint readable with torch.load(weights_only=True) ({detail})") from None
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise DataError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+        metadata = checkpoint.get("gman_package")
+        if metadata is None:
+            raise DataError(
+                f"{path}: checkpoint has no 'gman_package' entry (scaler, sensor ids, interval); "
+                "load the package folder that gman train wrote instead"
+            )
+        pkg.check_metadata(metadata, f"{path} ['gman_package']")
+        prefix = "model."
+        state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        if not state:
+            raise DataError(f"{path}: no weights under the prefix {prefix!r} in state_dict")
+        return cls(pkg.build_model(metadata, state, str(path)), metadata)
+
+    @classmethod
+    def from_mlflow(cls, uri: str) -> "Forecaster":
+        """Download an MLflow model (``runs:/<id>/model``, ``models:/<name>/<version>``...) and load its package."""
+        import mlflow.artifacts
+        from mlflow.exceptions import MlflowException
+
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        except (MlflowException, OSError) as err:
+            detail = " ".join(str(err).split())[:300]
+            raise DataError(f"model source {uri!r}: cannot download from MLflow ({detail})") from None
+        found = _find_package(Path(local))
+        if found is None:
+            raise DataError(f"model source {uri!r}: the MLflow model holds no gman package (gman.json)")
+        return cls.from_package(found)
+
+    # --------------------------------------------------------------- properties
+    @property
+    def sensor_ids(self) -> list[str]:
+        """The N sensor ids, in the model's column order."""
+        return list(self._sensor_ids)
+
+    @property
+    def interval(self) -> pd.Timedelta:
+        """Time between consecutive steps (history and forecast)."""
+        return self._interval
+
+    @property
+    def history_steps(self) -> int:
+        """P: the number of most recent steps the model reads."""
+        return int(self.metadata["history_steps"])
+
+    @property
+    def horizon_steps(self) -> int:
+        """Q: the number of future steps forecast."""
+        return int(self.metadata["horizon_steps"])
+
+    @property
+    def steps_per_day(self) -> int:
+        return int(self.metadata["steps_per_day"])
+
+    @property
+    def missing_value(self) -> float | None:
+        """The reading that means 'no data' (besides NaN), or None."""
+        return self._missing_value
+
+    @property
+    def units(self) -> str:
+        return str(self.metadata.get("units", ""))
+
+    def __repr__(self) -> str:
+        return (
+            f"Forecaster(dataset={self.metadata.get('dataset_name')!r}, N={len(self._sensor_ids)}, "
+            f"P={self.history_steps}, Q={self.horizon_steps}, interval={self.interval})"
+        )
+
+    # --------------------------------------------------------------- prediction
+    def predict(self, history: History, *, layout: str = "tidy") -> pd.DataFrame:
+        """Forecast the next Q steps after the last timestamp of ``history``.
+
+        ``history`` is one DataFrame (DatetimeIndex x sensor-id columns), or a
+        list / dict of them, predicted as one batch. With several histories the
+        result gains a leading ``history`` column (list position or dict key).
+        ``layout="wide"`` returns target_time x sensor_id instead (rows indexed
+        by (history, target_time) for several histories).
+        """
+        if layout not in ("tidy", "wide"):
+            raise ForecastInputError(f"layout: {layout!r} is not 'tidy' or 'wide'")
+        if isinstance(history, pd.DataFrame):
+            keys, frames, single = [None], [history], True
+        elif isinstance(history, Mapping):
+            keys, frames, single = list(history.keys()), list(history.values()), False
+        elif isinstance(history, Sequence) and not isinstance(history, (str, bytes)):
+            keys, frames, single = list(range(len(history))), list(history), False
+        else:
+            raise ForecastInputError(
+                f"history: expected a DataFrame or a list/dict of DataFrames, got {type(history).__name__}"
+            )
+        if not frames:
+            raise ForecastInputError("history: empty list/dict of histories")
+
+        prepared = [self.prepare(frame, _where(key, single)) for key, frame in zip(keys, frames)]
+        values = np.stack([p[0] for p in prepared])
+        mask = np.stack([p[1] for p in prepared])
+        issued = [p[2][-1] for p in prepared]
+        futures = [self.future_index(t) for t in issued]
+        time = np.stack([time_features(p[2].append(f), self._interval) for p, f in zip(prepared, futures)])
+        predictions = self.predict_arrays(values, mask, time)  # [B, Q, N]
+
+        frames_out = [self._tidy(pred, at, future) for pred, at, future in zip(predictions, issued, futures)]
+        if single:
+            forecast = frames_out[0]
+        else:
+            for key, frame in zip(keys, frames_out):
+                frame.insert(0, "history", [key] * len(frame))
+            forecast = pd.concat(frames_out, ignore_index=True)
+        return self.to_wide(forecast) if layout == "wide" else forecast
+
+    def prepare(self, history: pd.DataFrame, where: str = "history") -> tuple[np.ndarray, np.ndarray, pd.DatetimeIndex]:
+        """Validate ``history`` and return its last P steps: values [P, N] float32 (data units), mask [P, N], index [P].
+
+        Raises :class:`ForecastInputError` (one line) for a history the model cannot use.
+        """
+        p = self.history_steps
+        if not isinstance(history, pd.DataFrame):
+            raise ForecastInputError(f"{where}: expected a pandas DataFrame, got {type(history).__name__}")
+        index = history.index
+        if not isinstance(index, pd.DatetimeIndex):
+            raise ForecastInputError(
+                f"{where}: index must be a DatetimeIndex of timestamps, got {type(index).__name__} "
+                "(use DataFrame.set_index on the timestamp column)"
+            )
+        if len(index) < p:
+            raise ForecastInputError(f"{where}: {len(index)} time steps, the model needs at least P={p}")
+        if index.hasnans:
+            raise ForecastInputError(f"{where}: index contains missing timestamps (NaT)")
+        self._check_timestamps(index, where)
+
+        columns = [str(c) for c in history.columns]
+        position = {name: i for i, name in enumerate(columns)}
+        if len(position) != len(columns):
+            seen: set[str] = set()
+            dupes = [c for c in columns if c in seen or seen.add(c)]
+            raise ForecastInputError(f"{where}: duplicate sensor columns {dupes[:5]}")
+        absent = [s for s in self._sensor_ids if s not in position]
+        if absent:
+            raise ForecastInputError(
+                f"{where}: {len(absent)} of the model's {len(self._sensor_ids)} sensors missing from the columns, "
+                f"e.g. {absent[:5]}"
+            )
+        if len(columns) > len(self._sensor_ids):
+            known = set(self._sensor_ids)
+            extra = [c for c in columns if c not in known]
+            warnings.warn(f"{where}: ignoring {len(extra)} columns that are not model sensors, e.g. {extra[:5]}", stacklevel=3)
+        block = history.iloc[-p:, [position[s] for s in self._sensor_ids]]
+        for dtype in set(block.dtypes):
+            if not pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype):
+                bad = next(c for c, d in zip(block.columns, block.dtypes) if d == dtype)
+                raise ForecastInputError(f"{where}: column {str(bad)!r} is not numeric (dtype {dtype})")
+        values = block.to_numpy(dtype=np.float32, na_value=np.nan)
+        if np.isinf(values).any():
+            step, sensor = np.argwhere(np.isinf(values))[0]
+            raise ForecastInputError(
+                f"{where}: infinite value at {block.index[step]} for sensor {self._sensor_ids[sensor]!r}"
+            )
+        mask = ~np.isnan(values)
+        if self._missing_value is not None:
+            mask &= values != self._missing_value
+        return values, mask, index[-p:]
+
+    def _check_timestamps(self, index: pd.DatetimeIndex, where: str) -> None:
+        steps = index[1:] - index[:-1]
+        if (steps == self._interval).all():
+            return
+        if (steps <= pd.Timedelta(0)).any():
+            at = int(np.argmax(steps <= pd.Timedelta(0))) + 1
+            what = "duplicate timestamp" if index[at] == index[at - 1] else "timestamps not sorted:"
+            raise ForecastInputError(f"{where}: {what} {index[at]} after {index[at - 1]}")
+        if (steps == steps[0]).all():
+            raise ForecastInputError(
+                f"{where}: interval is {steps[0]}, the model expects {self._interval} (resample the history)"
+            )
+        at = int(np.argmax(steps != self._interval)) + 1
+        raise ForecastInputError(
+            f"{where}: irregular timestamps: {index[at] - index[at - 1]} between {index[at - 1]} and {index[at]} "
+            f"(model interval {self._interval}; insert missing steps as NaN)"
+        )
+
+    def future_index(self, issued_at: pd.Timestamp) -> pd.DatetimeIndex:
+        """The Q target timestamps after ``issued_at``: issued_at + k * interval, k = 1..Q."""
+        offsets = pd.to_timedelta(np.arange(1, self.horizon_steps + 1) * int(self._interval.total_seconds()), unit="s")
+        return pd.DatetimeIndex(issued_at + offsets)
+
+    def normalise(self, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """x = (v - mean) / std where observed, 0 elsewhere (float32) — as ``WindowDataset`` does."""
+        return np.where(mask, (values - self._mean) / self._std, 0.0).astype(np.float32)
+
+    def predict_arrays(self, values: np.ndarray, mask: np.ndarray, time: np.ndarray) -> np.ndarray:
+        """Forecasts [B, Q, N] float32 in data units from values/mask [B, P, N] and time [B, P+Q, 2]."""
+        import torch
+
+        x = torch.from_numpy(self.normalise(np.asarray(values, dtype=np.float32), np.asarray(mask, dtype=bool)))
+        time_tensor = torch.as_tensor(np.asarray(time), dtype=torch.int64)
+        with torch.inference_mode():
+            out = self.model(x, time_tensor)
+        return (out.numpy() * self._std + self._mean).astype(np.float32)
+
+    def predict_normalised(self, x: "torch.Tensor", time: "torch.Tensor") -> "torch.Tensor":
+        """The network alone: normalised x [B, P, N], time [B, P+Q, 2] -> normalised forecast [B, Q, N]."""
+        import torch
+
+        with torch.inference_mode():
+            return self.model(x, time)
+
+    def _tidy(self, prediction: np.ndarray, issued_at: pd.Timestamp, future: pd.DatetimeIndex) -> pd.DataFrame:
+        """[Q, N] forecast -> Q*N tidy rows, step-major, sensors in model order."""
+        q, n = prediction.shape
+        steps = np.repeat(np.arange(1, q + 1, dtype=np.int64), n)
+        return pd.DataFrame(
+            {
+                "sensor_id": np.tile(self._sensor_array, q),
+                "issued_at": pd.DatetimeIndex([issued_at]).repeat(q * n),
+                "target_time": future.repeat(n),
+                "step": steps,
+                "minutes_ahead": steps * (self._interval.total_seconds() / 60.0),
+                "prediction": prediction.reshape(-1).astype(np.float64),
+            }
+        )
+
+    @staticmethod
+    def to_wide(forecast: pd.DataFrame) -> pd.DataFrame:
+        """Tidy forecast -> target_time x sensor_id (rows (history, target_time) when several histories)."""
+        rows = ["history", "target_time"] if "history" in forecast.columns else "target_time"
+        wide = forecast.pivot(index=rows, columns="sensor_id", values="prediction")
+        order = list(dict.fromkeys(forecast["sensor_id"]))  # keep the model's sensor order, not sorted ids
+        wide = wide[order]
+        wide.columns.name = "sensor_id"
+        return wide
+
+
+def _where(key: Any, single: bool) -> str:
+    return "history" if single else f"history[{key!r}]"
+
+
+def _find_package(folder: Path) -> Path | None:
+    """The gman package inside an MLflow model folder (``artifacts/<name>/gman.json``), if any."""
+    if pkg.is_package(folder):
+        return folder
+    for candidate in sorted(folder.rglob(pkg.METADATA_FILE)):
+        return candidate.parent
+    return None
