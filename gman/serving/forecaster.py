@@ -356,9 +356,11 @@ def _where(key: Any, single: bool) -> str:
 
 
 def _find_package(folder: Path) -> Path | None:
-    """The gman package inside an MLflow model folder (``artifacts/<name>/gman.json``), if any."""
+    """The gman package inside an MLflow model folder (``MLmodel`` + ``artifacts/<name>/gman.json``), if any."""
     if pkg.is_package(folder):
         return folder
-    for candidate in sorted(folder.rglob(pkg.METADATA_FILE)):
+    if not (folder / "MLmodel").is_file():
+        return None
+    for candidate in sorted(folder.glob(f"artifacts/*/{pkg.METADATA_FILE}")):
         return candidate.parent
     return None
