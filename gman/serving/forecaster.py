@@ -36,14 +36,14 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import pandas as pd
+import torch
+from torch import nn
 
 from gman.data.dataset import time_features
 from gman.errors import DataError, ForecastInputError
 from gman.serving import package as pkg
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from gman.model import GMAN
 
 History = Union[pd.DataFrame, Sequence[pd.DataFrame], Mapping[Any, pd.DataFrame]]
@@ -98,37 +98,43 @@ class Forecaster:
         state = pkg.load_state_dict(path, metadata)
         return cls(pkg.build_model(metadata, state, str(path)), metadata)
 
+    def as_module(self) -> "ScaledGMAN":
+        """The numeric part of :meth:`predict` as one torch module (raw readings in, data units out), for export."""
+        return ScaledGMAN(self.model, self._mean, self._std, self._missing_value).eval()
+
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> "Forecaster":
         """Load a Lightning checkpoint of ``GMANLightningModule`` without importing Lightning.
 
-        The file is read with ``torch.load(weights_only=True)``: plain containers
-        and tensors only. It must carry the package metadata under
-        ``"gman_package"`` (scaler, sensor ids, interval... — what
-        :func:`gman.serving.package.package_metadata` returns) and the network's
-        weights in ``state_dict`` under the prefix ``model.``.
-        """
-        import torch
+        The file is read with ``torch.load(weights_only=True)`` (plain containers
+        and tensors only); the network's weights are the ``state_dict`` entries
+        under ``net.`` (or ``model.``). The package metadata comes from, in order:
 
+        1. ``checkpoint["gman_package"]`` (what :func:`gman.serving.package.package_metadata` returns);
+        2. ``hyper_parameters`` (GMAN arguments, scaler, interval) plus the sensor
+           ids, missing value and names of the package that ``gman train`` wrote
+           beside the checkpoint folder (``<run>/model/gman.json`` for
+           ``<run>/checkpoints/<name>.ckpt``): the checkpoint holds no sensor ids.
+        """
         path = Path(path)
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # UnpicklingError for non-weights content, RuntimeError for non-torch files
             detail = " ".join(str(err).split())[:200]
             raise DataError(f"{path}: not a checkpoint readable with torch.load(weights_only=True) ({detail})") from None
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise DataError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+        state = {}
+        for prefix in ("net.", "model."):
+            state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+            if state:
+                break
+        if not state:
+            raise DataError(f"{path}: no network weights (keys 'net.*' or 'model.*') in state_dict")
         metadata = checkpoint.get("gman_package")
         if metadata is None:
-            raise DataError(
-                f"{path}: checkpoint has no 'gman_package' entry (scaler, sensor ids, interval); "
-                "load the package folder that gman train wrote instead"
-            )
-        pkg.check_metadata(metadata, f"{path} ['gman_package']")
-        prefix = "model."
-        state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        if not state:
-            raise DataError(f"{path}: no weights under the prefix {prefix!r} in state_dict")
+            metadata = _metadata_from_hparams(path, checkpoint.get("hyper_parameters") or {})
+        pkg.check_metadata(metadata, str(path))
         return cls(pkg.build_model(metadata, state, str(path)), metadata)
 
     @classmethod
@@ -310,8 +316,6 @@ class Forecaster:
 
     def predict_arrays(self, values: np.ndarray, mask: np.ndarray, time: np.ndarray) -> np.ndarray:
         """Forecasts [B, Q, N] float32 in data units from values/mask [B, P, N] and time [B, P+Q, 2]."""
-        import torch
-
         x = torch.from_numpy(self.normalise(np.asarray(values, dtype=np.float32), np.asarray(mask, dtype=bool)))
         time_tensor = torch.as_tensor(np.asarray(time), dtype=torch.int64)
         with torch.inference_mode():
@@ -320,8 +324,6 @@ class Forecaster:
 
     def predict_normalised(self, x: "torch.Tensor", time: "torch.Tensor") -> "torch.Tensor":
         """The network alone: normalised x [B, P, N], time [B, P+Q, 2] -> normalised forecast [B, Q, N]."""
-        import torch
-
         with torch.inference_mode():
             return self.model(x, time)
 
@@ -349,6 +351,66 @@ class Forecaster:
         wide = wide[order]
         wide.columns.name = "sensor_id"
         return wide
+
+
+class ScaledGMAN(nn.Module):
+    """GMAN with the package's scaling around it: raw readings [B, P, N] + time [B, P+Q, 2] -> [B, Q, N] data units.
+
+        mask = v is not NaN and v != missing_value
+        x    = (v - mean) / std where mask, else 0
+        out  = GMAN(x, time) * std + mean
+
+    Exported graphs (ONNX, torch.export) take this module, so a deployed graph
+    needs no gman code around it: only the sensor order and time features.
+    """
+
+    def __init__(self, model: "GMAN", mean: float, std: float, missing_value: float | None):
+        super().__init__()
+        self.model = model
+        self.mean = float(mean)
+        self.std = float(std)
+        self.missing_value = missing_value
+
+    def forward(self, values: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        mask = ~torch.isnan(values)
+        if self.missing_value is not None:
+            mask = mask & (values != self.missing_value)
+        x = torch.where(mask, (values - self.mean) / self.std, torch.zeros_like(values))
+        return self.model(x, time) * self.std + self.mean
+
+
+def _metadata_from_hparams(path: Path, hparams: dict[str, Any]) -> dict[str, Any]:
+    """Package metadata for a training checkpoint: sizes/scaler from hparams, sensor ids from the run's package."""
+    import inspect
+
+    from gman.model import GMAN
+
+    needed = ("num_nodes", "steps_per_day", "history_steps", "horizon_steps", "scaler_mean", "scaler_std", "interval_minutes")
+    absent = [key for key in needed if hparams.get(key) is None]
+    if absent:
+        raise DataError(f"{path}: checkpoint hyper_parameters lack {absent} (and there is no 'gman_package' entry)")
+    sibling = path.parent.parent / "model"
+    if not pkg.is_package(sibling):
+        raise DataError(
+            f"{path}: checkpoint holds no sensor ids and no gman package was found at {sibling}; "
+            "load the package folder that gman train wrote"
+        )
+    names = pkg.read_metadata(sibling)
+    gman_args = set(inspect.signature(GMAN).parameters)
+    config = {k: v for k, v in hparams.items() if k in gman_args}
+    if len(names["sensor_ids"]) != config["num_nodes"]:
+        raise DataError(f"{path}: {config['num_nodes']} sensors in the checkpoint but {len(names['sensor_ids'])} in {sibling}")
+    interval_seconds = int(round(float(hparams["interval_minutes"]) * 60))
+    return {
+        **names,
+        "model": {"class": "gman.model.GMAN", "config": config},
+        "scaler": {"mean": float(hparams["scaler_mean"]), "std": float(hparams["scaler_std"])},
+        "interval_seconds": interval_seconds,
+        "steps_per_day": int(hparams["steps_per_day"]),
+        "history_steps": int(hparams["history_steps"]),
+        "horizon_steps": int(hparams["horizon_steps"]),
+        "weights": None,
+    }
 
 
 def _where(key: Any, single: bool) -> str:

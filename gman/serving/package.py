@@ -195,6 +195,7 @@ def save_package(
 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp creates 0700; give the folder the usual permissions
         weights = _write_weights(model.state_dict(), staging)
         metadata["weights"] = {"file": weights.name, "sha256": _sha256(weights)}
         with open(staging / METADATA_FILE, "w", encoding="utf-8") as handle:
@@ -205,6 +206,12 @@ def save_package(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace_folder(staging: Path, target: Path) -> None:

@@ -1,0 +1,585 @@
+"""``gman predict``, ``gman serve`` and ``gman export``.
+
+    gman predict --model SOURCE --input history.csv|.parquet --output forecast.csv|.parquet
+    gman predict --model SOURCE --dataset NAME [--split test] --output forecast.parquet [--sensors ID,ID]
+    gman serve MODEL [--host 127.0.0.1] [--port 5000] [--workers 1]
+    gman export --model SOURCE --format onnx|torch-export [--output PATH]
+
+SOURCE is anything ``Forecaster.load`` takes: a package folder, a Lightning
+checkpoint, an MLflow model folder or URI (``runs:/<id>/model``,
+``models:/<name>/<version>``; the tracking server comes from ``MLFLOW_TRACKING_URI``).
+
+*predict from a file*: a wide table, one row per time step, a ``timestamp``
+column (or a DatetimeIndex / first column of timestamps in Parquet / CSV) and
+one column per sensor id; or a long table with ``timestamp, sensor_id, value``.
+The tidy forecast (or ``--layout wide``) is written to ``--output``.
+
+*predict over a split*: rolling forecasts issued at every ``--stride``-th step
+of the data set's split (cards, ``synthetic`` or a file, read by
+``gman.data.load_dataset``), each row with its truth; plus two PNGs beside the
+output: forecast vs truth for a few sensors, and the error (MAE) by sensor,
+on a map where the data set card gives sensor locations. A per-sensor error
+table is written as ``<output stem>_errors_by_sensor.csv``.
+
+*serve*: MLflow's scoring server (``mlflow models serve --env-manager local``)
+on loopback by default. A package folder or checkpoint is first wrapped as an
+MLflow pyfunc model in a temporary folder; MLflow URIs are served as they are.
+
+*export*: the network with its scaling (:class:`gman.serving.forecaster.ScaledGMAN`:
+raw readings with NaN for missing + time features in, data units out; batch
+size dynamic) to ONNX (checked against PyTorch with onnxruntime: max abs
+difference <= 1e-4) or to a ``torch.export`` program (``.pt2``). The package
+metadata (sensor order, interval, P, Q...) travels inside the file: ONNX
+metadata property / ``.pt2`` extra file ``gman.json``.
+
+Every file is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gman.errors import ConfigError, DataError, ForecastInputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from gman.data.dataset import SensorDataset
+    from gman.serving.forecaster import Forecaster
+
+SPLITS = ("train", "val", "test")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PARITY_TOLERANCE = 1e-4
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line, exit 2 via gman.cli) instead of exiting."""
+
+    def error(self, message: str):  # noqa: D102
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def main(command: str, argv: list[str]) -> int:
+    if command == "predict":
+        return predict_command(argv)
+    if command == "serve":
+        return serve_command(argv)
+    if command == "export":
+        return export_command(argv)
+    raise ConfigError(f"gman.serving.cli: unknown command {command!r}")
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path):
+    """Yield a temporary path beside ``path``; rename it to ``path`` when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ============================================================================ predict
+
+
+def predict_command(argv: list[str]) -> int:
+    parser = _Parser(prog="gman predict", description="Forecast from a history file or over a data set split.")
+    parser.add_argument("--model", required=True, help="package folder, checkpoint, MLflow model folder or URI")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="history file (.csv or .parquet): timestamps x sensor ids, or long")
+    source.add_argument("--dataset", help="data set card name, 'synthetic', or a data file: rolling forecasts over a split")
+    parser.add_argument("--output", required=True, help="forecast file (.csv or .parquet)")
+    parser.add_argument("--layout", choices=("tidy", "wide"), default="tidy", help="--input only: output layout")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="--dataset: which split (default test)")
+    parser.add_argument("--split-fractions", default="0.7,0.1,0.2", help="--dataset: train,val,test fractions")
+    parser.add_argument("--stride", type=int, default=1, help="--dataset: issue a forecast every STRIDE steps")
+    parser.add_argument("--sensors", default=None, help="--dataset: comma-separated sensor ids to plot (default: 3)")
+    parser.add_argument("--plot-days", type=float, default=2.0, help="--dataset: days shown in the forecast plot")
+    parser.add_argument("--no-plots", action="store_true", help="--dataset: skip the PNGs")
+    args = parser.parse_args(argv)
+
+    output = Path(args.output)
+    writer = _frame_writer(output, "--output")
+    from gman.serving.forecaster import Forecaster
+
+    forecaster = Forecaster.load(args.model)
+    if args.input is not None:
+        history = read_history(Path(args.input))
+        forecast = forecaster.predict(history, layout=args.layout)
+        with _atomic_path(output) as tmp:
+            writer(forecast, tmp, index=args.layout == "wide")
+        print(f"{len(forecast)} rows -> {output}")
+        return 0
+
+    if args.stride < 1:
+        raise ConfigError(f"--stride: must be >= 1, got {args.stride}")
+    fractions = _parse_fractions(args.split_fractions)
+    from gman.data.readers import load_dataset
+    from gman.data.windows import chronological_split
+
+    dataset = load_dataset(args.dataset)
+    start, stop = chronological_split(dataset.num_steps, fractions)[SPLITS.index(args.split)]
+    forecast = rolling_forecast(forecaster, dataset, start, stop, stride=args.stride)
+    with _atomic_path(output) as tmp:
+        writer(forecast, tmp, index=False)
+    errors = errors_by_sensor(forecast, forecaster.sensor_ids)
+    errors_path = output.with_name(f"{output.stem}_errors_by_sensor.csv")
+    with _atomic_path(errors_path) as tmp:
+        errors.to_csv(tmp, index=False)
+    lines = [f"{len(forecast)} rows ({forecast['issued_at'].nunique()} forecasts, split {args.split}) -> {output}",
+             f"MAE by sensor -> {errors_path} (mean {errors['mae'].mean():.4g} {forecaster.units})".rstrip()]
+    if not args.no_plots:
+        sensors = _choose_sensors(args.sensors, forecaster.sensor_ids)
+        vs_truth = output.with_name(f"{output.stem}_vs_truth.png")
+        error_map = output.with_name(f"{output.stem}_error_map.png")
+        plot_forecast_vs_truth(forecast, sensors, vs_truth, days=args.plot_days, units=forecaster.units)
+        locations = sensor_locations(args.dataset, forecaster.sensor_ids)
+        plot_error_map(errors, locations, error_map, units=forecaster.units, title=dataset.name)
+        lines += [f"plots -> {vs_truth}, {error_map}" + ("" if locations is not None else " (no sensor locations: bar chart)")]
+    print("\n".join(lines))
+    return 0
+
+
+def _frame_writer(path: Path, option: str):
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return lambda frame, tmp, index: frame.to_csv(tmp, index=index)
+    if suffix in (".parquet", ".pq"):
+        return lambda frame, tmp, index: frame.to_parquet(tmp, index=index)
+    raise ConfigError(f"{option}: {path} must end in .csv or .parquet")
+
+
+def _parse_fractions(text: str) -> tuple[float, float, float]:
+    try:
+        fractions = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--split-fractions: expected three numbers like 0.7,0.1,0.2, got {text!r}") from None
+    if len(fractions) != 3:
+        raise ConfigError(f"--split-fractions: expected three numbers like 0.7,0.1,0.2, got {text!r}")
+    return fractions  # type: ignore[return-value]
+
+
+def read_history(path: Path) -> "pd.DataFrame":
+    """A history file -> DataFrame (DatetimeIndex x sensor-id columns); long tables are pivoted."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise DataError(f"{path}: no such history file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(path)
+        elif suffix in (".parquet", ".pq"):
+            frame = pd.read_parquet(path)
+        else:
+            raise DataError(f"{path}: history must be a .csv or .parquet file")
+    except (OSError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path}: cannot read ({' '.join(str(err).split())[:200]})") from None
+    frame.columns = [str(c) for c in frame.columns]
+    if {"timestamp", "sensor_id", "value"} <= set(frame.columns):  # long layout
+        duplicated = frame.duplicated(["timestamp", "sensor_id"])
+        if duplicated.any():
+            row = frame[duplicated].iloc[0]
+            raise ForecastInputError(f"{path}: two readings for sensor {row['sensor_id']!r} at {row['timestamp']}")
+        frame = frame.astype({"sensor_id": str}).pivot(index="timestamp", columns="sensor_id", values="value")
+        frame.columns.name = None
+        frame = frame.reset_index()
+    if isinstance(frame.index, pd.DatetimeIndex):
+        return frame
+    column = "timestamp" if "timestamp" in frame.columns else frame.columns[0]
+    try:
+        index = pd.DatetimeIndex(pd.to_datetime(frame[column]), name="timestamp")
+    except (TypeError, ValueError):
+        raise ForecastInputError(f"{path}: column {column!r} does not hold timestamps (need a 'timestamp' column)") from None
+    return frame.drop(columns=column).set_axis(index, axis=0)
+
+
+def rolling_forecast(
+    forecaster: "Forecaster", dataset: "SensorDataset", start: int, stop: int, *, stride: int = 1, batch_size: int = 64
+) -> "pd.DataFrame":
+    """Forecasts issued at steps ``start+P-1, start+P-1+stride, ...`` of ``dataset`` within [start, stop).
+
+    Each forecast's history and truth lie inside the range (the windows of
+    ``WindowDataset``). Returns the tidy forecast plus ``truth`` (NaN where missing).
+    """
+    import pandas as pd
+
+    from gman.serving.forecaster import TIDY_COLUMNS
+
+    p, q = forecaster.history_steps, forecaster.horizon_steps
+    if dataset.interval != forecaster.interval:
+        raise ForecastInputError(f"dataset {dataset.name!r}: interval {dataset.interval}, the model expects {forecaster.interval}")
+    position = {s: i for i, s in enumerate(dataset.sensor_ids)}
+    absent = [s for s in forecaster.sensor_ids if s not in position]
+    if absent:
+        raise ForecastInputError(f"dataset {dataset.name!r}: {len(absent)} model sensors missing, e.g. {absent[:5]}")
+    columns = np.array([position[s] for s in forecaster.sensor_ids])
+    starts = np.arange(start, stop - p - q + 1, stride)
+    if len(starts) == 0:
+        raise ForecastInputError(f"dataset {dataset.name!r}: steps [{start}, {stop}) are fewer than P + Q = {p + q}")
+    values = dataset.values[:, columns]
+    mask = dataset.mask[:, columns]
+    time = dataset.time_features()
+    predictions = []
+    for lo in range(0, len(starts), batch_size):
+        chunk = starts[lo : lo + batch_size]
+        history = chunk[:, None] + np.arange(p)  # [b, P] step numbers
+        window = chunk[:, None] + np.arange(p + q)
+        predictions.append(forecaster.predict_arrays(values[history], mask[history], time[window]))
+    prediction = np.concatenate(predictions)  # [W, Q, N]
+
+    future = starts[:, None] + p + np.arange(q)  # [W, Q]
+    truth = np.where(mask[future], values[future], np.nan)  # [W, Q, N]
+    num_windows, n = len(starts), len(columns)
+    steps = np.arange(1, q + 1)
+    per_window = q * n
+    index = dataset.index
+    frame = pd.DataFrame(
+        {
+            "sensor_id": np.tile(np.asarray(forecaster.sensor_ids, dtype=object), num_windows * q),
+            "issued_at": index[starts + p - 1].repeat(per_window),
+            "target_time": index[future.reshape(-1)].repeat(n),
+            "step": np.tile(np.repeat(steps, n), num_windows),
+            "minutes_ahead": np.tile(np.repeat(steps * forecaster.interval.total_seconds() / 60.0, n), num_windows),
+            "prediction": prediction.reshape(-1).astype(np.float64),
+            "truth": truth.reshape(-1).astype(np.float64),
+        }
+    )
+    return frame[[*TIDY_COLUMNS, "truth"]]
+
+
+def errors_by_sensor(forecast: "pd.DataFrame", sensor_ids: list[str]) -> "pd.DataFrame":
+    """Masked MAE / RMSE per sensor over all steps (rows without truth are skipped)."""
+    import pandas as pd
+
+    scored = forecast.dropna(subset=["truth"])
+    error = scored["prediction"] - scored["truth"]
+    grouped = pd.DataFrame({"sensor_id": scored["sensor_id"], "abs": error.abs(), "sq": error**2}).groupby("sensor_id", sort=False)
+    table = pd.DataFrame({"mae": grouped["abs"].mean(), "rmse": np.sqrt(grouped["sq"].mean()), "count": grouped["abs"].size()})
+    table = table.reindex(sensor_ids)
+    table["count"] = table["count"].fillna(0).astype(int)
+    return table.rename_axis("sensor_id").reset_index()
+
+
+def _choose_sensors(text: str | None, sensor_ids: list[str]) -> list[str]:
+    if text is None:
+        return sensor_ids[:3]
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in set(sensor_ids)]
+    if unknown or not chosen:
+        raise ConfigError(f"--sensors: unknown sensor ids {unknown[:5]} (the model has {len(sensor_ids)}, e.g. {sensor_ids[:3]})")
+    return chosen
+
+
+def sensor_locations(dataset: str, sensor_ids: list[str]) -> "pd.DataFrame | None":
+    """[N] latitude/longitude (index = sensor id) from the data set card, or None where it gives none."""
+    try:
+        from gman.data import registry
+    except ImportError:
+        return None
+    reader = getattr(registry, "sensor_locations", None)
+    if reader is None:
+        return None
+    try:
+        locations = reader(dataset)
+    except Exception:  # not a card (a file or 'synthetic'), or a card without locations
+        return None
+    if locations is None:
+        return None
+    locations = locations.copy()
+    if "sensor_id" in locations.columns:
+        locations = locations.set_index(locations["sensor_id"].astype(str))
+    locations.index = locations.index.astype(str)
+    if not {"latitude", "longitude"} <= set(locations.columns) or not set(sensor_ids) <= set(locations.index):
+        return None
+    return locations.loc[sensor_ids, ["latitude", "longitude"]]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_forecast_vs_truth(forecast: "pd.DataFrame", sensors: list[str], path: Path, *, days: float, units: str) -> None:
+    """One panel per sensor: truth, and forecasts at a short and the longest horizon, over the first ``days``."""
+    import pandas as pd
+
+    plt = _pyplot()
+    q = int(forecast["step"].max())
+    steps = sorted({min(3, q), q})
+    first = forecast["target_time"].min()
+    shown = forecast[forecast["target_time"] < first + pd.Timedelta(days=days)]
+    fig, axes = plt.subplots(len(sensors), 1, figsize=(11, 2.6 * len(sensors)), sharex=True, squeeze=False)
+    for ax, sensor in zip(axes[:, 0], sensors):
+        rows = shown[shown["sensor_id"] == sensor]
+        # every target time once (with stride <= Q each is covered), gaps where the sensor reported nothing
+        truth = rows.drop_duplicates("target_time").set_index("target_time")["truth"].sort_index()
+        ax.plot(truth.index, truth.to_numpy(), color="black", linewidth=1.0, label="truth")
+        for step in steps:
+            at = rows[rows["step"] == step]
+            minutes = at["minutes_ahead"].iloc[0] if len(at) else step
+            ax.plot(at["target_time"], at["prediction"], linewidth=0.9, label=f"forecast {minutes:g} min ahead")
+        ax.set_title(f"sensor {sensor}", fontsize=9)
+        ax.set_ylabel(units or "value")
+    axes[0, 0].legend(loc="lower left", fontsize=8)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_error_map(errors: "pd.DataFrame", locations: "pd.DataFrame | None", path: Path, *, units: str, title: str) -> None:
+    """MAE by sensor: coloured dots at (longitude, latitude) when known, else a bar per sensor."""
+    plt = _pyplot()
+    label = f"MAE ({units})" if units else "MAE"
+    if locations is not None:
+        fig, ax = plt.subplots(figsize=(7.5, 6))
+        dots = ax.scatter(locations["longitude"], locations["latitude"], c=errors["mae"].to_numpy(), cmap="viridis", s=22)
+        fig.colorbar(dots, ax=ax, label=label)
+        ax.set_xlabel("longitude")
+        ax.set_ylabel("latitude")
+    else:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(errors)), 4))
+        ax.bar(np.arange(len(errors)), errors["mae"].to_numpy(), color="tab:blue")
+        ax.set_xlabel("sensor (model order)")
+        ax.set_ylabel(label)
+        if len(errors) <= 40:
+            ax.set_xticks(np.arange(len(errors)), errors["sensor_id"], rotation=90, fontsize=7)
+    ax.set_title(f"{title}: forecast error by sensor (all horizons)")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> None:
+    plt = _pyplot()
+    try:
+        with _atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+
+
+# ============================================================================ serve
+
+
+def serve_command(argv: list[str]) -> int:
+    parser = _Parser(prog="gman serve", description="Serve a model over REST with MLflow's scoring server.")
+    parser.add_argument("model", help="package folder, checkpoint, MLflow model folder or URI (runs:/, models:/)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument("--timeout", type=int, default=60, help="seconds allowed per request")
+    parser.add_argument("--dry-run", action="store_true", help="print the mlflow command instead of running it")
+    args = parser.parse_args(argv)
+    if args.host not in LOOPBACK:
+        print(f"gman serve: binding {args.host}: the server has no authentication; "
+              "anyone who can reach this address can query the model", file=sys.stderr)
+    with _mlflow_model_uri(args.model, dry_run=args.dry_run) as uri:
+        command = serve_command_line(uri, host=args.host, port=args.port, workers=args.workers, timeout=args.timeout)
+        if args.dry_run:
+            print(" ".join(command))
+            return 0
+        try:
+            return subprocess.call(command, env=serving_environment())
+        except KeyboardInterrupt:
+            return 130
+
+
+def serve_command_line(uri: str, *, host: str, port: int, workers: int = 1, timeout: int = 60) -> list[str]:
+    """The ``mlflow models serve`` command (local environment: the model runs with this Python)."""
+    mlflow = Path(sys.executable).with_name("mlflow")
+    launcher = [str(mlflow)] if mlflow.is_file() else [sys.executable, "-m", "mlflow"]
+    return [*launcher, "models", "serve", "-m", uri, "--env-manager", "local", "-h", host, "-p", str(port),
+            "-w", str(workers), "-t", str(timeout)]
+
+
+def serving_environment() -> dict[str, str]:
+    """This environment with the interpreter's ``bin`` first on PATH (MLflow execs ``uvicorn`` from PATH)."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    return env
+
+
+@contextlib.contextmanager
+def _mlflow_model_uri(source: str, *, dry_run: bool = False):
+    """An MLflow model URI for ``source``: URIs and MLflow folders as they are, others wrapped in a temp folder."""
+    from gman.serving.forecaster import _URI_SCHEME
+    from gman.serving import package as pkg
+
+    path = Path(source)
+    if (_URI_SCHEME.match(source) and not path.exists()) or (path / "MLmodel").is_file():
+        yield source
+        return
+    with tempfile.TemporaryDirectory(prefix="gman-serve-") as tmp:
+        if pkg.is_package(path):
+            package = path
+        else:  # a checkpoint: rebuild a package from it first
+            from gman.serving.forecaster import Forecaster
+
+            forecaster = Forecaster.load(path)
+            package = Path(tmp) / "package"
+            _save_forecaster_package(forecaster, package)
+        model_dir = Path(tmp) / "mlflow-model"
+        if not dry_run:
+            from gman.serving.pyfunc import save_model
+
+            save_model(package, model_dir)
+        yield str(model_dir)
+
+
+def _save_forecaster_package(forecaster: "Forecaster", path: Path) -> Path:
+    import pandas as pd
+
+    from gman.serving.package import save_package
+
+    meta = forecaster.metadata
+    return save_package(
+        path, forecaster.model, scaler_mean=meta["scaler"]["mean"], scaler_std=meta["scaler"]["std"],
+        sensor_ids=forecaster.sensor_ids, interval=pd.Timedelta(seconds=meta["interval_seconds"]),
+        missing_value=meta.get("missing_value"), dataset_name=meta.get("dataset_name", ""), units=meta.get("units", ""),
+    )
+
+
+# ============================================================================ export
+
+
+def export_command(argv: list[str]) -> int:
+    parser = _Parser(prog="gman export", description="Export a model to ONNX or torch.export (.pt2).")
+    parser.add_argument("--model", required=True, help="package folder, checkpoint, MLflow model folder or URI")
+    parser.add_argument("--format", required=True, choices=("onnx", "torch-export"))
+    parser.add_argument("--output", default=None, help="output file (default gman-model.onnx / gman-model.pt2)")
+    parser.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
+    args = parser.parse_args(argv)
+    from gman.serving.forecaster import Forecaster
+
+    forecaster = Forecaster.load(args.model)
+    default = "gman-model.onnx" if args.format == "onnx" else "gman-model.pt2"
+    output = Path(args.output or default)
+    if args.format == "onnx":
+        difference = export_onnx(forecaster, output, check=not args.no_check)
+    else:
+        difference = export_torch(forecaster, output, check=not args.no_check)
+    checked = "not checked" if difference is None else f"max abs difference vs PyTorch {difference:.2e}"
+    print(f"{args.format} -> {output} ({checked})")
+    return 0
+
+
+def example_inputs(forecaster: "Forecaster", batch: int, seed: int = 0):
+    """Raw readings [B, P, N] (about 10 % NaN) and valid time features [B, P+Q, 2] for tracing and checks."""
+    import torch
+
+    meta = forecaster.metadata
+    generator = torch.Generator().manual_seed(seed)
+    p, q, n = forecaster.history_steps, forecaster.horizon_steps, len(forecaster.sensor_ids)
+    values = meta["scaler"]["mean"] + meta["scaler"]["std"] * torch.randn(batch, p, n, generator=generator)
+    values[torch.rand(batch, p, n, generator=generator) < 0.1] = float("nan")
+    start = torch.randint(0, 7 * forecaster.steps_per_day, (batch, 1), generator=generator)
+    step = (start + torch.arange(p + q)) % (7 * forecaster.steps_per_day)
+    time = torch.stack([step // forecaster.steps_per_day, step % forecaster.steps_per_day], dim=-1)
+    return values.float(), time.long()
+
+
+def _dynamic_batch():
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    return {"values": {0: batch}, "time": {0: batch}}
+
+
+def _reference(forecaster: "Forecaster", values, time) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return forecaster.as_module()(values, time).numpy()
+
+
+def export_onnx(forecaster: "Forecaster", path: Path, *, check: bool = True) -> float | None:
+    """Write the ONNX graph (opset of the dynamo exporter, dynamic batch); returns the parity max abs difference."""
+    import torch
+
+    try:
+        import onnx
+    except ImportError:
+        raise ConfigError("gman export --format onnx needs the optional extra: pip install 'gman[onnx]'") from None
+    # The exporter logs a warning per torchvision operator it cannot register (torchvision is not a dependency).
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    module = forecaster.as_module()
+    values, time = example_inputs(forecaster, batch=2)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")  # the exporter's progress and deprecation chatter
+        program = torch.onnx.export(
+            module, (values, time), input_names=["values", "time"], output_names=["forecast"],
+            dynamo=True, dynamic_shapes=_dynamic_batch(), verbose=False,
+        )
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, {"gman.json": json.dumps(forecaster.metadata)})
+    with _atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
+    if not check:
+        return None
+    try:
+        import onnxruntime
+    except ImportError:
+        print("gman export: onnxruntime not installed; parity check skipped", file=sys.stderr)
+        return None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    values, time = example_inputs(forecaster, batch=3, seed=1)  # another batch size than traced
+    (output,) = session.run(None, {"values": values.numpy(), "time": time.numpy()})
+    return _check_parity(output, _reference(forecaster, values, time), path)
+
+
+def export_torch(forecaster: "Forecaster", path: Path, *, check: bool = True) -> float | None:
+    """Write a ``torch.export`` program (.pt2, dynamic batch); returns the parity max abs difference."""
+    import torch
+
+    module = forecaster.as_module()
+    values, time = example_inputs(forecaster, batch=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, (values, time), dynamic_shapes=_dynamic_batch())
+    with _atomic_path(path) as tmp:
+        torch.export.save(program, tmp, extra_files={"gman.json": json.dumps(forecaster.metadata)})
+    if not check:
+        return None
+    loaded = torch.export.load(path).module()
+    values, time = example_inputs(forecaster, batch=3, seed=1)
+    with torch.inference_mode():
+        output = loaded(values, time).numpy()
+    return _check_parity(output, _reference(forecaster, values, time), path)
+
+
+def _check_parity(output: np.ndarray, expected: np.ndarray, path: Path) -> float:
+    difference = float(np.max(np.abs(output - expected)))
+    if not difference <= PARITY_TOLERANCE:
+        path.unlink(missing_ok=True)  # a graph that does not compute the model is not left behind
+        raise DataError(f"{path}: exported graph differs from PyTorch by {difference:.3g} > {PARITY_TOLERANCE}")
+    return difference
