@@ -167,3 +167,64 @@ def test_checkpoint_with_package_metadata_loads_like_the_package(forecaster, tmp
         Forecaster.load(tmp_path / "bare.ckpt")
     with pytest.raises(DataError, match="no such file or folder"):
         Forecaster.load(tmp_path / "missing.ckpt")
+
+
+# ----------------------------------------------------------------------------- gman predict
+
+
+def test_gman_predict_from_csv_and_long_parquet(forecaster, tmp_path, monkeypatch):
+    from gman.serving.cli import main
+
+    frame = series().iloc[:P + 2]
+    expected = forecaster.predict(frame)
+    monkeypatch.setattr(Forecaster, "load", classmethod(lambda cls, source: forecaster))
+
+    frame.rename_axis("timestamp").to_csv(tmp_path / "history.csv")
+    assert main("predict", ["--model", "m", "--input", str(tmp_path / "history.csv"), "--output", str(tmp_path / "f.csv")]) == 0
+    written = pd.read_csv(tmp_path / "f.csv", dtype={"sensor_id": str}, parse_dates=["issued_at", "target_time"])
+    np.testing.assert_allclose(written["prediction"], expected["prediction"], rtol=1e-9)
+    assert (written["target_time"] == expected["target_time"]).all()
+
+    long = frame.rename_axis("timestamp").reset_index().melt(id_vars="timestamp", var_name="sensor_id", value_name="value")
+    long.sample(frac=1.0, random_state=0).to_parquet(tmp_path / "history.parquet")
+    out = tmp_path / "wide.parquet"
+    assert main("predict", ["--model", "m", "--input", str(tmp_path / "history.parquet"), "--output", str(out), "--layout", "wide"]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(out), Forecaster.to_wide(expected), check_freq=False, check_names=False)
+
+    with pytest.raises(ForecastInputError, match="the model needs at least P=6"):
+        frame.iloc[:3].rename_axis("timestamp").to_csv(tmp_path / "short.csv")
+        main("predict", ["--model", "m", "--input", str(tmp_path / "short.csv"), "--output", str(tmp_path / "g.csv")])
+    assert not (tmp_path / "g.csv").exists()
+
+
+def test_gman_predict_over_a_dataset_split(forecaster, tmp_path, monkeypatch):
+    from gman.serving.cli import main
+
+    frame = series(steps=120).fillna(0.0)  # 0 = missing in the file, as in METR-LA
+    frame.rename_axis("timestamp").to_csv(tmp_path / "toy.csv")
+    monkeypatch.setattr(Forecaster, "load", classmethod(lambda cls, source: forecaster))
+    out = tmp_path / "test_forecast.parquet"
+    argv = ["--model", "m", "--dataset", str(tmp_path / "toy.csv"), "--split", "test", "--output", str(out),
+            "--stride", "2", "--sensors", "400017,400040"]
+    assert main("predict", argv) == 0
+
+    forecast = pd.read_parquet(out)
+    start = 84 + 12  # 70 % train, 10 % validation of 120 steps
+    issued = frame.index[start + P - 1 : 120 - Q : 2]
+    assert list(forecast["issued_at"].unique()) == list(issued)
+    assert len(forecast) == len(issued) * Q * len(SENSORS)
+    # A row's forecast and truth are those of the Forecaster on that history.
+    at = issued[3]
+    one = forecast[forecast["issued_at"] == at].reset_index(drop=True)
+    alone = forecaster.predict(frame.loc[:at].iloc[-P:])
+    np.testing.assert_allclose(one["prediction"], alone["prediction"], rtol=0, atol=1e-4)
+    truth = frame.loc[one["target_time"]].to_numpy()[np.arange(len(one)), [SENSORS.index(s) for s in one["sensor_id"]]]
+    np.testing.assert_allclose(one["truth"].to_numpy(), np.where(truth == 0.0, np.nan, truth), rtol=1e-6)  # float32 data
+
+    errors = pd.read_csv(tmp_path / "test_forecast_errors_by_sensor.csv", dtype={"sensor_id": str})
+    assert list(errors["sensor_id"]) == SENSORS
+    scored = forecast.dropna(subset=["truth"])
+    mae = (scored["prediction"] - scored["truth"]).abs().groupby(scored["sensor_id"]).mean()
+    np.testing.assert_allclose(errors.set_index("sensor_id")["mae"], mae.reindex(SENSORS), rtol=1e-9)
+    for name in ("test_forecast_vs_truth.png", "test_forecast_error_map.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
