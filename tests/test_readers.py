@@ -46,6 +46,9 @@ def test_graph_is_reordered_by_id_not_position(shared_data, tmp_path):
     order = [original.sensor_ids.index(s) for s in permuted.sensor_ids]
     assert np.array_equal(permuted.adjacency, original.adjacency[np.ix_(order, order)])
     assert np.array_equal(permuted.values, original.values[:, order])
+    # the graph file's node order is kept, for files in node-index order (spatial embeddings)
+    assert original.graph_node_ids is None and permuted.graph_node_ids == original.sensor_ids
+    assert np.array_equal(permuted.graph_order(), order)
     # the symmetrised published graph is max(A, A^T) of the pickle, in the CSV's column order
     dense = load_dataset(shared_data / "los-loop/los_speed.csv", graph_path=shared_data / "los-loop/los_adj.csv", **LOS)
     assert np.array_equal(dense.adjacency, np.maximum(original.adjacency, original.adjacency.T))
@@ -86,8 +89,9 @@ def test_raw_metr_la_zeros_follow_the_missing_value_setting(shared_data):
     frame = pd.DataFrame(speeds, index=pd.date_range("2012-03-01", periods=100, freq="5min"))
     zeros_missing = load_dataset(frame)
     assert int((~zeros_missing.mask).sum()) == 646
+    assert zeros_missing.missing_value == 0.0
     nan_only = load_dataset(frame, missing_value=None)
-    assert nan_only.mask.all()
+    assert nan_only.mask.all() and nan_only.missing_value is None
     frame.iloc[0, 0] = np.nan
     assert not load_dataset(frame, missing_value=None).mask[0, 0]  # NaN always means missing
 

@@ -9,6 +9,8 @@ data module, evaluation, serving) consumes it.
     index   [T]              regular, strictly increasing DatetimeIndex
     sensor_ids [N]           column order of values (strings)
     adjacency  [N, N]        float32 edge weights in sensor_ids order, 0 = no edge
+    missing_value            the reading that meant "missing" in the source (None = only NaN)
+    graph_node_ids [N]       node order of the source graph file (SE files use it), if it differs
 
 Time features follow the authors' protocol but derive the number of steps per
 day from the interval (86400 s / interval s) instead of a hard-coded 288.
@@ -43,6 +45,8 @@ class SensorDataset:
     adjacency: np.ndarray | None = None
     name: str = "dataset"
     units: str = ""
+    missing_value: float | None = 0.0
+    graph_node_ids: list[str] | None = None
     # Only needed when the index has a single step (no interval can be read off it).
     interval_hint: pd.Timedelta | None = field(default=None, repr=False)
 
@@ -75,6 +79,10 @@ class SensorDataset:
         self.sensor_ids = _check_sensor_ids(self.sensor_ids, num_nodes, where)
         if self.adjacency is not None:
             self.adjacency = _check_adjacency(self.adjacency, num_nodes, where)
+        if self.graph_node_ids is not None:
+            self.graph_node_ids = [str(s) for s in self.graph_node_ids]
+            if sorted(self.graph_node_ids) != sorted(self.sensor_ids):
+                raise DataError(f"{where}: graph_node_ids are not a permutation of the sensor ids")
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -128,8 +136,20 @@ class SensorDataset:
             adjacency=self.adjacency,
             name=self.name,
             units=self.units,
+            missing_value=self.missing_value,
+            graph_node_ids=self.graph_node_ids,
             interval_hint=self.interval,
         )
+
+    def graph_order(self) -> np.ndarray:
+        """[N] int64: position in ``graph_node_ids`` of each sensor (identity when there is none).
+
+        Row ``graph_order()[i]`` of a node-index-ordered file (a word2vec SE) belongs to sensor i.
+        """
+        if self.graph_node_ids is None:
+            return np.arange(self.num_nodes)
+        position = {s: k for k, s in enumerate(self.graph_node_ids)}
+        return np.array([position[s] for s in self.sensor_ids], dtype=np.int64)
 
     def to_frame(self) -> pd.DataFrame:
         """Wide DataFrame (index × sensor ids) with NaN at missing readings."""
@@ -149,6 +169,7 @@ class SensorDataset:
             "missing_fraction": round(self.missing_fraction, 6),
             "num_edges": None if self.adjacency is None else int(np.count_nonzero(self.adjacency)),
             "units": self.units,
+            "missing_value": self.missing_value,
         }
 
 
@@ -175,6 +196,8 @@ def _check_index(index, num_steps: int, where: str, interval_hint) -> pd.Datetim
         raise DataError(f"{where}: index has {len(index)} timestamps but values have {num_steps} steps")
     if index.hasnans:
         raise DataError(f"{where}: index contains missing timestamps (NaT)")
+    if index.unit != "ns":  # one resolution everywhere (pandas 3 defaults to us, older files are ns)
+        index = index.as_unit("ns")
     if num_steps >= 2:
         steps = np.diff(index.asi8)
         if (steps == 0).any():

@@ -115,8 +115,10 @@ def _load_synthetic(options: dict) -> SensorDataset:
     from gman.data.synthetic import make_synthetic
 
     allowed = {name: "" for name in inspect.signature(make_synthetic).parameters}
-    # the data module passes its reader options through; unset (None) ones are ignored
+    # unset (None) reader options are ignored; the synthetic data's missing value is 0
     options = {k: v for k, v in options.items() if not (v is None and k in READER_OPTIONS)}
+    if options.get("missing_value", 0.0) == 0.0:
+        options.pop("missing_value", None)
     _check_keys(options, allowed, "synthetic")
     return make_synthetic(**options)
 
@@ -130,8 +132,9 @@ def _load_card(name: str, options: dict) -> SensorDataset:
         raise DataError(f"{name}: not a file, and no dataset cards are available") from None
     card_options = dict(card_reader_options(name))
     card_options.setdefault("name", name)
-    # explicit options win over the card's, except for unset (None) ones
-    card_options.update({k: v for k, v in options.items() if v is not None})
+    card_options.pop("split", None)  # a card's split is the data module's business
+    # explicit options win over the card's, except unset (None) ones; missing_value=None means "only NaN"
+    card_options.update({k: v for k, v in options.items() if v is not None or k == "missing_value"})
     _check_keys(card_options, READER_OPTIONS, f"dataset card {name!r}")
     values_path = card_options.pop("values_path", None)
     if values_path is None:
@@ -346,9 +349,9 @@ def _finish(table: _Table, where: str, options: dict, default_name: str) -> Sens
         sensor_ids = _read_id_list(options["sensor_ids"], "sensor_ids")
         if len(sensor_ids) != values.shape[1]:
             raise DataError(f"{where}: {len(sensor_ids)} sensor_ids given for {values.shape[1]} sensors")
-    adjacency = None
+    adjacency, graph_node_ids = None, None
     if options.get("graph_path") is not None:
-        adjacency, sensor_ids = _match_graph(sensor_ids, values.shape[1], where, options)
+        adjacency, sensor_ids, graph_node_ids = _match_graph(sensor_ids, values.shape[1], where, options)
     if sensor_ids is None:
         sensor_ids = [str(i) for i in range(values.shape[1])]  # PEMS0X convention: node index
 
@@ -362,6 +365,8 @@ def _finish(table: _Table, where: str, options: dict, default_name: str) -> Sens
             adjacency=adjacency,
             name=name,
             units=str(options.get("units", "")),
+            missing_value=missing_value,
+            graph_node_ids=graph_node_ids,
         )
     except DataError as err:
         message = str(err).removeprefix(f"dataset {name!r}: ")
@@ -369,7 +374,7 @@ def _finish(table: _Table, where: str, options: dict, default_name: str) -> Sens
 
 
 def _match_graph(data_ids: list[str] | None, num_nodes: int, where: str, options: dict):
-    """(adjacency in the data's sensor order, the data's sensor ids)."""
+    """(adjacency in the data's sensor order, the data's sensor ids, the graph's node order or None)."""
     from gman.data.graph import load_adjacency
 
     graph_path = Path(options["graph_path"])
@@ -390,10 +395,10 @@ def _match_graph(data_ids: list[str] | None, num_nodes: int, where: str, options
             f"{where} and {graph_path}: the data has {num_nodes} sensors but the graph has {adjacency.shape[0]}"
         )
     if graph_ids is None:  # a bare matrix: in the data's column order
-        return adjacency, data_ids
+        return adjacency, data_ids, None
     graph_ids = [str(s) for s in graph_ids]
     if data_ids is None:  # data without ids (npz): in the graph's node order
-        return adjacency, graph_ids
+        return adjacency, graph_ids, None
     only_data = [s for s in data_ids if s not in set(graph_ids)]
     only_graph = [s for s in graph_ids if s not in set(data_ids)]
     if only_data or only_graph:
@@ -403,7 +408,8 @@ def _match_graph(data_ids: list[str] | None, num_nodes: int, where: str, options
         )
     position = {s: i for i, s in enumerate(graph_ids)}
     order = np.array([position[s] for s in data_ids])
-    return adjacency[np.ix_(order, order)], data_ids
+    same_order = bool((order == np.arange(len(order))).all())
+    return adjacency[np.ix_(order, order)], data_ids, None if same_order else graph_ids
 
 
 def _fill_gaps(values: np.ndarray, index: pd.DatetimeIndex, interval, where: str):

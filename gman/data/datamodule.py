@@ -1,0 +1,294 @@
+"""`GMANDataModule`: a sensor data set as train / val / test windows for Lightning.
+
+    dataset (card name, "synthetic", or a path) --load_dataset--> SensorDataset [T, N]
+        --chronological_split (70/10/20)--> three step ranges
+        --StandardScaler.fit(observed train readings)--> one mean, one std
+        --WindowDataset per part (P history -> Q future, never across a boundary)--> DataLoaders
+
+Every constructor argument is a plain type (str / int / float / list / dict /
+None), so LightingCLI / jsonargparse configure the module from YAML. After
+``setup()`` the module exposes what training, evaluation and serving need:
+``dataset``, ``scaler``, ``num_nodes``, ``steps_per_day``, ``interval``,
+``sensor_ids``, ``missing_value``, ``spatial_embedding`` ([N, D] float32 tensor,
+or None for a learnable table), ``split_ranges``, ``train_windows`` /
+``val_windows`` / ``test_windows``, and maps from a window's ``start`` to
+timestamps (``window_times``, ``target_times``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from gman.data.dataset import SensorDataset
+from gman.data.windows import DEFAULT_SPLIT, SPLIT_NAMES, StandardScaler, WindowDataset, chronological_split
+from gman.errors import ConfigError, DataError
+
+SPATIAL_EMBEDDINGS = ("learnable", "node2vec")  # or a path to a word2vec text file
+
+
+class GMANDataModule(LightningDataModule):
+    """Train / val / test windows of one sensor data set.
+
+    Args:
+        dataset: ``"synthetic"`` (built in), a dataset card name, or a path to a
+            series file (format from the extension or ``format``).
+        values_path, format, graph_path, graph_format, graph_sensor_ids,
+        start_time, interval, feature, name, units: reader options of
+            :func:`gman.data.readers.load_dataset` (None = unset / the card's value).
+        missing_value: reading that means "missing" besides NaN; ``"auto"`` = the
+            card's or reader's default (0.0); None = only NaN is missing.
+        options: any further ``load_dataset`` options (e.g. ``seed``, ``days``,
+            ``num_sensors`` for synthetic data; ``key``, ``fill_gaps``, ...).
+        history_steps, horizon_steps: P and Q.
+        split: train / val / test fractions of the raw steps; None = the card's
+            split, else 0.7 / 0.1 / 0.2.
+        batch_size, eval_batch_size (None = batch_size), num_workers.
+        spatial_embedding: ``"learnable"`` (None: the model learns a table),
+            ``"node2vec"`` (computed from the graph, cached), or a path to a
+            word2vec text file whose rows are in the graph's node order.
+        node2vec_options: keyword options of
+            :func:`gman.data.embedding.node2vec_embedding` (``dim``, ``p``, ``q``, ...).
+        seed: seeds the training order (per epoch) and node2vec.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "synthetic",
+        values_path: str | None = None,
+        format: str | None = None,
+        graph_path: str | None = None,
+        graph_format: str | None = None,
+        graph_sensor_ids: str | list[str] | None = None,
+        start_time: str | None = None,
+        interval: str | None = None,
+        missing_value: float | str | None = "auto",
+        feature: int | str | None = None,
+        name: str | None = None,
+        units: str | None = None,
+        options: dict[str, Any] | None = None,
+        history_steps: int = 12,
+        horizon_steps: int = 12,
+        split: list[float] | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        spatial_embedding: str = "learnable",
+        node2vec_options: dict[str, Any] | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        for option, value, low in (("history_steps", history_steps, 1), ("horizon_steps", horizon_steps, 1),
+                                   ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"data.{option}: expected an integer >= {low}, got {value!r}")
+        if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1):
+            raise ConfigError(f"data.eval_batch_size: expected an integer >= 1 or null, got {eval_batch_size!r}")
+        if isinstance(missing_value, str) and missing_value != "auto":
+            raise ConfigError(f"data.missing_value: expected a number, null or 'auto', got {missing_value!r}")
+        if spatial_embedding not in SPATIAL_EMBEDDINGS and not _looks_like_path(spatial_embedding):
+            raise ConfigError(
+                f"data.spatial_embedding: expected 'learnable', 'node2vec' or a path to a word2vec file, "
+                f"got {spatial_embedding!r}"
+            )
+        if split is not None:
+            chronological_split(100, split)  # validates (ConfigError) before any data is read
+        self.save_hyperparameters(logger=False)
+        self.history_steps = int(history_steps)
+        self.horizon_steps = int(horizon_steps)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+
+        # set by setup()
+        self.dataset: SensorDataset | None = None  # type: ignore[assignment]
+        self.scaler: StandardScaler | None = None
+        self.num_nodes: int | None = None
+        self.steps_per_day: int | None = None
+        self.interval: pd.Timedelta | None = None  # type: ignore[assignment]
+        self.sensor_ids: list[str] | None = None
+        self.missing_value: float | None = None if missing_value == "auto" else missing_value  # type: ignore[assignment]
+        self.spatial_embedding: torch.Tensor | None = None  # type: ignore[assignment]
+        self.split_ranges: list[tuple[int, int]] | None = None
+        self.train_windows: WindowDataset | None = None
+        self.val_windows: WindowDataset | None = None
+        self.test_windows: WindowDataset | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def reader_options(self) -> dict[str, Any]:
+        """The ``load_dataset`` keyword options this module's settings give (unset ones left out)."""
+        hp = self.hparams
+        options = {
+            key: hp[key]
+            for key in ("values_path", "format", "graph_path", "graph_format", "graph_sensor_ids",
+                        "start_time", "interval", "feature", "name", "units")
+            if hp[key] is not None
+        }
+        if hp.missing_value != "auto":
+            options["missing_value"] = hp.missing_value
+        for key, value in (hp.options or {}).items():
+            if key in options:
+                raise ConfigError(f"data.options: {key!r} is also set as data.{key}; set it once")
+            options[key] = value
+        return options
+
+    def load(self) -> SensorDataset:
+        """Read the configured data set (no splitting or scaling)."""
+        from gman.data.readers import load_dataset
+
+        return load_dataset(self.hparams.dataset, **self.reader_options())
+
+    def prepare_data(self) -> None:
+        """Nothing to download: data sets are files or built in (``gman data fetch`` fetches cards)."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:  # idempotent: fit, then test, re-use the same windows
+            return
+        dataset = self.load()
+        fractions = self._split_fractions()
+        ranges = chronological_split(dataset.num_steps, fractions)
+        window = self.history_steps + self.horizon_steps
+        short = [(part, stop - start) for part, (start, stop) in zip(SPLIT_NAMES, ranges) if stop - start < window]
+        if short:
+            parts = ", ".join(f"{part} {length}" for part, length in short)
+            raise DataError(
+                f"{self._source()}: {dataset.num_steps} steps split {list(fractions)} leave too few steps "
+                f"({parts}) for history + horizon = {window} in every part; use a longer series or another split"
+            )
+        train_start, train_stop = ranges[0]
+        scaler = StandardScaler.fit(dataset.values[train_start:train_stop], dataset.mask[train_start:train_stop])
+        windows = [
+            WindowDataset(dataset, self.history_steps, self.horizon_steps, scaler, start, stop, name=part)
+            for part, (start, stop) in zip(SPLIT_NAMES, ranges)
+        ]
+        self.spatial_embedding = self._spatial_embedding(dataset)
+        self.dataset = dataset
+        self.scaler = scaler
+        self.num_nodes = dataset.num_nodes
+        self.steps_per_day = dataset.steps_per_day
+        self.interval = dataset.interval
+        self.sensor_ids = list(dataset.sensor_ids)
+        self.missing_value = dataset.missing_value
+        self.split_ranges = ranges
+        self.train_windows, self.val_windows, self.test_windows = windows
+
+    def _source(self) -> str:
+        return str(self.hparams.values_path or self.hparams.dataset)
+
+    def _split_fractions(self) -> tuple[float, ...]:
+        if self.hparams.split is not None:
+            return tuple(self.hparams.split)
+        card_split = self._card_split()
+        return tuple(card_split) if card_split is not None else DEFAULT_SPLIT
+
+    def _card_split(self):
+        """A dataset card's ``split`` (e.g. 60/20/20 for PEMS0X), or None."""
+        name = self.hparams.dataset
+        if name == "synthetic" or "/" in name or "\\" in name or Path(name).suffix or Path(name).exists():
+            return None
+        try:
+            from gman.data.registry import card_reader_options
+        except ModuleNotFoundError as err:
+            if err.name != "gman.data.registry":
+                raise
+            return None
+        return card_reader_options(name).get("split")
+
+    def _spatial_embedding(self, dataset: SensorDataset) -> torch.Tensor | None:
+        """[N, D] float32 in the data's sensor order, or None for a learnable table."""
+        choice = self.hparams.spatial_embedding
+        if choice == "learnable":
+            return None
+        if choice == "node2vec":
+            if dataset.adjacency is None:
+                raise ConfigError(
+                    f"data.spatial_embedding: node2vec needs a graph, but {self._source()} has none (set graph_path)"
+                )
+            from gman.data.embedding import node2vec_embedding
+
+            options = {"seed": self.seed, "progress": False, **(self.hparams.node2vec_options or {})}
+            vectors = node2vec_embedding(dataset.adjacency, **options)  # already in the data's order
+        else:
+            from gman.data.embedding import read_word2vec
+
+            vectors = read_word2vec(choice, num_nodes=dataset.num_nodes)[dataset.graph_order()]
+        return torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+
+    # ------------------------------------------------------------- loaders
+    def _loader(self, windows: WindowDataset | None, batch_size: int, train: bool) -> DataLoader:
+        if windows is None:
+            raise RuntimeError("GMANDataModule: call setup() before asking for a dataloader")
+        sampler = None
+        if train:
+            from gman.data.sampling import EpochSeededRandomSampler
+
+            sampler = EpochSeededRandomSampler(len(windows), seed=self.seed)
+        return DataLoader(
+            windows,
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled windows; the order of epoch e depends only on (seed, e)."""
+        return self._loader(self.train_windows, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_windows, self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_windows, self.eval_batch_size, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test windows, in order."""
+        return self._loader(self.test_windows, self.eval_batch_size, train=False)
+
+    # ------------------------------------------------------------- time look-ups
+    def window_times(self, start: int) -> pd.DatetimeIndex:
+        """[P + Q] timestamps of the window starting at step ``start``: history, then future."""
+        self._require_setup()
+        start = int(start)
+        stop = start + self.history_steps + self.horizon_steps
+        if start < 0 or stop > self.dataset.num_steps:
+            raise IndexError(f"window start {start} out of range for {self.dataset.num_steps} steps")
+        return self.dataset.index[start:stop]
+
+    def target_times(self, starts) -> np.ndarray:
+        """[B, Q] datetime64[ns]: the forecast timestamps ``index[start + P + q]`` of each window start."""
+        self._require_setup()
+        starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+        steps = starts[:, None] + self.history_steps + np.arange(self.horizon_steps)[None, :]
+        if steps.size and (starts.min() < 0 or steps.max() >= self.dataset.num_steps):
+            raise IndexError(f"window starts out of range for {self.dataset.num_steps} steps")
+        return self.dataset.index.to_numpy()[steps]
+
+    def _require_setup(self) -> None:
+        if self.dataset is None:
+            raise RuntimeError("GMANDataModule: call setup() first")
+
+    def __str__(self) -> str:
+        return self.__repr__()
+
+    def __repr__(self) -> str:
+        if self.dataset is None:
+            return f"GMANDataModule(dataset={self.hparams.dataset!r}, not set up)"
+        sizes = ", ".join(f"{w.name} {len(w)}" for w in (self.train_windows, self.val_windows, self.test_windows))
+        return (
+            f"GMANDataModule({self.dataset.name}: T={self.dataset.num_steps}, N={self.num_nodes}, "
+            f"P={self.history_steps}, Q={self.horizon_steps}, windows: {sizes}, {self.scaler})"
+        )
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or "\\" in text or bool(Path(text).suffix) or Path(text).exists()

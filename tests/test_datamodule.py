@@ -1,0 +1,160 @@
+"""GMANDataModule: split, scaler, windows, loaders, time look-ups, spatial embeddings, YAML configuration."""
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from gman.data.datamodule import GMANDataModule
+from gman.data.embedding import write_word2vec
+from gman.errors import ConfigError, DataError
+
+SMALL = {"num_sensors": 12, "days": 3}
+
+
+@pytest.fixture(scope="module")
+def default_module():
+    module = GMANDataModule()
+    module.setup("fit")
+    return module
+
+
+def test_default_synthetic_split_scaler_and_sizes(default_module):
+    dm = default_module
+    ds = dm.dataset
+    assert dm.split_ranges == [(0, 5645), (5645, 6451), (6451, 8064)]
+    assert (dm.num_nodes, dm.steps_per_day, dm.interval) == (64, 288, pd.Timedelta("5min"))
+    assert dm.sensor_ids == ds.sensor_ids and dm.missing_value == 0.0 and dm.spatial_embedding is None
+    assert [len(w) for w in (dm.train_windows, dm.val_windows, dm.test_windows)] == [5645 - 23, 806 - 23, 1613 - 23]
+    # scalar z-score on observed training readings only (zeros = missing are left out)
+    train = ds.values[:5645][ds.mask[:5645]].astype(np.float64)
+    assert np.isclose(dm.scaler.mean, train.mean()) and np.isclose(dm.scaler.std, train.std())
+    assert dm.scaler.mean > ds.values[:5645].mean() + 2  # would be dragged down by the zeros
+    # no window crosses a split boundary
+    for windows, (start, stop) in zip((dm.train_windows, dm.val_windows, dm.test_windows), dm.split_ranges):
+        assert windows.starts[0] == start and windows.starts[-1] + 24 == stop
+
+
+def test_batches_and_seeded_training_order(default_module):
+    dm = default_module
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["x"].shape == (16, 12, 64) and batch["x"].dtype == torch.float32
+    assert batch["time"].shape == (16, 24, 2) and batch["time"].dtype == torch.int64
+    assert batch["y"].shape == batch["y_mask"].shape == (16, 12, 64) and batch["y_mask"].dtype == torch.bool
+    first_order = batch["start"].tolist()
+    assert first_order != sorted(first_order)  # shuffled
+    again = GMANDataModule()
+    again.setup("fit")
+    assert next(iter(again.train_dataloader()))["start"].tolist() == first_order  # same seed, same order
+    other_seed = GMANDataModule(seed=1)
+    other_seed.setup("fit")
+    assert next(iter(other_seed.train_dataloader()))["start"].tolist() != first_order
+    val_starts = next(iter(dm.val_dataloader()))["start"]
+    assert val_starts.tolist() == list(range(5645, 5645 + 16))  # evaluation loaders keep time order
+    assert not dm.train_dataloader().persistent_workers
+    with_workers = GMANDataModule(num_workers=2, options=SMALL)
+    with_workers.setup()
+    assert with_workers.val_dataloader().persistent_workers
+
+
+def test_time_lookups_map_starts_to_timestamps(default_module):
+    dm = default_module
+    batch = next(iter(dm.test_dataloader()))
+    start = int(batch["start"][3])
+    times = dm.window_times(start)
+    assert len(times) == 24 and times[0] == dm.dataset.index[start]
+    targets = dm.target_times(batch["start"])
+    assert targets.shape == (16, 12)
+    assert pd.Timestamp(targets[3, 11]) == dm.dataset.index[start + 12 + 11]
+    # the time features of the batch are those of these timestamps
+    assert batch["time"][3, 12, 0].item() == times[12].dayofweek
+    with pytest.raises(IndexError):
+        dm.window_times(dm.dataset.num_steps - 5)
+
+
+def test_too_short_series_names_the_file(tmp_path):
+    index = pd.date_range("2024-01-01", periods=100, freq="5min", name="timestamp")
+    pd.DataFrame({"a": np.arange(100.0) + 1, "b": 2.0}, index=index).to_csv(tmp_path / "short.csv")
+    dm = GMANDataModule(dataset=str(tmp_path / "short.csv"))
+    with pytest.raises(DataError, match=r"short.csv: 100 steps .* too few steps \(val 10, test 20\)"):
+        dm.setup()
+
+
+def test_word2vec_embedding_rows_follow_the_graph_order(tmp_path):
+    index = pd.date_range("2024-01-01", periods=400, freq="5min", name="timestamp")
+    rng = np.random.default_rng(0)
+    pd.DataFrame(rng.uniform(40, 60, (400, 3)), index=index, columns=["c", "a", "b"]).to_csv(tmp_path / "v.csv")
+    (tmp_path / "g.csv").write_text("a,b,c\n1,0.5,0\n0,1,0.5\n0,0,1\n")  # graph order a, b, c
+    vectors = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], dtype=np.float32)  # rows: a, b, c
+    write_word2vec(tmp_path / "se.txt", vectors)
+    dm = GMANDataModule(dataset=str(tmp_path / "v.csv"), graph_path=str(tmp_path / "g.csv"),
+                        spatial_embedding=str(tmp_path / "se.txt"))
+    dm.setup()
+    assert dm.sensor_ids == ["c", "a", "b"]
+    assert dm.spatial_embedding.dtype == torch.float32
+    assert dm.spatial_embedding[:, 0].tolist() == [3.0, 1.0, 2.0]
+    assert dm.dataset.adjacency[1, 2] == 0.5  # a -> b, in the data's order
+
+
+def test_node2vec_embedding_is_cached(tmp_path):
+    options = {"dim": 8, "walks_per_node": 4, "walk_length": 10, "steps": 5, "cache_dir": str(tmp_path)}
+    dm = GMANDataModule(options=SMALL, spatial_embedding="node2vec", node2vec_options=options)
+    dm.setup()
+    assert dm.spatial_embedding.shape == (12, 8)
+    assert len(list(tmp_path.glob("*.txt"))) == 1
+    again = GMANDataModule(options=SMALL, spatial_embedding="node2vec", node2vec_options=options)
+    again.setup()
+    assert torch.equal(again.spatial_embedding, dm.spatial_embedding)
+
+
+def test_card_split_and_missing_value(tmp_path, monkeypatch):
+    index = pd.date_range("2024-01-01", periods=500, freq="5min", name="timestamp")
+    frame = pd.DataFrame({"s1": np.linspace(1, 50, 500), "s2": 3.0}, index=index)
+    frame.iloc[5, 0] = -1.0
+    frame.to_csv(tmp_path / "values.csv")
+    registry = types.ModuleType("gman.data.registry")
+    registry.card_reader_options = lambda name: {
+        "values_path": str(tmp_path / "values.csv"), "split": [0.6, 0.2, 0.2], "missing_value": -1.0}
+    monkeypatch.setitem(sys.modules, "gman.data.registry", registry)
+    dm = GMANDataModule(dataset="pems-like")
+    dm.setup()
+    assert dm.split_ranges == [(0, 300), (300, 400), (400, 500)]
+    assert dm.missing_value == -1.0 and not dm.dataset.mask[5, 0] and dm.dataset.name == "pems-like"
+    explicit = GMANDataModule(dataset="pems-like", split=[0.7, 0.1, 0.2], missing_value=None)
+    explicit.setup()
+    assert explicit.split_ranges[0] == (0, 350) and explicit.missing_value is None and explicit.dataset.mask.all()
+
+
+def test_bad_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="spatial_embedding"):
+        GMANDataModule(spatial_embedding="node2vek")
+    with pytest.raises(ConfigError, match="sum to 1"):
+        GMANDataModule(split=[0.5, 0.1, 0.1])
+    with pytest.raises(ConfigError, match="history_steps"):
+        GMANDataModule(history_steps=0)
+    with pytest.raises(ConfigError, match="unknown option 'colour'"):
+        GMANDataModule(options={"colour": "red"}).setup()
+    with pytest.raises(ConfigError, match="node2vec needs a graph"):
+        frame = pd.DataFrame({"a": np.arange(300.0) + 1},
+                             index=pd.date_range("2024-01-01", periods=300, freq="5min"))
+        dm = GMANDataModule(spatial_embedding="node2vec")
+        dm.load = lambda: __import__("gman.data.readers", fromlist=["x"]).load_dataset(frame)
+        dm.setup()
+
+
+def test_configurable_from_yaml():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(GMANDataModule, "data")
+    config = parser.parse_string(
+        "data:\n  dataset: synthetic\n  options: {num_sensors: 12, days: 3}\n  split: [0.6, 0.2, 0.2]\n"
+        "  missing_value: null\n  batch_size: 8\n"
+    )
+    dm = parser.instantiate_classes(config).data
+    dm.setup()
+    assert dm.num_nodes == 12 and dm.split_ranges[0] == (0, 518) and dm.batch_size == 8
