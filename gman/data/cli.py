@@ -1,0 +1,313 @@
+"""``gman data list | fetch | import | check``: the dataset registry on the command line."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from gman.errors import ConfigError, DataError
+
+USAGE = "gman data {list,fetch,import,check} ..."
+
+
+def main(command: str, argv: list[str]) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.action is None:
+        parser.print_help()
+        return 0
+    return args.run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gman data", description="List, fetch, import and check datasets.")
+    actions = parser.add_subparsers(dest="action", metavar="{list,fetch,import,check}")
+
+    listing = actions.add_parser("list", help="the dataset cards and whether their files are present")
+    listing.set_defaults(run=_list)
+
+    fetch = actions.add_parser("fetch", help="download a dataset's files (resume, sha256 check)")
+    fetch.add_argument("name")
+    fetch.add_argument("--file", action="append", dest="files", help="only this file (repeatable)")
+    fetch.add_argument("--no-progress", action="store_true")
+    fetch.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a server (default 60)")
+    fetch.set_defaults(run=_fetch)
+
+    check = actions.add_parser("check", help="sensors, steps, dates, missing %%, graph stats, data/graph mismatches")
+    check.add_argument("name")
+    check.set_defaults(run=_check)
+
+    imp = actions.add_parser("import", help="turn your own data into a dataset folder with a card")
+    imp.add_argument("name", help="name of the new dataset (folder and card name)")
+    imp.add_argument("--values", required=True, type=Path, help="readings: wide/long CSV, Parquet, h5, npz [T, N, F]")
+    imp.add_argument("--format", choices=["h5", "csv", "long-csv", "parquet", "npz"])
+    imp.add_argument("--timestamp-column")
+    imp.add_argument("--sensor-column")
+    imp.add_argument("--value-column")
+    imp.add_argument("--key", help="h5 key / npz array name")
+    imp.add_argument("--feature", help="npz: feature index or name (flow, occupancy, speed)")
+    imp.add_argument("--sensor-ids", help="text file of sensor ids for data without ids (npz)")
+    imp.add_argument("--start-time", help="timestamp of the first row, for files without timestamps")
+    imp.add_argument("--interval", help="time step, e.g. 5min (needed with --start-time)")
+    imp.add_argument("--missing-value", default="0", help="reading that means missing besides NaN; 'none' = NaN only (default 0)")
+    imp.add_argument("--graph", type=Path, help="graph file (DCRNN pickle, dense CSV, edge list, distances)")
+    imp.add_argument("--graph-format", choices=["dcrnn-pickle", "dense-csv", "edge-list", "distance-csv", "distance-matrix"])
+    imp.add_argument("--graph-sensor-ids", help="sensor order of a bare adjacency matrix (text file of ids)")
+    imp.add_argument("--graph-threshold", type=float, help="Gaussian kernel cut-off for distance graphs (default 0.1)")
+    imp.add_argument("--units", default="")
+    imp.add_argument("--title", default="")
+    imp.add_argument("--split", type=float, nargs=3, default=[0.7, 0.1, 0.2], metavar=("TRAIN", "VAL", "TEST"))
+    imp.add_argument("--force", action="store_true", help="replace an existing dataset of that name")
+    imp.set_defaults(run=_import)
+    return parser
+
+
+# ----------------------------------------------------------------------------- list
+
+def _list(args) -> int:
+    from gman.data import registry
+
+    names = registry.card_names()
+    try:
+        root = registry.datasets_root()
+    except ConfigError:
+        root = None
+    print(f"data root: {root if root else '(none: set ' + registry.ENV_DATASETS_DIR + ')'}")
+    if not names:
+        print("no dataset cards found")
+        return 0
+    rows = []
+    for name in names:
+        card = registry.load_card(name)
+        missing = card.missing_files()
+        present = len(card.files) - len(missing)
+        if not missing:
+            status = "ready"
+        else:
+            status = "missing " + ", ".join(f.name + ("" if f.urls else " (manual)") for f in missing)
+        rows.append((name, f"{present}/{len(card.files)}", status, card.raw.get("title", "")))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'NAME':<{width}}  FILES  STATUS")
+    for name, count, status, title in rows:
+        print(f"{name:<{width}}  {count:<5}  {status}")
+        if title:
+            print(f"{'':<{width}}         {title}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- fetch
+
+def _fetch(args) -> int:
+    from gman.data import registry
+
+    paths = registry.fetch(args.name, only=args.files, progress=not args.no_progress, timeout=args.timeout,
+                           log=lambda message: print(message))
+    print(f"{args.name}: {len(paths)} file(s) in {paths[0].parent if paths else registry.datasets_root() / args.name}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- check
+
+def _check(args) -> int:
+    """Print what the data set holds; exit 1 when something disagrees (files, data vs graph)."""
+    import numpy as np
+
+    from gman.data import registry
+    from gman.data.graph import graph_stats, load_adjacency
+    from gman.data.readers import load_dataset
+
+    card = registry.load_card(args.name)
+    problems: list[str] = []
+    print(f"dataset {card.name}: {card.raw.get('title', '')}")
+    print(f"  card: {card.card_path}")
+    print(f"  data: {card.data_dir}")
+    for entry in card.files:
+        path = card.data_dir / entry.name
+        if not path.is_file():
+            note = "missing" + ("" if entry.urls else f" (get it from {entry.page or 'its source'})")
+            print(f"  file {entry.name}: {note}")
+            problems.append(f"{path}: missing")
+            continue
+        try:
+            registry.verify_file(path, entry)
+            state = "ok (sha256 verified)" if entry.sha256 else "present (no sha256 in the card)"
+        except DataError as err:
+            state = f"MISMATCH: {err}"
+            problems.append(str(err))
+        print(f"  file {entry.name}: {state}")
+
+    needed = [card.values["file"]] + ([card.graph["file"]] if card.graph.get("file") else [])
+    absent = [f for f in needed if not (card.data_dir / f).is_file()]
+    if absent:
+        print(f"{card.name}: cannot read the data: {', '.join(absent)} missing in {card.data_dir} "
+              f"(run 'gman data fetch {card.name}' or put the files there)")
+        return 1
+    options = registry.card_reader_options(args.name)
+    options.pop("split", None)
+    graph_path = options.pop("graph_path", None)
+    graph_format = options.pop("graph_format", None)
+    graph_threshold = options.pop("graph_threshold", None)
+    graph_sensor_ids = options.pop("graph_sensor_ids", None)
+    values_path = options.pop("values_path")
+    dataset = load_dataset(values_path, **options)
+
+    observed = dataset.mask.mean(axis=0)
+    print(f"  sensors: {dataset.num_nodes}")
+    print(f"  steps: {dataset.num_steps} ({dataset.index[0]} .. {dataset.index[-1]}), interval {_interval_text(dataset.interval)}")
+    print(f"  missing: {100 * (1 - dataset.mask.mean()):.2f} % of readings; "
+          f"{int((observed == 0).sum())} sensor(s) never observed")
+    split = card.raw.get("split")
+    if split:
+        print(f"  split: {'/'.join(f'{round(100 * s)}' for s in split)} (train/val/test)")
+
+    if graph_path is not None:
+        kwargs = {} if graph_threshold is None else {"threshold": float(graph_threshold)}
+        adjacency, graph_ids = load_adjacency(graph_path, graph_format, sensor_ids=dataset.sensor_ids, **kwargs)
+        if graph_ids is None and graph_sensor_ids is not None:
+            from gman.data.graph import read_sensor_ids
+
+            graph_ids = read_sensor_ids(graph_sensor_ids)
+        stats = graph_stats(adjacency)
+        print(f"  graph: {Path(graph_path).name}: {stats.nodes} nodes, {stats.edges} edges (+{stats.self_loops} self-loops), "
+              f"{stats.isolated_nodes} isolated, {stats.weakly_connected_components} weakly connected component(s), "
+              f"{'symmetric' if stats.symmetric else 'directed'}")
+        if graph_ids is None:
+            if adjacency.shape[0] != dataset.num_nodes:
+                problems.append(f"{graph_path}: {adjacency.shape[0]} nodes but the data has {dataset.num_nodes} sensors")
+        else:
+            data_ids, graph_set = set(dataset.sensor_ids), set(graph_ids)
+            only_data = [s for s in dataset.sensor_ids if s not in graph_set]
+            only_graph = [s for s in graph_ids if s not in data_ids]
+            if only_data:
+                problems.append(f"{graph_path}: {len(only_data)} sensor(s) in the data but not the graph, e.g. {only_data[:3]}")
+            if only_graph:
+                problems.append(f"{graph_path}: {len(only_graph)} sensor(s) in the graph but not the data, e.g. {only_graph[:3]}")
+        weights = adjacency[adjacency != 0]
+        if weights.size:
+            print(f"  edge weights: min {weights.min():.4g}, max {weights.max():.4g}, mean {float(np.mean(weights)):.4g}")
+    else:
+        print("  graph: none (node2vec spatial embeddings need one)")
+
+    for problem in problems:
+        print(f"  problem: {problem}")
+    print(f"{card.name}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 0 if not problems else 1
+
+
+# ----------------------------------------------------------------------------- import
+
+def _import(args) -> int:
+    """Read the user's files with the package's readers, then write normalised files and a card, atomically.
+
+    Written: ``values.parquet`` (wide: DatetimeIndex 'timestamp' x sensor ids, NaN = missing),
+    ``adjacency.csv`` (dense N x N in the data's sensor order, header = sensor ids) when a graph is
+    given, and ``dataset.yaml`` with their sizes and sha256.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from gman.data import registry
+    from gman.data.readers import load_dataset
+    from gman.errors import DataError
+
+    name = args.name
+    if not name or Path(name).name != name or name.startswith("."):
+        raise ConfigError(f"name: {name!r} is not a valid dataset name (one folder name)")
+    root = registry.datasets_root()
+    target = root / name
+    if target.exists() and not args.force:
+        raise DataError(f"{target}: a dataset of that name exists; use --force to replace it")
+    if abs(sum(args.split) - 1) > 1e-6 or min(args.split) < 0:
+        raise ConfigError(f"--split: three fractions summing to 1 expected, got {args.split}")
+    missing_value = None if str(args.missing_value).lower() in ("none", "null", "nan") else float(args.missing_value)
+
+    options = {
+        "format": args.format, "timestamp_column": args.timestamp_column, "sensor_column": args.sensor_column,
+        "value_column": args.value_column, "key": args.key, "feature": args.feature, "sensor_ids": args.sensor_ids,
+        "start_time": args.start_time, "interval": args.interval, "missing_value": missing_value,
+        "graph_path": None if args.graph is None else str(args.graph), "graph_format": args.graph_format,
+        "graph_sensor_ids": args.graph_sensor_ids, "graph_threshold": args.graph_threshold,
+        "name": name, "units": args.units,
+    }
+    options = {k: v for k, v in options.items() if v is not None or k == "missing_value"}
+    dataset = load_dataset(args.values, **options)
+
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.import-", dir=root))
+    try:
+        frame = pd.DataFrame(np.where(dataset.mask, dataset.values, np.nan), index=dataset.index,
+                             columns=[str(s) for s in dataset.sensor_ids])
+        frame.index.name = "timestamp"
+        frame.to_parquet(staging / "values.parquet")
+        files = ["values.parquet"]
+        graph = None
+        if dataset.adjacency is not None:
+            adjacency = pd.DataFrame(dataset.adjacency, columns=[str(s) for s in dataset.sensor_ids])
+            adjacency.to_csv(staging / "adjacency.csv", index=False, float_format="%.9g")
+            files.append("adjacency.csv")
+            graph = {"file": "adjacency.csv", "format": "dense-csv"}
+        card = {
+            "name": name,
+            "title": args.title or f"{name}: {dataset.num_nodes} sensors, {dataset.num_steps} steps (imported)",
+            "description": (
+                f"Imported with 'gman data import' from {Path(args.values).resolve()}"
+                + (f" and {Path(args.graph).resolve()}" if args.graph else "")
+                + f" on {datetime.now(timezone.utc):%Y-%m-%d}. Normalised: wide Parquet, NaN = missing"
+                + (", dense adjacency in the data's sensor order." if graph else ".")
+            ),
+            "interval": _interval_text(dataset.interval),
+            "start_time": None,
+            "units": args.units,
+            "missing_value": None,
+            "split": [float(s) for s in args.split],
+            "license": "as of the imported source",
+            "values": {"file": "values.parquet", "format": "parquet"},
+        }
+        if graph:
+            card["graph"] = graph
+        card["files"] = [
+            {"name": f, "size": (staging / f).stat().st_size, "sha256": registry.sha256_of(staging / f), "urls": []}
+            for f in files
+        ]
+        registry.write_card(staging, card)
+        _replace_folder(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    missing = 100 * (1 - dataset.mask.mean())
+    print(f"imported {name}: {dataset.num_nodes} sensors x {dataset.num_steps} steps "
+          f"({dataset.index[0]} .. {dataset.index[-1]}, {missing:.2f} % missing) -> {target}")
+    return 0
+
+
+def _replace_folder(staging: Path, target: Path) -> None:
+    """Move the finished ``staging`` folder to ``target``; an old ``target`` is removed only afterwards."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _interval_text(interval) -> str:
+    seconds = int(interval.total_seconds())
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60}min"
+    return f"{seconds}s"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main("data", sys.argv[1:]))
