@@ -179,6 +179,9 @@ def test_dense_csv_with_header_keeps_its_ids(tmp_path):
     path.write_text("s1,s2\n1,0.3\n0,1\n")
     adjacency, ids = load_adjacency(path)
     assert ids == ["s1", "s2"] and adjacency[0, 1] == np.float32(0.3)
+    path.write_text("773869,767541\n1,0.3\n0,1\n")  # numeric station ids: N + 1 rows of N values
+    adjacency, ids = load_adjacency(path)
+    assert ids == ["773869", "767541"] and adjacency.shape == (2, 2)
 
 
 def test_missing_graph_file(tmp_path):

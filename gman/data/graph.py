@@ -266,7 +266,9 @@ def guess_graph_format(path: str | Path) -> str:
     with open(path, encoding="utf-8", errors="replace") as fh:
         first = fh.readline().strip().lower()
     fields = [f.strip() for f in first.split(",")]
-    headerless_triples = len(fields) in (2, 3) and all(_is_number(f) for f in fields) and _count_lines(path) > len(fields)
+    # numeric from,to[,cost] rows without a header (distances_bay_2017.csv); a 2x2 or 3x3 matrix has N or N+1 lines
+    headerless_triples = (len(fields) in (2, 3) and all(_is_number(f) for f in fields)
+                          and _count_lines(path) not in (len(fields), len(fields) + 1))
     if fields[:2] == ["from", "to"] or headerless_triples:
         # a cost column holding road distances is the DCRNN distance file; PEMS0X lists are connectivity
         return "edge-list" if len(fields) == 2 or _looks_like_pems_edge_list(path) else "distance-csv"
@@ -390,8 +392,9 @@ def _read_dense_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
         raise DataError(f"{path}: empty matrix file")
     ids = None
     first = [f.strip() for f in lines[0].split(",")]
-    if not all(_is_number(f) for f in first):
-        ids = [f.strip('"') for f in first]
+    # A header row of ids: text, or numeric ids (PeMS station numbers) on top of an N x N block.
+    if not all(_is_number(f) for f in first) or len(lines) == len(first) + 1:
+        ids = [_id_text(f.strip('"')) for f in first]
         lines = lines[1:]
     try:
         rows = [[float(f) for f in ln.split(",")] for ln in lines]
