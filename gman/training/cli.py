@@ -1,0 +1,527 @@
+"""``gman train`` and ``gman evaluate``.
+
+``gman train`` parses ``model`` (GMANLightningModule), ``data``
+(GMANDataModule) and ``trainer`` sections with LightningCLI (YAML via
+``--config``, any key overridable as ``--section.key value``), then runs:
+
+    data set-up → fit (checkpoints, early stopping, lr monitor) → test with the best
+    checkpoint → baselines on the same windows → horizons.csv, plots, model package
+    → MLflow (params, metrics, artifacts, pyfunc model) → rename the output folder
+
+The output folder is built as ``<output_dir>.partial`` and renamed to
+``<output_dir>`` only when everything is written, so a folder without the
+suffix is always complete.  An interrupted run (crash, SIGKILL) leaves the
+``.partial`` folder with ``run.json`` (the MLflow run id), the resolved
+``config.yaml`` and ``checkpoints/last.ckpt`` (saved at every epoch end);
+``gman train --resume <folder>`` continues it into the same MLflow run.
+
+``gman evaluate`` re-scores a checkpoint (``--checkpoint``) or the best
+checkpoint of an MLflow run (``--run_id``) on a data set's test split (by
+default the one it was trained on) and writes the same table, csv and plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gman.errors import ConfigError, GmanError
+
+DEFAULT_RUNS_DIR = "runs"
+PARTIAL_SUFFIX = ".partial"
+CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
+CHECKPOINT_DIR = "checkpoints"
+BEST_CHECKPOINT = "best"
+LAST_CHECKPOINT = "last.ckpt"
+HORIZONS_CSV = "horizons.csv"
+ERRORS_PLOT = "error_by_horizon.png"
+FORECAST_PLOT = "forecast_vs_truth.png"
+PACKAGE_DIR = "model"
+MONITOR = "val_mae"
+
+# `gman train` with no arguments: the built-in synthetic network and a small,
+# fast model (experiments/demo.yaml spells the same values out).
+DEMO_DEFAULTS: dict[str, Any] = {
+    "model.num_layers": 1,
+    "model.num_heads": 4,
+    "model.head_dim": 8,
+    "model.se_dim": 16,
+    "model.dropout": 0.0,
+    "model.learning_rate": 0.003,
+    "data.dataset": "synthetic",
+    "data.batch_size": 32,
+    "trainer.max_epochs": 12,
+}
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "accelerator": "auto",
+    "devices": 1,
+    "log_every_n_steps": 10,
+    "enable_model_summary": False,
+}
+
+
+# ---------------------------------------------------------------- parsing
+def _one_line(message: str) -> str:
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def _lightning_cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    class GMANCli(LightningCLI):
+        """LightningCLI that parses and builds the model and data module; the trainer comes later.
+
+        The trainer needs the output folder and the MLflow run, which are
+        decided only once the data has loaded, so ``instantiate_classes``
+        leaves it out and :func:`train` calls ``instantiate_trainer``.
+        """
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--output_dir", "--output-dir", type=str | None, default=None,
+                                help="run folder (default: runs/<experiment>-<timestamp>)")
+            parser.add_argument("--experiment", type=str | None, default=None,
+                                help="MLflow experiment (default: the dataset's name)")
+            parser.add_argument("--tracking_uri", "--tracking-uri", type=str | None, default=None,
+                                help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
+                                     "in the working directory)")
+            parser.add_argument("--register", type=str | None, default=None,
+                                help="also register the packaged model under this name in the MLflow registry")
+            parser.add_argument("--patience", type=int, default=10,
+                                help="early stopping: epochs without a better validation MAE")
+            parser.add_argument("--resume", type=str | None, default=None,
+                                help="continue the interrupted run in this folder (its .partial folder)")
+            parser.set_defaults(DEMO_DEFAULTS)
+
+        def parse_arguments(self, parser, args) -> None:
+            # `gman train` always passes its own argv; skip LightningCLI's warning about sys.argv
+            self.config = parser.parse_args(args)
+
+        def instantiate_classes(self) -> None:
+            instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes
+            self.config_init = instantiate(self.config)
+            self.datamodule = self._get(self.config_init, "data")
+            self.model = self._get(self.config_init, "model")
+            self.trainer = None
+
+    return GMANCli
+
+
+def parse_train_args(argv: list[str]):
+    """LightningCLI on ``argv``; unknown keys and bad values become one-line ConfigErrors."""
+    from gman.data.datamodule import GMANDataModule
+    from gman.training.module import GMANLightningModule
+
+    cli_class = _lightning_cli_class()
+    try:
+        return cli_class(
+            GMANLightningModule,
+            GMANDataModule,
+            run=False,
+            args=argv,
+            save_config_callback=None,
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            load_from_checkpoint_support=False,
+            parser_kwargs={"exit_on_error": False, "prog": "gman train",
+                           "description": "Train GMAN (built-in synthetic data set by default)."},
+        )
+    except argparse.ArgumentError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def _split_resume(argv: list[str]) -> tuple[list[str], Path | None]:
+    """Take ``--resume FOLDER`` out of ``argv``: the folder's saved config must be parsed first."""
+    rest, folder = [], None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--resume":
+            if i + 1 >= len(argv):
+                raise ConfigError("--resume: expected the folder of an interrupted run")
+            folder, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--resume="):
+            folder = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, (Path(folder) if folder else None)
+
+
+def _resume_folder(folder: Path) -> Path:
+    """The ``.partial`` folder of an interrupted run, given it or its final name."""
+    candidates = [folder] if folder.name.endswith(PARTIAL_SUFFIX) else [
+        folder.with_name(folder.name + PARTIAL_SUFFIX), folder]
+    for candidate in candidates:
+        if (candidate / RUN_FILE).is_file() and (candidate / CONFIG_FILE).is_file():
+            if not candidate.name.endswith(PARTIAL_SUFFIX):
+                raise ConfigError(f"--resume: {candidate} is a finished run; nothing to resume")
+            return candidate
+    raise ConfigError(f"--resume: {folder} is not the folder of an interrupted gman run "
+                      f"(no {RUN_FILE} and {CONFIG_FILE} in it)")
+
+
+# ------------------------------------------------------------- utilities
+def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key not in ("spatial_attention_options",):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _log_params(logger, params: dict[str, Any]) -> None:
+    """Log settings as MLflow params; on a resumed run only those not logged yet (params are immutable)."""
+    from mlflow.entities import Param
+
+    client, run_id = logger.experiment, logger.run_id
+    existing = client.get_run(run_id).data.params
+    items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+    for lo in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[lo:lo + 100])
+
+
+def _print(*lines: str) -> None:
+    for line in lines:
+        print(line, flush=True)
+
+
+# ----------------------------------------------------------------- train
+def train(argv: list[str]) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    argv, resume = _split_resume(list(argv))
+    saved_run: dict[str, Any] = {}
+    if resume is not None:
+        work_dir = _resume_folder(resume)
+        saved_run = json.loads((work_dir / RUN_FILE).read_text())
+        argv = ["--config", str(work_dir / CONFIG_FILE), *argv]
+    cli = parse_train_args(argv)
+    config = cli.config
+    datamodule, module = cli.datamodule, cli.model
+
+    # Data first: a bad file or key stops here, before any folder or MLflow run exists.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+
+    from gman.training.tracking import make_logger, resolve_tracking_uri
+
+    dataset_name = datamodule.dataset.name
+    experiment = config.experiment or saved_run.get("experiment") or dataset_name
+    tracking_uri = resolve_tracking_uri(config.tracking_uri or saved_run.get("tracking_uri"))
+    if resume is not None:
+        final_dir = work_dir.with_name(work_dir.name[: -len(PARTIAL_SUFFIX)])
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        final_dir = Path(config.output_dir or Path(DEFAULT_RUNS_DIR) / f"{experiment}-{stamp}").resolve()
+        work_dir = final_dir.with_name(final_dir.name + PARTIAL_SUFFIX)
+        for path in (final_dir, work_dir):
+            if path.exists():
+                raise ConfigError(f"output_dir: {path} already exists; choose another --output_dir "
+                                  f"or resume it with --resume {work_dir}")
+    if final_dir.exists():
+        raise ConfigError(f"output_dir: {final_dir} already exists; cannot finish the resumed run into it")
+
+    logger = make_logger(experiment, tracking_uri, run_id=saved_run.get("run_id"), run_name=final_dir.name,
+                         tags={"gman.output_dir": str(final_dir), "gman.dataset": dataset_name})
+    created = resume is None
+    work_dir.mkdir(parents=True, exist_ok=not created)
+    try:
+        result = _fit_test_and_report(cli, logger, work_dir, final_dir, experiment, tracking_uri, resume is not None)
+    except BaseException as err:
+        logger.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        _handle_failed_folder(work_dir, err)
+        raise
+    logger.finish("FINISHED")
+    _print(result["table"], "", f"MLflow run: {result['run_id']} (experiment {experiment!r}, {tracking_uri})",
+           str(final_dir))
+    return 0
+
+
+def _handle_failed_folder(work_dir: Path, err: BaseException) -> None:
+    """A failed run keeps its ``.partial`` folder only where there is a checkpoint to resume from."""
+    last = work_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if not work_dir.exists():
+        return
+    if last.is_file():
+        try:
+            run = json.loads((work_dir / RUN_FILE).read_text())
+            run.update(status="FAILED", error=_one_line(f"{type(err).__name__}: {err}"))
+            _write_json(work_dir / RUN_FILE, run)
+        except (OSError, ValueError):
+            pass
+        print(f"gman: run interrupted; resume it with: gman train --resume {work_dir}", file=sys.stderr)
+    else:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _fit_test_and_report(cli, logger, work_dir: Path, final_dir: Path, experiment: str, tracking_uri: str,
+                         resuming: bool) -> dict[str, Any]:
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+
+    from gman.training.module import DATA_DERIVED, data_hparams
+
+    config, datamodule, module = cli.config, cli.datamodule, cli.model
+    run_id = logger.run_id  # creates (or reopens) the MLflow run now, so run.json can name it
+    resolved = cli.parser.dump(config, skip_none=False)
+    if not resuming:
+        config_yaml = _set_output_dir(resolved, final_dir)
+        (work_dir / (CONFIG_FILE + ".tmp")).write_text(config_yaml)
+        os.replace(work_dir / (CONFIG_FILE + ".tmp"), work_dir / CONFIG_FILE)
+    _write_json(work_dir / RUN_FILE, {"run_id": run_id, "experiment": experiment, "tracking_uri": tracking_uri,
+                                      "output_dir": str(final_dir), "status": "RUNNING"})
+
+    checkpoint = ModelCheckpoint(dirpath=work_dir / CHECKPOINT_DIR, filename=BEST_CHECKPOINT, monitor=MONITOR,
+                                 mode="min", save_top_k=1, save_last=True, enable_version_counter=False)
+    callbacks = [checkpoint, EarlyStopping(monitor=MONITOR, mode="min", patience=config.patience),
+                 LearningRateMonitor(logging_interval="epoch")]
+    user_callbacks = cli._get(cli.config_init, "trainer", default={}).get("callbacks") or []
+    trainer = cli.instantiate_trainer(logger=logger, callbacks=[*callbacks, *list(user_callbacks)],
+                                      default_root_dir=str(work_dir))
+
+    # run-control options are not settings; data-derived model sizes are logged from the data (data_derived.*)
+    params = {k: v for k, v in _flatten(config.as_dict()).items()
+              if not k.startswith(("resume", "register", "config", "trainer.callbacks", "trainer.logger"))
+              and not (k.startswith("model.") and k[len("model."):] in DATA_DERIVED and v is None)}
+    params.update({f"data_derived.{k}": v for k, v in data_hparams(datamodule, config.model.se_dim).items()})
+    if trainer.is_global_zero:
+        _log_params(logger, params)
+        logger.experiment.log_artifact(run_id, str(work_dir / CONFIG_FILE))
+
+    last = work_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resuming and last.is_file() else None)
+    if trainer.interrupted:
+        raise KeyboardInterrupt("training interrupted")
+    trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
+    if not trainer.is_global_zero:
+        return {"table": "", "run_id": run_id}
+    return _report(module, datamodule, checkpoint, logger, work_dir, final_dir, config.register)
+
+
+def _set_output_dir(config_yaml: str, final_dir: Path) -> str:
+    """The resolved config with ``output_dir`` fixed to the run's folder (so ``--resume`` finds it again)."""
+    import yaml
+
+    data = yaml.safe_load(config_yaml)
+    data["output_dir"] = str(final_dir)
+    data["resume"] = None
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _report(module, datamodule, checkpoint, logger, work_dir: Path, final_dir: Path,
+            register: str | None) -> dict[str, Any]:
+    """Baselines, table, csv, plots, package, MLflow artifacts; rename the folder. Rank 0 only."""
+    import mlflow
+
+    from gman.serving.package import save_package
+    from gman.serving.pyfunc import log_model
+    from gman.training import evaluate
+    from gman.training.module import horizon_metric_names
+
+    results, table = score_test_split(module, datamodule)
+    interval_minutes = module.hparams.interval_minutes
+    units = getattr(datamodule.dataset, "units", "")
+    evaluate.write_horizons_csv(work_dir / HORIZONS_CSV, results, interval_minutes)
+    evaluate.plot_errors_by_horizon(work_dir / ERRORS_PLOT, results, interval_minutes, units)
+    day = evaluate.forecast_one_day(module, datamodule.dataset, datamodule.test_windows)
+    evaluate.plot_forecast_vs_truth(work_dir / FORECAST_PLOT, day, units)
+
+    best = Path(checkpoint.best_model_path)
+    best_name = best.name
+    package = save_package(
+        work_dir / PACKAGE_DIR, module.net, scaler_mean=module.hparams.scaler_mean,
+        scaler_std=module.hparams.scaler_std, sensor_ids=list(datamodule.sensor_ids),
+        interval=datamodule.dataset.interval, missing_value=getattr(datamodule, "missing_value", None),
+        dataset_name=datamodule.dataset.name, units=units,
+    )
+
+    client, run_id = logger.experiment, logger.run_id
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    step = module.global_step
+    baseline_metrics = []
+    for name, errors in results.items():
+        if name == evaluate.MODEL_NAME:
+            continue
+        prefix = "baseline_" + name.replace(" ", "_")
+        for key, value in horizon_metric_names(errors, interval_minutes, prefix=prefix).items():
+            baseline_metrics.append(Metric(key, value, now, step))
+    for lo in range(0, len(baseline_metrics), 500):
+        client.log_batch(run_id, metrics=baseline_metrics[lo:lo + 500])
+    for name in (HORIZONS_CSV, ERRORS_PLOT, FORECAST_PLOT):
+        client.log_artifact(run_id, str(work_dir / name))
+    client.log_artifact(run_id, str(best), artifact_path=CHECKPOINT_DIR)
+    with mlflow.start_run(run_id=run_id):
+        log_model(package, artifact_path=PACKAGE_DIR, registered_model_name=register)
+    client.set_tag(run_id, "gman.best_checkpoint", f"{CHECKPOINT_DIR}/{best_name}")
+
+    os.replace(work_dir, final_dir)
+    run = json.loads((final_dir / RUN_FILE).read_text())
+    run.update(status="FINISHED", best_checkpoint=str(final_dir / CHECKPOINT_DIR / best_name))
+    _write_json(final_dir / RUN_FILE, run)
+    return {"table": table, "run_id": run_id}
+
+
+def score_test_split(module, datamodule) -> tuple[dict, str]:
+    """{model name: HorizonErrors} for GMAN (from ``trainer.test``) and both baselines, and the table."""
+    from gman.training import evaluate
+
+    windows = datamodule.test_windows
+    baselines = evaluate.score_baselines(
+        datamodule.dataset, tuple(datamodule.split_ranges[0]), windows.starts, windows.history_steps,
+        windows.horizon_steps, fallback=float(datamodule.scaler.mean))
+    results = {evaluate.MODEL_NAME: module.test_errors, **baselines}
+    return results, evaluate.format_table(results, module.hparams.interval_minutes)
+
+
+# -------------------------------------------------------------- evaluate
+def _training_config_near(checkpoint: Path) -> Path | None:
+    """The run's ``config.yaml`` for a checkpoint inside a run folder (``<run>/checkpoints/x.ckpt``)."""
+    for folder in (checkpoint.parent, checkpoint.parent.parent):
+        if (folder / CONFIG_FILE).is_file():
+            return folder / CONFIG_FILE
+    return None
+
+
+def _fetch_run(run_id: str, tracking_uri: str, into: Path) -> tuple[Path, Path | None]:
+    """Download the best checkpoint and the config of an MLflow run; returns (checkpoint, config)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"--run_id: no MLflow run {run_id!r} in {tracking_uri}") from None
+    best = run.data.tags.get("gman.best_checkpoint")
+    if not best:
+        raise ConfigError(f"--run_id: run {run_id} has no best checkpoint logged (did it finish?)")
+    checkpoint = Path(client.download_artifacts(run_id, best, str(into)))
+    try:
+        config = Path(client.download_artifacts(run_id, CONFIG_FILE, str(into)))
+    except (MlflowException, OSError):
+        config = None
+    return checkpoint, config
+
+
+def _evaluate_parser(data_defaults: dict[str, Any]):
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from gman.data.datamodule import GMANDataModule
+
+    parser = ArgumentParser(prog="gman evaluate", exit_on_error=False,
+                            description="Re-evaluate a checkpoint or an MLflow run on a data set's test split.")
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML with a data: section")
+    parser.add_argument("--checkpoint", type=str | None, default=None, help="a .ckpt written by gman train")
+    parser.add_argument("--run_id", "--run-id", type=str | None, default=None,
+                        help="an MLflow run of gman train (its best checkpoint is used)")
+    parser.add_argument("--tracking_uri", "--tracking-uri", type=str | None, default=None,
+                        help="MLflow tracking URI for --run_id (default as for gman train)")
+    parser.add_argument("--output_dir", "--output-dir", type=str | None, default=None,
+                        help="output folder (default runs/evaluate-<dataset>-<timestamp>)")
+    parser.add_class_arguments(GMANDataModule, "data")
+    parser.set_defaults({f"data.{k}": v for k, v in data_defaults.items()})
+    return parser
+
+
+def evaluate_command(argv: list[str]) -> int:
+    """``gman evaluate``: test metrics, baselines, table, csv and plots for a trained model."""
+    import tempfile
+
+    import yaml
+
+    from gman.training.tracking import resolve_tracking_uri
+
+    # Where the model comes from decides the data defaults, so read those two options first.
+    pre = argparse.ArgumentParser(add_help=False)
+    for names in (("--checkpoint",), ("--run_id", "--run-id"), ("--tracking_uri", "--tracking-uri")):
+        pre.add_argument(*names)
+    known, _ = pre.parse_known_args(argv)
+    if bool(known.checkpoint) == bool(known.run_id):
+        raise ConfigError("gman evaluate: give exactly one of --checkpoint PATH or --run_id ID")
+    with tempfile.TemporaryDirectory(prefix="gman-evaluate-") as tmp:
+        if known.run_id:
+            checkpoint, train_config = _fetch_run(known.run_id, resolve_tracking_uri(known.tracking_uri), Path(tmp))
+        else:
+            checkpoint = Path(known.checkpoint)
+            if not checkpoint.is_file():
+                raise ConfigError(f"--checkpoint: {checkpoint} does not exist")
+            train_config = _training_config_near(checkpoint)
+        data_defaults = {}
+        if train_config is not None:
+            data_defaults = (yaml.safe_load(train_config.read_text()) or {}).get("data") or {}
+        try:
+            args = _evaluate_parser(data_defaults).parse_args(argv)
+        except argparse.ArgumentError as err:
+            raise ConfigError(_one_line(err)) from None
+        return _evaluate(checkpoint, args)
+
+
+def _evaluate(checkpoint: Path, args) -> int:
+    import lightning as L
+    import torch
+
+    from gman.data.datamodule import GMANDataModule
+    from gman.training import evaluate
+    from gman.training.module import GMANLightningModule
+
+    datamodule = GMANDataModule(**args.data.as_dict())
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    try:
+        module = GMANLightningModule.load_from_checkpoint(str(checkpoint), map_location="cpu")
+    except (RuntimeError, KeyError, TypeError, EOFError, OSError) as err:
+        raise ConfigError(f"--checkpoint: {checkpoint} is not a gman checkpoint ({_one_line(err)[:120]})") from None
+    hp = module.hparams
+    for name in ("num_nodes", "history_steps", "horizon_steps", "steps_per_day"):
+        if int(hp[name]) != int(getattr(datamodule, name)):
+            raise ConfigError(f"data: {name} = {getattr(datamodule, name)} does not match the checkpoint's "
+                              f"{hp[name]} ({checkpoint})")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    final_dir = Path(args.output_dir or Path(DEFAULT_RUNS_DIR) / f"evaluate-{datamodule.dataset.name}-{stamp}")
+    final_dir = final_dir.resolve()
+    if final_dir.exists():
+        raise ConfigError(f"output_dir: {final_dir} already exists; choose another --output_dir")
+    work_dir = final_dir.with_name(final_dir.name + PARTIAL_SUFFIX)
+    work_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False,
+                            default_root_dir=str(work_dir), accelerator="auto", devices=1)
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        results, table = score_test_split(module, datamodule)
+        units = getattr(datamodule.dataset, "units", "")
+        evaluate.write_horizons_csv(work_dir / HORIZONS_CSV, results, hp.interval_minutes)
+        evaluate.plot_errors_by_horizon(work_dir / ERRORS_PLOT, results, hp.interval_minutes, units)
+        with torch.no_grad():
+            day = evaluate.forecast_one_day(module, datamodule.dataset, datamodule.test_windows)
+        evaluate.plot_forecast_vs_truth(work_dir / FORECAST_PLOT, day, units)
+        os.replace(work_dir, final_dir)
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    _print(table, "", f"checkpoint: {checkpoint}", str(final_dir))
+    return 0
+
+
+def main(command: str, argv: list[str]) -> int:
+    if command == "train":
+        return train(argv)
+    if command == "evaluate":
+        return evaluate_command(argv)
+    raise ConfigError(f"gman.training.cli: unknown command {command!r}")

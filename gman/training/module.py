@@ -1,0 +1,246 @@
+"""``GMANLightningModule``: GMAN trained the authors' way, with Lightning doing the loop.
+
+Loss and metrics are masked and computed on de-normalised values:
+
+    ŷ = GMAN(x, time) · std + mean                  [B, Q, N] in data units
+    loss = Σ y_mask · |ŷ − y| / Σ y_mask            (masked MAE)
+
+Optimiser Adam(lr); learning rate per epoch ``e`` (the authors' staircase):
+
+    lr_e = max(lr · factor^⌊e / every⌋, min_lr)    factor 0.7, every 5 epochs, min_lr 1e-5
+
+Optionally the authors' batch-norm momentum schedule, which halves with the
+same staircase: ``momentum_e = max(bn_momentum · 0.5^⌊e / every⌋, 0.01)``.
+
+The sizes that depend on the data (``num_nodes``, ``steps_per_day``, P, Q,
+scaler, data interval) are arguments too.  Left at ``None`` they are read
+from the trainer's data module in :meth:`setup`, where the network is built,
+and written back into ``hparams`` so that the checkpoint holds them:
+``GMANLightningModule.load_from_checkpoint(path)`` rebuilds the network with
+no data at hand.  The spatial embedding values live in the network's state
+dict, never in ``hparams``.
+
+Determinism of a resumed run: before every training batch the global torch
+RNG (dropout) is reseeded from ``(base seed, epoch, batch)``; with the data
+module's epoch-seeded sampler, an epoch replayed from the last epoch-end
+checkpoint draws exactly the batches and dropout masks of the interrupted
+run.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from gman.errors import ConfigError
+from gman.model import GMAN
+from gman.training.metrics import HorizonErrors, HorizonMetrics, masked_mae
+
+# data-dependent hyper-parameters: filled from the data module when left None
+DATA_DERIVED = ("num_nodes", "steps_per_day", "history_steps", "horizon_steps",
+                "scaler_mean", "scaler_std", "interval_minutes", "learnable_spatial_embedding")
+MIN_BN_MOMENTUM = 0.01
+
+
+class GMANLightningModule(L.LightningModule):
+    """Trains, validates and tests a :class:`gman.model.GMAN`.
+
+    Args (model): ``num_layers`` L, ``num_heads`` K, ``head_dim`` d, ``se_dim``,
+        ``dropout``, ``causal_mask``, ``attention_output_fc``, ``fusion_output_fc``,
+        ``batch_norm``, ``bn_momentum``, ``spatial_attention(_options)``: see GMAN.
+    Args (optimisation): ``learning_rate``, ``weight_decay`` (Adam), ``lr_decay_factor``,
+        ``lr_decay_every`` (epochs), ``min_learning_rate``, ``bn_momentum_schedule``.
+    Args (from the data, normally left None): ``num_nodes``, ``steps_per_day``,
+        ``history_steps``, ``horizon_steps``, ``scaler_mean``, ``scaler_std``,
+        ``interval_minutes``, ``learnable_spatial_embedding`` (True when the data
+        module gives no spatial embedding).
+
+    After ``trainer.test``, ``test_errors`` holds the per-horizon
+    :class:`HorizonErrors`; test metrics are logged as
+    ``test_{mae,rmse,mape}_step{q:02d}_{minutes}min`` plus the pooled ``test_mae`` etc.
+    """
+
+    def __init__(
+        self,
+        num_layers: int = 3,
+        num_heads: int = 8,
+        head_dim: int = 8,
+        se_dim: int = 64,
+        dropout: float = 0.1,
+        causal_mask: bool = True,
+        attention_output_fc: bool = True,
+        fusion_output_fc: bool = True,
+        batch_norm: str = "activation",
+        bn_momentum: float = 0.5,
+        bn_momentum_schedule: bool = False,
+        spatial_attention: str = "dense",
+        spatial_attention_options: dict[str, Any] | None = None,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        lr_decay_factor: float = 0.7,
+        lr_decay_every: int = 5,
+        min_learning_rate: float = 1e-5,
+        num_nodes: int | None = None,
+        steps_per_day: int | None = None,
+        history_steps: int | None = None,
+        horizon_steps: int | None = None,
+        scaler_mean: float | None = None,
+        scaler_std: float | None = None,
+        interval_minutes: float | None = None,
+        learnable_spatial_embedding: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if learning_rate <= 0 or min_learning_rate < 0:
+            raise ConfigError(f"model.learning_rate must be > 0 and model.min_learning_rate >= 0, "
+                              f"got {learning_rate}, {min_learning_rate}")
+        if not 0 < lr_decay_factor <= 1 or lr_decay_every < 1:
+            raise ConfigError(f"model.lr_decay_factor must be in (0, 1] and model.lr_decay_every >= 1, "
+                              f"got {lr_decay_factor}, {lr_decay_every}")
+        # the resolved config is logged to MLflow by the CLI; logger=False avoids a second, partial copy
+        self.save_hyperparameters(logger=False)
+        self.net: GMAN | None = None
+        self._val_metrics: HorizonMetrics | None = None
+        self._test_metrics: HorizonMetrics | None = None
+        self.test_errors: HorizonErrors | None = None
+        self._batch_seed_base = 0
+        if all(self.hparams[name] is not None for name in DATA_DERIVED):
+            self._build()
+
+    # ------------------------------------------------------------------ network
+    def _build(self) -> None:
+        """Instantiate GMAN from hparams (all data-derived sizes known)."""
+        hp = self.hparams
+        try:
+            self.net = GMAN(
+                num_nodes=hp.num_nodes, steps_per_day=hp.steps_per_day, se_dim=hp.se_dim,
+                history_steps=hp.history_steps, horizon_steps=hp.horizon_steps,
+                num_layers=hp.num_layers, num_heads=hp.num_heads, head_dim=hp.head_dim,
+                dropout=hp.dropout, causal_mask=hp.causal_mask,
+                learnable_spatial_embedding=hp.learnable_spatial_embedding,
+                attention_output_fc=hp.attention_output_fc, fusion_output_fc=hp.fusion_output_fc,
+                batch_norm=hp.batch_norm, bn_momentum=hp.bn_momentum,
+                spatial_attention=hp.spatial_attention, spatial_attention_options=hp.spatial_attention_options,
+            )
+        except ValueError as err:  # GMAN validates its arguments with one-line ValueErrors
+            raise ConfigError(f"model: {str(err).removeprefix('GMAN: ')}") from None
+        self._val_metrics = HorizonMetrics(hp.horizon_steps)
+        self._test_metrics = HorizonMetrics(hp.horizon_steps)
+
+    def setup(self, stage: str) -> None:
+        """Read the data-dependent sizes from the data module and build the network (once)."""
+        if self.net is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            raise ConfigError("model: num_nodes, steps_per_day, ... are unset and there is no data module to read them from")
+        self.hparams.update(data_hparams(datamodule, se_dim=self.hparams.se_dim))
+        self._build()
+        if datamodule.spatial_embedding is not None:
+            self.net.set_spatial_embedding(torch.as_tensor(datamodule.spatial_embedding, dtype=torch.float32))
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """x [B, P, N] normalised, time [B, P+Q, 2] -> forecast [B, Q, N] in data units."""
+        return self.net(x, time) * self.hparams.scaler_std + self.hparams.scaler_mean
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        pred = self(batch["x"], batch["time"])
+        loss = masked_mae(pred, batch["y"], batch["y_mask"])
+        self.log("train_mae", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=pred.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._val_metrics.update(self(batch["x"], batch["time"]), batch["y"], batch["y_mask"])
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._test_metrics.update(self(batch["x"], batch["time"]), batch["y"], batch["y_mask"])
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self(batch["x"], batch["time"])
+
+    # ------------------------------------------------------------ epoch hooks
+    def _reduced(self, metrics: HorizonMetrics) -> HorizonErrors:
+        """Sum the error sums over devices (a no-op on one device), compute, reset."""
+        sums = self.trainer.strategy.reduce(metrics.sums.to(self.device), reduce_op="sum")
+        metrics.sums = sums.detach().cpu().double()
+        errors = metrics.compute()
+        metrics.reset()
+        return errors
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        errors = self._reduced(self._val_metrics)
+        self.log("val_mae", errors.mae_all, prog_bar=True)
+        self.log_dict({"val_rmse": errors.rmse_all, "val_mape": errors.mape_all})
+
+    def on_test_epoch_start(self) -> None:
+        self._test_metrics.reset()
+
+    def on_test_epoch_end(self) -> None:
+        errors = self._reduced(self._test_metrics)
+        self.test_errors = errors
+        self.log_dict(horizon_metric_names(errors, self.hparams.interval_minutes))
+
+    def on_fit_start(self) -> None:
+        # LightningCLI / seed_everything seeded torch just before; remember that seed for the reseeding below
+        self._batch_seed_base = torch.initial_seed()
+
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.bn_momentum_schedule:
+            halvings = self.current_epoch // self.hparams.lr_decay_every
+            self.net.set_bn_momentum(max(self.hparams.bn_momentum * 0.5**halvings, MIN_BN_MOMENTUM))
+
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Dropout draws from the global RNG, which Lightning does not checkpoint and which other code
+        # (e.g. a DataLoader iterator picking its base seed) also draws from.  Reseeding per
+        # batch makes its dropout masks a function of (seed, epoch, batch) alone, so a run resumed
+        # from a checkpoint replays exactly the masks of the run it continues.
+        seed = (self._batch_seed_base * 1_000_003 + self.current_epoch) * 1_000_003 + batch_idx
+        torch.manual_seed(seed % (2**63 - 1))
+
+    # -------------------------------------------------------------- optimiser
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.Adam(self.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        floor = hp.min_learning_rate / hp.learning_rate
+
+        def staircase(epoch: int) -> float:
+            return max(hp.lr_decay_factor ** (epoch // hp.lr_decay_every), floor)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, staircase)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def data_hparams(datamodule, se_dim: int) -> dict[str, Any]:
+    """The data-dependent hyper-parameters of a set-up ``GMANDataModule``."""
+    se = datamodule.spatial_embedding
+    interval = datamodule.interval
+    seconds = interval.total_seconds() if hasattr(interval, "total_seconds") else float(interval)
+    return {
+        "num_nodes": int(datamodule.num_nodes),
+        "steps_per_day": int(datamodule.steps_per_day),
+        "history_steps": int(datamodule.history_steps),
+        "horizon_steps": int(datamodule.horizon_steps),
+        "scaler_mean": float(datamodule.scaler.mean),
+        "scaler_std": float(datamodule.scaler.std),
+        "interval_minutes": seconds / 60.0,
+        "learnable_spatial_embedding": se is None,
+        # a given embedding fixes the width; a learnable one takes the configured se_dim
+        "se_dim": int(se.shape[1]) if se is not None else int(se_dim),
+    }
+
+
+def horizon_metric_names(errors: HorizonErrors, interval_minutes: float | None,
+                         prefix: str = "test") -> dict[str, float]:
+    """``{"test_mae_step03_15min": ..., "test_mae": pooled, ...}``: readable per-step metric names."""
+    logged: dict[str, float] = {}
+    for q in range(errors.horizon_steps):
+        minutes = "" if interval_minutes is None else f"_{(q + 1) * interval_minutes:g}min"
+        for name in ("mae", "rmse", "mape"):
+            logged[f"{prefix}_{name}_step{q + 1:02d}{minutes}"] = getattr(errors, name)[q]
+    logged.update({f"{prefix}_mae": errors.mae_all, f"{prefix}_rmse": errors.rmse_all,
+                   f"{prefix}_mape": errors.mape_all})
+    return logged

@@ -1,0 +1,123 @@
+"""`gman train` end to end in subprocesses: outputs, MLflow, SIGKILL + --resume, bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.callbacks import Callback
+
+TESTS_DIR = Path(__file__).resolve().parent
+GMAN = [sys.executable, "-m", "gman.cli"]
+
+# A tiny run: 10 sensors x 8 days of synthetic data, an L=1, D=8 model, 8 batches per epoch.
+TINY_CONFIG = """\
+seed_everything: 3
+model:
+  num_layers: 1
+  num_heads: 2
+  head_dim: 4
+  se_dim: 8
+  dropout: 0.1
+  lr_decay_every: 1
+data:
+  dataset: synthetic
+  options: {num_sensors: 10, days: 8}
+  batch_size: 16
+  eval_batch_size: 128
+trainer:
+  max_epochs: 3
+  limit_train_batches: 8
+  enable_progress_bar: false
+  callbacks:
+    - class_path: test_cli_train.SigkillAt
+"""
+
+
+class SigkillAt(Callback):
+    """Kills its own process with SIGKILL at ``GMAN_TEST_SIGKILL_AT=epoch:batch`` (inert without it)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        spec = os.environ.get("GMAN_TEST_SIGKILL_AT")
+        if spec and (trainer.current_epoch, batch_idx) == tuple(int(v) for v in spec.split(":")):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def gman(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+                   "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]), **env}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([*GMAN, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
+
+
+def gman_rows(folder: Path) -> list[dict]:
+    with open(folder / "horizons.csv", newline="") as handle:
+        return [row for row in csv.DictReader(handle) if row["model"] == "GMAN"]
+
+
+def mlflow_run(workdir: Path, run_id: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(run_id)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("train")
+    (path / "tiny.yaml").write_text(TINY_CONFIG)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workdir) -> Path:
+    result = gman(["train", "--config", "tiny.yaml", "--output-dir", "runs/straight"], workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert Path(lines[-1]) == workdir / "runs" / "straight"     # the last line is the run folder
+    return workdir / "runs" / "straight"
+
+
+def test_train_writes_a_complete_run_folder_and_mlflow_run(uninterrupted, workdir):
+    folder = uninterrupted
+    for name in ("horizons.csv", "error_by_horizon.png", "forecast_vs_truth.png", "config.yaml", "run.json",
+                 "checkpoints/best.ckpt", "model/gman.json"):
+        assert (folder / name).is_file(), name
+    assert not (workdir / "runs" / "straight.partial").exists()
+    with open(folder / "horizons.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["model", "step", "minutes", "mae", "rmse", "mape"]
+    assert {r["model"] for r in rows} == {"GMAN", "last value", "historical average"}
+    assert [r["minutes"] for r in rows if r["model"] == "GMAN"][:12] == [str(5 * q) for q in range(1, 13)]
+    run = json.loads((folder / "run.json").read_text())
+    mlrun = mlflow_run(workdir, run["run_id"])
+    assert mlrun.info.status == "FINISHED"
+    assert mlrun.data.params["model.num_layers"] == "1" and mlrun.data.params["data_derived.num_nodes"] == "10"
+    step12 = next(r for r in rows if r["model"] == "GMAN" and r["step"] == "12")
+    assert mlrun.data.metrics["test_mae_step12_60min"] == pytest.approx(float(step12["mae"]), rel=1e-5)
+    assert "val_mae" in mlrun.data.metrics and "baseline_last_value_mae_step03_15min" in mlrun.data.metrics
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_same_test_metrics(uninterrupted, workdir):
+    killed = gman(["train", "--config", "tiny.yaml", "--output-dir", "runs/killed"], workdir,
+                  GMAN_TEST_SIGKILL_AT="2:5")
+    assert killed.returncode == -signal.SIGKILL
+    partial = workdir / "runs" / "killed.partial"
+    assert (partial / "checkpoints" / "last.ckpt").is_file() and not (workdir / "runs" / "killed").exists()
+    run_id = json.loads((partial / "run.json").read_text())["run_id"]
+    assert mlflow_run(workdir, run_id).info.status == "RUNNING"
+
+    resumed = gman(["train", "--resume", str(partial)], workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = workdir / "runs" / "killed"
+    assert resumed.stdout.strip().splitlines()[-1] == str(final)
+    assert json.loads((final / "run.json").read_text())["run_id"] == run_id   # the same MLflow run
+    assert mlflow_run(workdir, run_id).info.status == "FINISHED"
+    straight, again = gman_rows(uninterrupted), gman_rows(final)
+    for a, b in zip(straight, again):
+        for key in ("mae", "rmse", "mape"):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-6, abs=1e-9)
