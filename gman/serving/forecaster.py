@@ -71,6 +71,8 @@ class Forecaster:
         self._std = float(metadata["scaler"]["std"])
         missing = metadata.get("missing_value")
         self._missing_value = None if missing is None else float(missing)
+        self._columns_cache: tuple[tuple, np.ndarray, list[str]] | None = None
+        self._tidy_constant: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -221,12 +223,12 @@ class Forecaster:
         prepared = [self.prepare(frame, _where(key, single)) for key, frame in zip(keys, frames)]
         values = np.stack([p[0] for p in prepared])
         mask = np.stack([p[1] for p in prepared])
-        issued = [p[2][-1] for p in prepared]
-        futures = [self.future_index(t) for t in issued]
-        time = np.stack([time_features(p[2].append(f), self._interval) for p, f in zip(prepared, futures)])
+        windows = [self.window_index(p[2]) for p in prepared]  # [P+Q] timestamps each
+        time = np.stack([time_features(w, self._interval) for w in windows])
         predictions = self.predict_arrays(values, mask, time)  # [B, Q, N]
 
-        frames_out = [self._tidy(pred, at, future) for pred, at, future in zip(predictions, issued, futures)]
+        p = self.history_steps
+        frames_out = [self._tidy(pred, w[p - 1], w[p:]) for pred, w in zip(predictions, windows)]
         if single:
             forecast = frames_out[0]
         else:
@@ -255,11 +257,39 @@ class Forecaster:
             raise ForecastInputError(f"{where}: index contains missing timestamps (NaT)")
         self._check_timestamps(index, where)
 
-        columns = [str(c) for c in history.columns]
-        position = {name: i for i, name in enumerate(columns)}
-        if len(position) != len(columns):
+        positions, extra = self._column_positions(history.columns, where)
+        if extra:
+            warnings.warn(f"{where}: ignoring {len(extra)} columns that are not model sensors, e.g. {extra[:5]}", stacklevel=3)
+        dtypes = history.dtypes.to_numpy()
+        if all(_is_number_dtype(d) for d in set(dtypes)):  # the usual case: read every column at once
+            values = history.iloc[-p:].to_numpy(dtype=np.float32, na_value=np.nan)[:, positions]
+        else:
+            for column in positions:
+                if not _is_number_dtype(dtypes[column]):
+                    name = str(history.columns[column])
+                    raise ForecastInputError(f"{where}: column {name!r} is not numeric (dtype {dtypes[column]})")
+            values = history.iloc[-p:, positions].to_numpy(dtype=np.float32, na_value=np.nan)
+        if np.isinf(values).any():
+            step, sensor = np.argwhere(np.isinf(values))[0]
+            raise ForecastInputError(
+                f"{where}: infinite value at {index[-p:][step]} for sensor {self._sensor_ids[sensor]!r}"
+            )
+        mask = ~np.isnan(values)
+        if self._missing_value is not None:
+            mask &= values != self._missing_value
+        return values, mask, index[-p:]
+
+    def _column_positions(self, columns: pd.Index, where: str) -> tuple[np.ndarray, list[str]]:
+        """Positions of the model's sensors among ``columns`` and the extra column names (last answer cached)."""
+        key = tuple(columns)
+        cached = self._columns_cache
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        names = [str(c) for c in key]
+        position = {name: i for i, name in enumerate(names)}
+        if len(position) != len(names):
             seen: set[str] = set()
-            dupes = [c for c in columns if c in seen or seen.add(c)]
+            dupes = [c for c in names if c in seen or seen.add(c)]
             raise ForecastInputError(f"{where}: duplicate sensor columns {dupes[:5]}")
         absent = [s for s in self._sensor_ids if s not in position]
         if absent:
@@ -267,30 +297,17 @@ class Forecaster:
                 f"{where}: {len(absent)} of the model's {len(self._sensor_ids)} sensors missing from the columns, "
                 f"e.g. {absent[:5]}"
             )
-        if len(columns) > len(self._sensor_ids):
-            known = set(self._sensor_ids)
-            extra = [c for c in columns if c not in known]
-            warnings.warn(f"{where}: ignoring {len(extra)} columns that are not model sensors, e.g. {extra[:5]}", stacklevel=3)
-        block = history.iloc[-p:, [position[s] for s in self._sensor_ids]]
-        for dtype in set(block.dtypes):
-            if not pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype):
-                bad = next(c for c, d in zip(block.columns, block.dtypes) if d == dtype)
-                raise ForecastInputError(f"{where}: column {str(bad)!r} is not numeric (dtype {dtype})")
-        values = block.to_numpy(dtype=np.float32, na_value=np.nan)
-        if np.isinf(values).any():
-            step, sensor = np.argwhere(np.isinf(values))[0]
-            raise ForecastInputError(
-                f"{where}: infinite value at {block.index[step]} for sensor {self._sensor_ids[sensor]!r}"
-            )
-        mask = ~np.isnan(values)
-        if self._missing_value is not None:
-            mask &= values != self._missing_value
-        return values, mask, index[-p:]
+        known = set(self._sensor_ids)
+        extra = [c for c in names if c not in known]
+        positions = np.array([position[s] for s in self._sensor_ids], dtype=np.int64)
+        self._columns_cache = (key, positions, extra)
+        return positions, extra
 
     def _check_timestamps(self, index: pd.DatetimeIndex, where: str) -> None:
-        steps = index[1:] - index[:-1]
-        if (steps == self._interval).all():
+        step = self._interval // pd.Timedelta(1, unit=index.unit)  # the interval in the index's integer unit
+        if (np.diff(index.asi8) == step).all():
             return
+        steps = index[1:] - index[:-1]
         if (steps <= pd.Timedelta(0)).any():
             at = int(np.argmax(steps <= pd.Timedelta(0))) + 1
             what = "duplicate timestamp" if index[at] == index[at - 1] else "timestamps not sorted:"
@@ -307,8 +324,14 @@ class Forecaster:
 
     def future_index(self, issued_at: pd.Timestamp) -> pd.DatetimeIndex:
         """The Q target timestamps after ``issued_at``: issued_at + k * interval, k = 1..Q."""
-        offsets = pd.to_timedelta(np.arange(1, self.horizon_steps + 1) * int(self._interval.total_seconds()), unit="s")
-        return pd.DatetimeIndex(issued_at + offsets)
+        return self.window_index(pd.DatetimeIndex([issued_at]))[-self.horizon_steps :]
+
+    def window_index(self, history_index: pd.DatetimeIndex) -> pd.DatetimeIndex:
+        """The P+Q timestamps of a forecast window: the history's, then issued_at + k * interval, k = 1..Q."""
+        last = history_index[-1:]
+        offsets = np.arange(-(len(history_index) - 1), self.horizon_steps + 1) * self._interval.to_timedelta64()
+        # Arithmetic on the (naive or UTC) instants, as history timestamps themselves are spaced.
+        return pd.DatetimeIndex(last.repeat(len(offsets)) + pd.TimedeltaIndex(offsets))
 
     def normalise(self, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """x = (v - mean) / std where observed, 0 elsewhere (float32) — as ``WindowDataset`` does."""
@@ -330,14 +353,21 @@ class Forecaster:
     def _tidy(self, prediction: np.ndarray, issued_at: pd.Timestamp, future: pd.DatetimeIndex) -> pd.DataFrame:
         """[Q, N] forecast -> Q*N tidy rows, step-major, sensors in model order."""
         q, n = prediction.shape
-        steps = np.repeat(np.arange(1, q + 1, dtype=np.int64), n)
-        return pd.DataFrame(
-            {
-                "sensor_id": np.tile(self._sensor_array, q),
-                "issued_at": pd.DatetimeIndex([issued_at]).repeat(q * n),
-                "target_time": future.repeat(n),
+        if self._tidy_constant is None or len(self._tidy_constant["step"]) != q * n:
+            steps = np.repeat(np.arange(1, q + 1, dtype=np.int64), n)
+            self._tidy_constant = {  # the columns that do not depend on the forecast, built once
+                "sensor_id": pd.array(np.tile(self._sensor_array, q), dtype="str"),
                 "step": steps,
                 "minutes_ahead": steps * (self._interval.total_seconds() / 60.0),
+            }
+        constant = self._tidy_constant
+        return pd.DataFrame(
+            {
+                "sensor_id": constant["sensor_id"],
+                "issued_at": future[:1].repeat(q * n) - self._interval,
+                "target_time": future.repeat(n),
+                "step": constant["step"],
+                "minutes_ahead": constant["minutes_ahead"],
                 "prediction": prediction.reshape(-1).astype(np.float64),
             }
         )
@@ -411,6 +441,10 @@ def _metadata_from_hparams(path: Path, hparams: dict[str, Any]) -> dict[str, Any
         "horizon_steps": int(hparams["horizon_steps"]),
         "weights": None,
     }
+
+
+def _is_number_dtype(dtype) -> bool:
+    return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
 
 
 def _where(key: Any, single: bool) -> str:
