@@ -1,0 +1,84 @@
+"""The scale benchmark and the GPU-epoch script: argument handling, skipping, slopes, a CPU smoke run."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import gpu_epoch  # noqa: E402
+import scale_benchmark  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--nodes", "100", "200", "--batch", "1", "2", "3"],
+        ["--nodes", "0"],
+        ["--groups", "0"],
+        ["--dense-max-gib", "0"],
+        ["--modes", "sparse"],
+    ],
+)
+def test_scale_benchmark_refuses_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        scale_benchmark.parse_args(argv)
+    assert info.value.code == 2
+
+
+def test_scale_benchmark_skips_dense_configurations_that_cannot_fit(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run(args, mode, nodes, batch):  # cost N^2 for dense, N^(4/3) for group, per window
+        calls.append((mode, nodes, batch))
+        cost = batch * (nodes**2 if mode == "dense" else nodes ** (4 / 3)) * 1e-6
+        return {"status": "ok", "spatial_attention": mode, "nodes": nodes, "batch": batch,
+                "train_step_s": cost, "infer_s": cost / 3, "flops_per_step": cost * 1e9, "peak_mem_mb": 500.0}
+
+    monkeypatch.setattr(scale_benchmark, "run_configuration", fake_run)
+    out = tmp_path / "scale.json"
+    code = scale_benchmark.main(["--nodes", "883", "2000", "8600", "--batch", "4", "2", "1",
+                                 "--json", str(out), "--plot", str(tmp_path / "scale.png")])
+    assert code == 0
+    assert ("dense", 8600, 1) not in calls and ("group", 8600, 1) in calls
+    results = json.loads(out.read_text())
+    skipped = [r for r in results["records"] if r["status"] == "skipped"]
+    assert [(r["spatial_attention"], r["nodes"]) for r in skipped] == [("dense", 8600)]
+    # K*B*P*N^2 float32 = 8*1*12*8600^2*4 bytes
+    assert skipped[0]["dense_score_gib"] == pytest.approx(8 * 12 * 8600**2 * 4 / 2**30, abs=0.01)
+    slope = results["slopes"]["group"]["train_s_per_window"]
+    assert slope["fitted"] == pytest.approx(4 / 3, abs=1e-3) and slope["endpoints"] == pytest.approx(4 / 3, abs=1e-3)
+    assert results["slopes"]["dense"]["flops_per_window"]["fitted"] == pytest.approx(2.0, abs=1e-3)
+    assert (tmp_path / "scale.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--variants", "eager,jit"], ["--batch", "0"], ["--windows", "4", "--batch", "8"], ["--max-steps", "0"],
+     ["--spatial-attention", "sparse"]],
+)
+def test_gpu_epoch_refuses_bad_arguments(argv):
+    with pytest.raises(SystemExit) as info:
+        gpu_epoch.parse_args(argv)
+    assert info.value.code == 2
+
+
+def test_gpu_epoch_runs_a_few_steps_on_the_cpu(tmp_path):
+    # a 6-sensor ring as a dense CSV graph stands in for METR-LA's
+    n = 6
+    adj = np.eye(n, dtype=np.float32) + np.roll(np.eye(n, dtype=np.float32), 1, axis=1) * 0.5
+    graph = tmp_path / "ring.csv"
+    np.savetxt(graph, adj, delimiter=",", fmt="%.3f")
+    out = tmp_path / "epoch.json"
+    code = gpu_epoch.main(["--graph", str(graph), "--device", "cpu", "--windows", "40", "--batch", "4",
+                           "--layers", "1", "--heads", "2", "--head-dim", "4", "--history", "3", "--horizon", "2",
+                           "--warmup", "1", "--max-steps", "2", "--matmul-size", "64", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["nodes"] == n and result["amp"] == "none" and result["device"] == "cpu"
+    (eager,) = result["variants"]
+    assert eager["variant"] == "eager" and eager["steps"] == 2 and eager["windows_trained"] == 8
+    assert eager["flops_per_step"] > 0 and eager["mfu"] > 0 and np.isfinite(eager["mean_train_mae"])
