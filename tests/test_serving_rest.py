@@ -1,4 +1,4 @@
-"""MLflow: the pyfunc model logged and registered, loaded back by URI, and served over REST by `mlflow models serve`."""
+"""End to end: `gman train --register` -> MLflow pyfunc model -> Forecaster by URI / checkpoint -> `mlflow models serve`."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,52 +14,52 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-import torch
-
-from gman.model import GMAN
 from gman.serving.cli import main as serving_main
 from gman.serving.cli import serve_command_line, serving_environment
 from gman.serving.forecaster import Forecaster
-from gman.serving.package import save_package
 
-SENSORS = ["773869", "767541", "767542", "717447", "717446", "717445"]
 MODEL_NAME = "gman-tiny"
+
+# `gman train` on a tiny synthetic network (10 sensors x 8 days), one short epoch, registered in MLflow.
+TINY_CONFIG = """\
+seed_everything: 5
+model: {num_layers: 1, num_heads: 2, head_dim: 4, se_dim: 8}
+data:
+  dataset: synthetic
+  options: {num_sensors: 10, days: 8}
+  batch_size: 16
+  eval_batch_size: 256
+trainer: {max_epochs: 1, limit_train_batches: 4, limit_val_batches: 2, enable_progress_bar: false}
+"""
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    """A sqlite tracking store with a tiny GMAN logged in a run and registered as version 1."""
-    import mlflow
-
-    root = tmp_path_factory.mktemp("mlflow")
-    torch.manual_seed(0)
-    model = GMAN(num_nodes=len(SENSORS), steps_per_day=288, se_dim=4, num_layers=1, num_heads=2, head_dim=4)
-    model.set_spatial_embedding(torch.randn(len(SENSORS), 4))
-    package = save_package(
-        root / "package", model.eval(), scaler_mean=58.0, scaler_std=11.0, sensor_ids=SENSORS,
-        interval=pd.Timedelta("5min"), missing_value=0.0, dataset_name="metr-la-subset", units="mph",
+    """A real trained model: `gman train --register`, its output folder, and its sqlite tracking store."""
+    root = tmp_path_factory.mktemp("train")
+    (root / "tiny.yaml").write_text(TINY_CONFIG)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "gman.cli", "train", "--config", "tiny.yaml", "--output-dir", "runs/tiny",
+         "--register", MODEL_NAME],
+        cwd=root, env=env, capture_output=True, text=True, timeout=400,
     )
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        experiment = mlflow.create_experiment("serving", artifact_location=str(root / "artifacts"))
-        with mlflow.start_run(experiment_id=experiment) as run:
-            from gman.serving.pyfunc import log_model
-
-            info = log_model(package, artifact_path="model", registered_model_name=MODEL_NAME)
-        yield {"uri": tracking_uri, "package": package, "run_id": run.info.run_id, "info": info, "root": root}
-    finally:
-        mlflow.set_tracking_uri(previous)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((root / "runs/tiny/run.json").read_text())
+    return {"uri": run["tracking_uri"], "run_id": run["run_id"], "package": root / "runs/tiny/model",
+            "checkpoint": Path(run["best_checkpoint"]), "root": root}
 
 
 def history(steps: int = 14) -> pd.DataFrame:
-    rng = np.random.default_rng(0)
-    values = np.round(58 + 11 * rng.standard_normal((steps, len(SENSORS))), 3)
-    values[2, 1] = np.nan
-    values[5, 3] = 0.0  # the missing value
-    index = pd.date_range("2012-03-04 23:10", periods=steps, freq="5min")
-    return pd.DataFrame(values, index=index, columns=SENSORS)
+    """The last ``steps`` readings of the synthetic network the model was trained on (0 = missing kept)."""
+    from gman.data.synthetic import make_synthetic
+
+    data = make_synthetic(num_sensors=10, days=8).to_frame().iloc[-steps:]
+    frame = data.astype("float64").round(3)
+    frame.iloc[2, 1] = np.nan
+    frame.iloc[5, 3] = 0.0  # the missing value
+    return frame
 
 
 def split_payload(frame: pd.DataFrame, **extra_columns) -> dict:
@@ -73,32 +74,48 @@ def split_payload(frame: pd.DataFrame, **extra_columns) -> dict:
 
 
 def test_logged_model_has_signature_example_and_pinned_requirements(registry):
+    import mlflow
     from mlflow.models import Model
 
-    info = registry["info"]
-    assert info.registered_model_version == 1
-    schema = info.signature.inputs
-    assert schema.input_names()[:2] == ["timestamp", "history_id"]
-    assert set(SENSORS) <= set(schema.input_names())
-    assert {"sensor_id", "target_time", "prediction"} <= set(info.signature.outputs.input_names())
-    local = Path(__import__("mlflow").artifacts.download_artifacts(f"runs:/{registry['run_id']}/model"))
+    mlflow.set_tracking_uri(registry["uri"])
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/1"))
     model = Model.load(local / "MLmodel")
+    schema = model.signature.inputs
+    assert schema.input_names()[:2] == ["timestamp", "history_id"]
+    assert set(Forecaster.load(registry["package"]).sensor_ids) <= set(schema.input_names())
+    assert {"sensor_id", "target_time", "prediction"} <= set(model.signature.outputs.input_names())
     assert model.saved_input_example_info is not None
     requirements = (local / "requirements.txt").read_text()
     assert "torch==" in requirements and "pandas==" in requirements
     assert not list(local.rglob("*.pkl")), "the pyfunc model must not be pickled"
 
 
-def test_uris_load_the_same_forecaster(registry):
+def test_every_source_loads_the_same_forecaster(registry):
     import mlflow
 
     mlflow.set_tracking_uri(registry["uri"])
-    expected = Forecaster.load(registry["package"]).predict(history())
-    for uri in (f"runs:/{registry['run_id']}/model", f"models:/{MODEL_NAME}/1"):
-        pd.testing.assert_frame_equal(Forecaster.load(uri).predict(history()), expected)
+    frame = history()
+    expected = Forecaster.load(registry["package"]).predict(frame)
+    sources = [registry["checkpoint"], f"runs:/{registry['run_id']}/model", f"models:/{MODEL_NAME}/1"]
+    for source in sources:
+        pd.testing.assert_frame_equal(Forecaster.load(source).predict(frame), expected)
     pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/1")
-    served = pyfunc.predict(history().rename_axis("timestamp").reset_index())
+    served = pyfunc.predict(frame.rename_axis("timestamp").reset_index())
     np.testing.assert_allclose(served["prediction"].to_numpy(), expected["prediction"].to_numpy(), rtol=0, atol=1e-6)
+
+
+def test_log_model_without_an_active_run(registry, tmp_path):
+    import mlflow
+
+    from gman.serving.pyfunc import log_model
+
+    mlflow.set_tracking_uri(registry["uri"])
+    experiment = mlflow.create_experiment("log-model-alone", artifact_location=str(tmp_path / "artifacts"))
+    mlflow.set_experiment(experiment_id=experiment)
+    info = log_model(registry["package"], artifact_path="forecaster")
+    assert mlflow.active_run() is None  # the run it opened is closed again
+    loaded = Forecaster.load(f"runs:/{info.run_id}/forecaster")
+    pd.testing.assert_frame_equal(loaded.predict(history()), Forecaster.load(registry["package"]).predict(history()))
 
 
 def _free_port() -> int:
@@ -128,6 +145,7 @@ def test_rest_server_answers_like_the_forecaster(registry, tmp_path):
             time.sleep(0.5)
 
         frame = history()
+        sensors = list(frame.columns)
         expected = Forecaster.load(registry["package"]).predict(frame)
         answer = requests.post(f"{url}/invocations", json=split_payload(frame), timeout=30)
         assert answer.status_code == 200, answer.text[-500:]
@@ -151,10 +169,10 @@ def test_rest_server_answers_like_the_forecaster(registry, tmp_path):
 
         # Bad payloads: HTTP 400 carrying the validation message, not 500.
         bad = {
-            "sensors missing from the columns": split_payload(frame.drop(columns=SENSORS[:2])),
+            "sensors missing from the columns": split_payload(frame.drop(columns=sensors[:2])),
             "the model needs at least P=12": split_payload(frame.iloc[:5]),
             "irregular timestamps": split_payload(frame.drop(index=frame.index[6])),
-            "is not numeric": split_payload(frame.astype(object).assign(**{SENSORS[0]: ["n/a"] * len(frame)})),
+            "is not numeric": split_payload(frame.astype(object).assign(**{sensors[0]: ["n/a"] * len(frame)})),
         }
         for message, payload in bad.items():
             answer = requests.post(f"{url}/invocations", json=payload, timeout=30)
