@@ -228,3 +228,16 @@ def test_gman_predict_over_a_dataset_split(forecaster, tmp_path, monkeypatch):
     np.testing.assert_allclose(errors.set_index("sensor_id")["mae"], mae.reindex(SENSORS), rtol=1e-9)
     for name in ("test_forecast_vs_truth.png", "test_forecast_error_map.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_error_map_uses_sensor_locations(shared_data, tmp_path):
+    from gman.serving.cli import plot_error_map, read_locations
+
+    metr = read_locations(shared_data / "graphs/metr-la/graph_sensor_locations.csv")
+    bay = read_locations(shared_data / "graphs/pems-bay/graph_sensor_locations_bay.csv")  # no header
+    assert (len(metr), len(bay)) == (207, 325)
+    assert metr.loc["773869"].tolist() == [34.15497, -118.31829]
+    assert bay.loc["400001"].tolist() == [37.364085, -121.901149]
+    errors = pd.DataFrame({"sensor_id": metr.index, "mae": np.linspace(1, 5, len(metr))})
+    plot_error_map(errors, metr, tmp_path / "map.png", units="mph", title="metr-la")
+    assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"

@@ -114,7 +114,8 @@ def predict_command(argv: list[str]) -> int:
     parser.add_argument("--output", required=True, help="forecast file (.csv or .parquet)")
     parser.add_argument("--layout", choices=("tidy", "wide"), default="tidy", help="--input only: output layout")
     parser.add_argument("--split", choices=SPLITS, default="test", help="--dataset: which split (default test)")
-    parser.add_argument("--split-fractions", default="0.7,0.1,0.2", help="--dataset: train,val,test fractions")
+    parser.add_argument("--split-fractions", default=None,
+                        help="--dataset: train,val,test fractions (default: the card's split, else 0.7,0.1,0.2)")
     parser.add_argument("--stride", type=int, default=1, help="--dataset: issue a forecast every STRIDE steps")
     parser.add_argument("--sensors", default=None, help="--dataset: comma-separated sensor ids to plot (default: 3)")
     parser.add_argument("--plot-days", type=float, default=2.0, help="--dataset: days shown in the forecast plot")
@@ -136,9 +137,10 @@ def predict_command(argv: list[str]) -> int:
 
     if args.stride < 1:
         raise ConfigError(f"--stride: must be >= 1, got {args.stride}")
-    fractions = _parse_fractions(args.split_fractions)
     from gman.data.readers import load_dataset
     from gman.data.windows import chronological_split
+
+    fractions = _parse_fractions(args.split_fractions) if args.split_fractions else _card_split(args.dataset)
 
     dataset = load_dataset(args.dataset)
     start, stop = chronological_split(dataset.num_steps, fractions)[SPLITS.index(args.split)]
@@ -170,6 +172,17 @@ def _frame_writer(path: Path, option: str):
     if suffix in (".parquet", ".pq"):
         return lambda frame, tmp, index: frame.to_parquet(tmp, index=index)
     raise ConfigError(f"{option}: {path} must end in .csv or .parquet")
+
+
+def _card_split(dataset: str) -> tuple[float, float, float]:
+    """The card's standard split (PEMS0X: 60/20/20), else the authors' 70/10/20."""
+    try:
+        from gman.data.registry import load_card
+
+        split = load_card(dataset).raw.get("split")
+    except Exception:  # a file or 'synthetic'
+        split = None
+    return tuple(float(f) for f in split) if split else (0.7, 0.1, 0.2)  # type: ignore[return-value]
 
 
 def _parse_fractions(text: str) -> tuple[float, float, float]:
@@ -297,27 +310,47 @@ def _choose_sensors(text: str | None, sensor_ids: list[str]) -> list[str]:
 
 
 def sensor_locations(dataset: str, sensor_ids: list[str]) -> "pd.DataFrame | None":
-    """[N] latitude/longitude (index = sensor id) from the data set card, or None where it gives none."""
+    """latitude/longitude of ``sensor_ids`` (rows in that order) from the data set card's location file, or None.
+
+    The card's ``files`` list names the location file (``*location*.csv``, e.g.
+    DCRNN's ``graph_sensor_locations.csv``); it is used when it sits in the
+    card's data folder and covers every sensor.
+    """
     try:
-        from gman.data import registry
-    except ImportError:
+        from gman.data.registry import load_card
+
+        card = load_card(dataset)
+    except Exception:  # not a card name (a file, 'synthetic'), or no registry: no map
         return None
-    reader = getattr(registry, "sensor_locations", None)
-    if reader is None:
-        return None
+    for entry in card.files:
+        path = card.data_dir / entry.name
+        if "location" in entry.name.lower() and path.is_file():
+            locations = read_locations(path)
+            if set(sensor_ids) <= set(locations.index):
+                return locations.loc[sensor_ids]
+    return None
+
+
+def read_locations(path: Path) -> "pd.DataFrame":
+    """A sensor location CSV -> DataFrame indexed by sensor id with ``latitude``, ``longitude``.
+
+    Accepts a header with ``sensor_id, latitude, longitude`` (METR-LA's file) or
+    three unnamed columns ``id, latitude, longitude`` (PEMS-BAY's).
+    """
+    import pandas as pd
+
+    frame = pd.read_csv(path, dtype=str)
+    if not {"sensor_id", "latitude", "longitude"} <= set(frame.columns):
+        frame = pd.read_csv(path, header=None, dtype=str)
+        if frame.shape[1] != 3:
+            raise DataError(f"{path}: expected sensor_id, latitude, longitude columns")
+        frame.columns = ["sensor_id", "latitude", "longitude"]
     try:
-        locations = reader(dataset)
-    except Exception:  # not a card (a file or 'synthetic'), or a card without locations
-        return None
-    if locations is None:
-        return None
-    locations = locations.copy()
-    if "sensor_id" in locations.columns:
-        locations = locations.set_index(locations["sensor_id"].astype(str))
-    locations.index = locations.index.astype(str)
-    if not {"latitude", "longitude"} <= set(locations.columns) or not set(sensor_ids) <= set(locations.index):
-        return None
-    return locations.loc[sensor_ids, ["latitude", "longitude"]]
+        coordinates = frame[["latitude", "longitude"]].astype(float)
+    except ValueError:
+        raise DataError(f"{path}: latitude/longitude are not numbers") from None
+    coordinates.index = frame["sensor_id"].str.strip()
+    return coordinates
 
 
 def _pyplot():
@@ -364,6 +397,8 @@ def plot_error_map(errors: "pd.DataFrame", locations: "pd.DataFrame | None", pat
         fig, ax = plt.subplots(figsize=(7.5, 6))
         dots = ax.scatter(locations["longitude"], locations["latitude"], c=errors["mae"].to_numpy(), cmap="viridis", s=22)
         fig.colorbar(dots, ax=ax, label=label)
+        # a degree of longitude is cos(latitude) times as long as a degree of latitude
+        ax.set_aspect(1.0 / np.cos(np.radians(float(locations["latitude"].mean()))), adjustable="datalim")
         ax.set_xlabel("longitude")
         ax.set_ylabel("latitude")
     else:
