@@ -104,6 +104,23 @@ def test_every_source_loads_the_same_forecaster(registry):
     np.testing.assert_allclose(served["prediction"].to_numpy(), expected["prediction"].to_numpy(), rtol=0, atol=1e-6)
 
 
+def test_rolling_forecasts_reproduce_the_training_test_scores(registry):
+    """Serving's input preparation (scaling, masking, time features) is the training pipeline's:
+    forecasts over the test split score exactly what `gman train` reported per horizon."""
+    from gman.data.synthetic import make_synthetic
+    from gman.data.windows import chronological_split
+    from gman.serving.cli import rolling_forecast
+
+    data = make_synthetic(num_sensors=10, days=8)
+    start, stop = chronological_split(data.num_steps, (0.7, 0.1, 0.2))[2]
+    forecast = rolling_forecast(Forecaster.load(registry["package"]), data, start, stop).dropna(subset=["truth"])
+    mae = (forecast["prediction"] - forecast["truth"]).abs().groupby(forecast["step"]).mean()
+    reported = pd.read_csv(registry["root"] / "runs/tiny/horizons.csv", dtype={"step": str})
+    reported = reported[(reported["model"] == "GMAN") & reported["step"].str.isdigit()]
+    reported = reported.set_index(reported["step"].astype(int))["mae"]
+    np.testing.assert_allclose(mae.to_numpy(), reported.loc[mae.index].to_numpy(), rtol=2e-5)
+
+
 def test_log_model_without_an_active_run(registry, tmp_path):
     import mlflow
 

@@ -2,6 +2,7 @@
 
     gman predict --model SOURCE --input history.csv|.parquet --output forecast.csv|.parquet
     gman predict --model SOURCE --dataset NAME [--split test] --output forecast.parquet [--sensors ID,ID]
+                 [--data-option num_sensors=10 ...]
     gman serve MODEL [--host 127.0.0.1] [--port 5000] [--workers 1]
     gman export --model SOURCE --format onnx|torch-export [--output PATH]
 
@@ -113,6 +114,8 @@ def predict_command(argv: list[str]) -> int:
     source.add_argument("--dataset", help="data set card name, 'synthetic', or a data file: rolling forecasts over a split")
     parser.add_argument("--output", required=True, help="forecast file (.csv or .parquet)")
     parser.add_argument("--layout", choices=("tidy", "wide"), default="tidy", help="--input only: output layout")
+    parser.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="--dataset: reader / synthetic option, e.g. num_sensors=10 (repeatable; YAML values)")
     parser.add_argument("--split", choices=SPLITS, default="test", help="--dataset: which split (default test)")
     parser.add_argument("--split-fractions", default=None,
                         help="--dataset: train,val,test fractions (default: the card's split, else 0.7,0.1,0.2)")
@@ -142,7 +145,7 @@ def predict_command(argv: list[str]) -> int:
 
     fractions = _parse_fractions(args.split_fractions) if args.split_fractions else _card_split(args.dataset)
 
-    dataset = load_dataset(args.dataset)
+    dataset = load_dataset(args.dataset, **_parse_options(args.data_option))
     start, stop = chronological_split(dataset.num_steps, fractions)[SPLITS.index(args.split)]
     forecast = rolling_forecast(forecaster, dataset, start, stop, stride=args.stride)
     with _atomic_path(output) as tmp:
@@ -172,6 +175,21 @@ def _frame_writer(path: Path, option: str):
     if suffix in (".parquet", ".pq"):
         return lambda frame, tmp, index: frame.to_parquet(tmp, index=index)
     raise ConfigError(f"{option}: {path} must end in .csv or .parquet")
+
+
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--data-option: expected KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--data-option: value of {key.strip()!r} is not valid YAML: {value!r}") from None
+    return options
 
 
 def _card_split(dataset: str) -> tuple[float, float, float]:
