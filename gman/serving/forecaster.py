@@ -100,10 +100,6 @@ class Forecaster:
         state = pkg.load_state_dict(path, metadata)
         return cls(pkg.build_model(metadata, state, str(path)), metadata)
 
-    def as_module(self) -> "ScaledGMAN":
-        """The numeric part of :meth:`predict` as one torch module (raw readings in, data units out), for export."""
-        return ScaledGMAN(self.model, self._mean, self._std, self._missing_value).eval()
-
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> "Forecaster":
         """Load a Lightning checkpoint of ``GMANLightningModule`` without importing Lightning.
@@ -228,7 +224,7 @@ class Forecaster:
         predictions = self.predict_arrays(values, mask, time)  # [B, Q, N]
 
         p = self.history_steps
-        frames_out = [self._tidy(pred, w[p - 1], w[p:]) for pred, w in zip(predictions, windows)]
+        frames_out = [self._tidy(pred, w[p:]) for pred, w in zip(predictions, windows)]
         if single:
             forecast = frames_out[0]
         else:
@@ -350,8 +346,12 @@ class Forecaster:
         with torch.inference_mode():
             return self.model(x, time)
 
-    def _tidy(self, prediction: np.ndarray, issued_at: pd.Timestamp, future: pd.DatetimeIndex) -> pd.DataFrame:
-        """[Q, N] forecast -> Q*N tidy rows, step-major, sensors in model order."""
+    def as_module(self) -> "ScaledGMAN":
+        """The numeric part of :meth:`predict` as one torch module (raw readings in, data units out), for export."""
+        return ScaledGMAN(self.model, self._mean, self._std, self._missing_value).eval()
+
+    def _tidy(self, prediction: np.ndarray, future: pd.DatetimeIndex) -> pd.DataFrame:
+        """[Q, N] forecast at the Q ``future`` timestamps -> Q*N tidy rows, step-major, sensors in model order."""
         q, n = prediction.shape
         if self._tidy_constant is None or len(self._tidy_constant["step"]) != q * n:
             steps = np.repeat(np.arange(1, q + 1, dtype=np.int64), n)
@@ -364,7 +364,7 @@ class Forecaster:
         return pd.DataFrame(
             {
                 "sensor_id": constant["sensor_id"],
-                "issued_at": future[:1].repeat(q * n) - self._interval,
+                "issued_at": future[:1].repeat(q * n) - self._interval,  # = the history's last timestamp
                 "target_time": future.repeat(n),
                 "step": constant["step"],
                 "minutes_ahead": constant["minutes_ahead"],
