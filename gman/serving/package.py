@@ -276,7 +276,10 @@ def check_metadata(metadata: Any, where: str) -> None:
     std = metadata["scaler"].get("std") if isinstance(metadata["scaler"], dict) else None
     if not isinstance(std, (int, float)) or not std > 0:
         raise DataError(f"{where}: scaler.std must be a positive number")
-    if SECONDS_PER_DAY // int(metadata["interval_seconds"]) != metadata["steps_per_day"]:
+    interval = metadata["interval_seconds"]
+    if not isinstance(interval, int) or interval < 1 or SECONDS_PER_DAY % interval != 0:
+        raise DataError(f"{where}: interval_seconds must be a whole number of seconds dividing one day, got {interval!r}")
+    if SECONDS_PER_DAY // interval != metadata["steps_per_day"]:
         raise DataError(f"{where}: interval_seconds and steps_per_day disagree")
 
 
