@@ -96,6 +96,12 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 
 
 def in_process(package: Path, calls: int, threads: int) -> dict:
+    """Wall-clock percentiles of predict (and of the network alone), plus process CPU time per call.
+
+    With one thread, CPU time per call is close to what the wall time would be
+    on an idle machine even while other work shares the cores: a contention-
+    robust estimate to put beside the wall-clock figures.
+    """
     import torch
 
     from gman.serving.forecaster import Forecaster
@@ -106,10 +112,12 @@ def in_process(package: Path, calls: int, threads: int) -> dict:
     for _ in range(20):
         forecaster.predict(history)
     predict = []
+    cpu_start = time.process_time()
     for _ in range(calls):
         start = time.perf_counter()
         forecaster.predict(history)
         predict.append(time.perf_counter() - start)
+    cpu_per_call = (time.process_time() - cpu_start) / calls
 
     x = torch.randn(1, P, N)
     clock = torch.zeros(1, P + Q, 2, dtype=torch.long)
@@ -119,7 +127,8 @@ def in_process(package: Path, calls: int, threads: int) -> dict:
             start = time.perf_counter()
             forecaster.model(x, clock)
             forward.append(time.perf_counter() - start)
-    return {"threads": threads, "predict": percentiles(predict), "network_forward_only": percentiles(forward)}
+    return {"threads": threads, "predict": percentiles(predict), "network_forward_only": percentiles(forward),
+            "predict_process_cpu_ms_per_call": round(cpu_per_call * 1e3, 3)}
 
 
 # ----------------------------------------------------------------------------- 2. cold start
@@ -298,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         package = build_package(Path(tmp))
         result["in_process"] = in_process(package, args.calls, args.threads)
         print("in-process:", json.dumps(result["in_process"]), flush=True)
+        if args.threads != 1:
+            result["in_process_one_thread"] = in_process(package, max(args.calls // 2, 10), 1)
+            print("in-process, 1 thread:", json.dumps(result["in_process_one_thread"]), flush=True)
         result["cold_start"] = cold_start(package, args.cold_runs)
         print("cold start:", json.dumps(result["cold_start"]), flush=True)
         if not args.skip_rest:
