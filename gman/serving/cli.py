@@ -144,7 +144,7 @@ def predict_command(argv: list[str]) -> int:
     from gman.data.windows import chronological_split
 
     fractions = _parse_fractions(args.split_fractions) if args.split_fractions else _card_split(args.dataset)
-
+    sensors = _choose_sensors(args.sensors, forecaster.sensor_ids)  # before the work, not after
     dataset = load_dataset(args.dataset, **_parse_options(args.data_option))
     start, stop = chronological_split(dataset.num_steps, fractions)[SPLITS.index(args.split)]
     forecast = rolling_forecast(forecaster, dataset, start, stop, stride=args.stride)
@@ -157,7 +157,6 @@ def predict_command(argv: list[str]) -> int:
     lines = [f"{len(forecast)} rows ({forecast['issued_at'].nunique()} forecasts, split {args.split}) -> {output}",
              f"MAE by sensor -> {errors_path} (mean {errors['mae'].mean():.4g} {forecaster.units})".rstrip()]
     if not args.no_plots:
-        sensors = _choose_sensors(args.sensors, forecaster.sensor_ids)
         vs_truth = output.with_name(f"{output.stem}_vs_truth.png")
         error_map = output.with_name(f"{output.stem}_error_map.png")
         plot_forecast_vs_truth(forecast, sensors, vs_truth, days=args.plot_days, units=forecaster.units)
