@@ -166,20 +166,30 @@ def test_matches_a_group_by_group_reference_with_padding():
     torch.testing.assert_close(m(x, ste.full()), expected, **TOL)  # full STE tensor, same numbers
 
 
-def test_padding_slots_do_not_leak():
-    # padding slots read sensor 0 to stay rectangular; reading any other sensor
-    # (here a huge-valued one) must change nothing
+def test_groups_of_any_sizes_in_any_order_match_the_reference():
+    # an explicit ragged partition (sizes 4, 1, 3, 2 — not sorted, a singleton group):
+    # the module regroups by size internally; results must still be per original group
     n = 10
+    groups = [[9, 2, 5, 0], [7], [1, 8, 3], [6, 4]]
     torch.manual_seed(0)
-    m = GroupSpatialAttention(K, D_HEAD, num_nodes=n, num_groups=4, partition_seed=2).double().eval()
+    m = GroupSpatialAttention(K, D_HEAD, num_nodes=n, partition=groups).double().train()
+    assert m.partition.shape == (4, 4) and m.runs == [(4, 1), (3, 1), (2, 1), (1, 1)]
     x, ste = inputs(n)
-    x[:, :, 7] = 50.0
-    assert m.padding is not None and int(m.padding.sum()) == 2
-    before = m(x, ste)
-    pad_slots = m.padding.reshape(-1).nonzero().squeeze(1)
-    m.slot_sensor[pad_slots] = 7
-    after = m(x, ste)
-    torch.testing.assert_close(after, before, **TOL)
+    torch.testing.assert_close(m(x, ste), ref_group_attention(m, x, ste.full(), groups), **TOL)
+
+
+def test_set_partition_replaces_the_grouping():
+    n = 12
+    torch.manual_seed(0)
+    m = GroupSpatialAttention(K, D_HEAD, num_nodes=n, num_groups=3, partition_seed=0).double().train()
+    x, ste = inputs(n)
+    contiguous = torch.arange(n).view(3, 4)
+    m.set_partition(contiguous)
+    assert torch.equal(m.partition, contiguous)
+    expected = ref_group_attention(m, x, ste.full(), contiguous.tolist())
+    torch.testing.assert_close(m(x, ste), expected, **TOL)
+    with pytest.raises(ValueError, match="shape"):
+        m.set_partition(torch.arange(n).view(4, 3))
 
 
 def test_gradients_reach_every_parameter_and_stay_finite():

@@ -40,7 +40,6 @@ __all__ = [
     "default_num_groups",
     "group_sizes",
     "make_partition",
-    "masked_attention",
     "validate_partition",
 ]
 
@@ -219,22 +218,18 @@ def validate_partition(partition: Any, num_nodes: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- module
-def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
-    """Multi-head ``softmax(QKᵀ/√d)·V`` with some keys left out.
-
-    q: [S, Lq, K, d], k, v: [S, Lk, K, d]; key_mask: [S, 1, 1, Lk] bool (True = the
-    key takes part) or None -> [S, Lq, K, d] contiguous.
+def _heads_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Multi-head ``softmax(QKᵀ/√d)·V``: q, k, v [S, L, K, d] -> [S, L, K, d] contiguous.
 
     One fused ``F.scaled_dot_product_attention`` call on the ``[S, K, L, d]``
-    views (on the CPU its flash kernel takes the boolean mask; on CUDA the
-    memory-efficient kernel does).
+    views, with no mask, so the flash kernels (CPU and CUDA) can take it.
     """
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).contiguous()
 
 
 def _rebuild_index(module: "GroupSpatialAttention", _incompatible_keys: Any) -> None:
-    """Load-state-dict post-hook: a loaded partition brings a new inverse."""
+    """Load-state-dict post-hook: a loaded partition brings a new sensor order."""
     module._derive_index()
 
 
@@ -264,14 +259,14 @@ class GroupSpatialAttention(nn.Module):
     stage is left out: the module then *is* dense spatial attention
     (:class:`gman.model.layers.SpatialAttention`, same parameter names).
 
-    Padding slots (``-1``) are read from sensor 0 only to keep the tensor
-    rectangular: they are masked out of every intra-group softmax as keys,
-    filled with ``−∞`` before the max-pool, and their query outputs are
-    dropped, so they never change a result.
-
-    Cost per time step and head: ``N·M`` intra-group scores (``G`` groups of
-    ``M²``, as ``[B·T·G, K, M, M]`` fused-attention calls) plus ``G²``
-    inter-group scores, against ``N²`` for dense attention.
+    Computation: the sensors are gathered once into group order — groups of
+    equal size next to each other, largest first — so the ``[B, T, N, 3D]``
+    projections of a run of ``c`` groups of size ``m`` are a
+    ``[B·T·c, m, 3, K, d]`` view, and each run is one unmasked fused-attention
+    call (with :func:`make_partition` there are at most two runs, sizes ``M``
+    and ``M − 1``).  Padding therefore never enters any softmax or max-pool.
+    Cost per time step and head: ``Σ_g |𝒢_g|² ≤ N·M`` intra-group scores plus
+    ``G²`` inter-group ones, against ``N²`` for dense attention.
 
     Args:
         num_heads, head_dim, batch_norm, bn_momentum, output_fc: as for
@@ -281,7 +276,7 @@ class GroupSpatialAttention(nn.Module):
         partition_method, partition_seed, adjacency: how to build the partition
             (:func:`make_partition`) when ``partition`` is not given.
         partition: an explicit partition ([G, M] with ``-1`` padding, or a list of
-            groups); overrides the three above.
+            groups of any sizes); overrides the three above.
 
     forward(x [B, T, N, D], ste [B, T, N, D] | STE) -> [B, T, N, D]
     """
@@ -321,24 +316,39 @@ class GroupSpatialAttention(nn.Module):
         )
         self.out = FC(dim, [dim, dim], [True, False], batch_norm, bn_momentum) if output_fc else None
 
-    def _derive_index(self) -> None:
-        """Index tensors derived from ``partition`` (not saved: recomputed on load).
+    def set_partition(self, partition: Any) -> None:
+        """Replace the partition by another of the same shape ``[G, M]`` (e.g. one built from the road graph)."""
+        partition = validate_partition(partition, self.num_nodes)
+        if partition.shape != self.partition.shape:
+            raise ValueError(f"partition has shape {list(partition.shape)}, expected {list(self.partition.shape)}")
+        with torch.no_grad():
+            self.partition.copy_(partition)
+        self._derive_index()
 
-        slot_sensor  [G·M]  sensor read into each slot (padding reads sensor 0)
-        sensor_slot  [N]    slot of each sensor (inverse permutation)
-        padding      [G, M] True at padding slots, or None when there is none
+    def _derive_index(self) -> None:
+        """Sensor order and runs derived from ``partition`` (not saved: rebuilt on load).
+
+        sensor_order    [N]  sensors in group order (groups sorted by size, largest first)
+        sensor_position [N]  position of each sensor in that order (the inverse permutation)
+        runs                 [(group size m, number of groups c), ...] in that order
         """
         p = self.partition
         validate_partition(p, self.num_nodes)  # a state dict may bring any tensor
-        flat = p.reshape(-1)
-        real = flat >= 0
-        slots = torch.arange(flat.numel(), device=p.device)
-        sensor_slot = torch.empty(self.num_nodes, dtype=torch.long, device=p.device)
-        sensor_slot[flat[real]] = slots[real]
-        self.register_buffer("slot_sensor", flat.clamp_min(0), persistent=False)
-        self.register_buffer("sensor_slot", sensor_slot, persistent=False)
-        padding = p < 0
-        self.register_buffer("padding", padding if bool(padding.any()) else None, persistent=False)
+        sizes = (p >= 0).sum(1)
+        by_size = torch.sort(sizes, descending=True, stable=True).indices
+        ordered = p[by_size]
+        sensor_order = ordered[ordered >= 0]  # row-major: group by group
+        sensor_position = torch.empty_like(sensor_order)
+        sensor_position[sensor_order] = torch.arange(self.num_nodes, device=p.device)
+        self.register_buffer("sensor_order", sensor_order, persistent=False)
+        self.register_buffer("sensor_position", sensor_position, persistent=False)
+        runs: list[tuple[int, int]] = []
+        for m in sizes[by_size].tolist():
+            if runs and runs[-1][0] == m:
+                runs[-1] = (m, runs[-1][1] + 1)
+            else:
+                runs.append((m, 1))
+        self.runs = runs
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"num_nodes={self.num_nodes}, num_groups={self.num_groups}, group_size={self.group_size}"
@@ -347,22 +357,28 @@ class GroupSpatialAttention(nn.Module):
         b, t, n, dim = x.shape
         if n != self.num_nodes:
             raise ValueError(f"GroupSpatialAttention: x has {n} sensors, the partition has {self.num_nodes}")
-        G, M, K, d = self.num_groups, self.group_size, self.num_heads, self.head_dim
+        K, d, bt = self.num_heads, self.head_dim, b * t
         qkv = self.qkv.layer(0, x, project_concat(self.qkv.linears[0], x, ste))  # [B, T, N, 3D]
-        # sensors into group slots: [B, T, G·M, 3D] -> [B·T·G, M, 3, K, d]
-        grouped = qkv.index_select(2, self.slot_sensor).view(b * t * G, M, 3, K, d)
-        q, k, v = grouped.unbind(2)
-        mask = None
-        if self.padding is not None:  # keys at padding slots take no part: [B·T·G, 1, 1, M]
-            mask = (~self.padding).view(1, G, 1, 1, M).expand(b * t, G, 1, 1, M).reshape(b * t * G, 1, 1, M)
-        local = masked_attention(q, k, v, mask).view(b * t, G, M, dim)  # [B·T, G, M, D]
+        qkv = qkv.index_select(2, self.sensor_order).view(bt, n, 3 * dim)  # sensors in group order
+        local, pooled = [], []
+        start = 0
+        for m, c in self.runs:  # c groups of m sensors: [B·T·c, m, 3, K, d]
+            q, k, v = qkv[:, start:start + m * c].reshape(bt * c, m, 3, K, d).unbind(2)
+            h = _heads_attention(q, k, v).view(bt, c, m, dim)  # [B·T, c, m, D]
+            local.append(h)
+            pooled.append(h.amax(dim=2))  # [B·T, c, D]
+            start += m * c
 
         if self.group_qkv is not None:
-            pooled = local if self.padding is None else local.masked_fill(self.padding.unsqueeze(-1), float("-inf"))
-            pooled = pooled.amax(dim=2)  # [B·T, G, D]
-            gq, gk, gv = self.group_qkv(pooled).view(b * t, G, 3, K, d).unbind(2)
-            glob = masked_attention(gq, gk, gv).view(b * t, G, 1, dim)  # [B·T, G, 1, D]
-            local = local + glob  # every member (and padding slot) gets its group's global vector
+            pooled_all = torch.cat(pooled, dim=1) if len(pooled) > 1 else pooled[0]  # [B·T, G, D]
+            gq, gk, gv = self.group_qkv(pooled_all).view(bt, self.num_groups, 3, K, d).unbind(2)
+            glob = _heads_attention(gq, gk, gv).view(bt, self.num_groups, 1, dim)  # [B·T, G, 1, D]
+            first = 0
+            for i, (m, c) in enumerate(self.runs):  # each member gets its group's global vector
+                local[i] = local[i] + glob[:, first:first + c]
+                first += c
 
-        h = local.view(b, t, G * M, dim).index_select(2, self.sensor_slot)  # [B, T, N, D], padding dropped
+        parts = [h.view(bt, -1, dim) for h in local]
+        h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [B·T, N, D] in group order
+        h = h.view(b, t, n, dim).index_select(2, self.sensor_position)  # back to sensor order
         return self.out(h) if self.out is not None else h
