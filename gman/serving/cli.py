@@ -42,6 +42,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -459,10 +460,21 @@ def serve_command(argv: list[str]) -> int:
         if args.dry_run:
             print(" ".join(command))
             return 0
-        try:
-            return subprocess.call(command, env=serving_environment())
-        except KeyboardInterrupt:
-            return 130
+        return _run_until_stopped(command)
+
+
+def _run_until_stopped(command: list[str]) -> int:
+    """Run the server; on SIGTERM or Ctrl-C stop it and return, so temporary folders are removed."""
+    server = subprocess.Popen(command, env=serving_environment())
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: server.terminate())
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        server.wait()
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def serve_command_line(uri: str, *, host: str, port: int, workers: int = 1, timeout: int = 60) -> list[str]:
