@@ -207,3 +207,59 @@ def test_learns_a_tiny_signal():
         after = (model(eval_x, eval_t) - eval_y).abs().mean().item()
     assert after < 0.3 * before, (before, after)
     assert after < 0.2
+
+
+@pytest.mark.parametrize("causal_mask", [True, False])
+def test_lean_training_path_matches_plain_autograd(monkeypatch, causal_mask):
+    """The memory-lean CPU training functions give the stock operators' outputs,
+    gradients and running statistics (float64)."""
+    from gman.model import layers
+
+    def run(fused: bool):
+        torch.manual_seed(0)
+        model = small_model(num_layers=2, num_heads=3, head_dim=2, dropout=0.0, causal_mask=causal_mask,
+                            learnable_spatial_embedding=True).double()
+        x = torch.randn(3, 4, 6, dtype=torch.float64)
+        if not fused:
+            monkeypatch.setattr(layers.BatchNorm, "fused_training", lambda self, x: False)
+        y = model(x, make_time(3, 7))
+        (y.sin() * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()
+        monkeypatch.undo()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        stats = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+        return y.detach(), grads, stats
+
+    y1, g1, s1 = run(True)
+    y2, g2, s2 = run(False)
+    torch.testing.assert_close(y1, y2, rtol=1e-9, atol=1e-9)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-7, atol=1e-9, msg=name)
+    for name in s1:
+        torch.testing.assert_close(s1[name], s2[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_lean_training_path_is_used_on_cpu_training(monkeypatch):
+    from gman.model import layers
+
+    calls = {"attn": 0, "pair": 0}
+    orig_attn, orig_pair = layers._ProjBNReLUFlashAttention.apply, layers._BNReLULinear.apply
+
+    def attn(*a):
+        calls["attn"] += 1
+        return orig_attn(*a)
+
+    def pair(*a):
+        calls["pair"] += 1
+        return orig_pair(*a)
+
+    monkeypatch.setattr(layers._ProjBNReLUFlashAttention, "apply", attn)
+    monkeypatch.setattr(layers._BNReLULinear, "apply", pair)
+    model = small_model(num_layers=1)
+    model(torch.randn(2, 4, 6), make_time(2, 7))
+    assert calls["attn"] == 4 and calls["pair"] > 0  # spatial + temporal, encoder + decoder
+    calls.update(attn=0, pair=0)
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, 4, 6), make_time(2, 7))
+    assert calls == {"attn": 0, "pair": 0}

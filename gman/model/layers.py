@@ -97,7 +97,9 @@ class BatchNorm(nn.BatchNorm1d):
     def __init__(self, num_features: int, eps: float = BN_EPS, momentum: float = 0.5) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum)
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
+        """BN(x), then ReLU when ``relu`` (in place on the fresh output, before it is
+        reshaped, so that autograd sees no in-place operation on a view)."""
         flat = x.reshape(-1, x.shape[-1])
         running_mean, running_var = self.running_mean, self.running_var
         if self.training:
@@ -106,12 +108,163 @@ class BatchNorm(nn.BatchNorm1d):
                 # one row: the unbiased variance is undefined; normalise with the
                 # batch statistics (output = β) and leave the running statistics alone
                 running_mean = running_var = None
-        momentum = 0.0 if self.momentum is None else float(self.momentum)
         out = torch.batch_norm(
             flat, self.weight, self.bias, running_mean, running_var,
-            self.training, momentum, self.eps, torch.backends.cudnn.enabled,
+            self.training, self._momentum(), self.eps, torch.backends.cudnn.enabled,
         )
+        if relu:
+            out = torch.relu_(out)
         return out.view(x.shape)
+
+    def _momentum(self) -> float:
+        return 0.0 if self.momentum is None else float(self.momentum)
+
+    def fused_training(self, x: Tensor) -> bool:
+        """Whether the memory-lean training paths (``_BNReLULinear``,
+        ``_ProjBNReLUFlashAttention``) apply to ``x``: training on the CPU in
+        float32/float64 with autograd recording, more than one row, and not
+        inside torch.compile or export tracing (which see the plain operations).
+        Counts the batch when they do."""
+        ok = (
+            self.training
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and x.numel() > x.shape[-1]
+        )
+        if ok:
+            self.num_batches_tracked.add_(1)
+        return ok
+
+    def fused_args(self) -> tuple:
+        return self.weight, self.bias, self.running_mean, self.running_var, self._momentum(), self.eps
+
+
+def _bn_relu_forward(x: Tensor, weight, bias, running_mean, running_var, momentum: float, eps: float):
+    """Training-mode batch-norm + in-place ReLU on [M, C]; returns (y, mean, invstd)."""
+    y, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+    return y.relu_(), mean, invstd
+
+
+def _bn_relu_recompute(x: Tensor, weight, bias, mean, invstd) -> Tensor:
+    """``ReLU(γ·(x − μ)·s + β)`` from the saved statistics (one pass, no reduction)."""
+    scale = weight * invstd
+    return torch.addcmul(bias - mean * scale, x, scale).relu_()
+
+
+def _bn_relu_backward(grad_y: Tensor, x: Tensor, y: Tensor, weight, mean, invstd, eps: float, mask: list):
+    """Gradients of ReLU(BN(x)) w.r.t. x, γ, β (those flagged in ``mask``) with the stock
+    kernels; ``grad_y`` (a temporary) is overwritten with the ReLU's backward."""
+    grad_pre = torch.ops.aten.threshold_backward.grad_input(grad_y, y, 0, grad_input=grad_y)
+    del y
+    return torch.ops.aten.native_batch_norm_backward(
+        grad_pre, x, weight, None, None, mean, invstd, True, eps, mask
+    )
+
+
+class _BNReLULinear(torch.autograd.Function):
+    """``ReLU(BN(x))·Wᵀ + b`` (training mode) that keeps ``x``, not ``ReLU(BN(x))``.
+
+    The tail of every FC[D, D] (ReLU, linear) in GMAN.  Stock autograd would
+    keep both the batch-norm input and the ReLU output ``[M, C]`` alive until
+    backward; this keeps the input only and recomputes the ReLU output from
+    the saved batch statistics in one pass during backward.  The gradients are
+    those of the stock batch-norm, ReLU and linear kernels.
+
+    x [M, C], weight [C_out, C], bias [C_out] -> [M, C_out]
+    """
+
+    @staticmethod
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, weight, bias):  # noqa: D102
+        y, mean, invstd = _bn_relu_forward(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps)
+        out = torch.addmm(bias, y, weight.t()) if bias is not None else torch.mm(y, weight.t())
+        ctx.eps, ctx.has_bias = eps, bias is not None
+        ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, weight)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102
+        x, bn_weight, bn_bias, mean, invstd, weight = ctx.saved_tensors
+        y = _bn_relu_recompute(x, bn_weight, bn_bias, mean, invstd)
+        grad_weight = grad_out.t().mm(y) if ctx.needs_input_grad[7] else None
+        grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[8] else None
+        grad_y = grad_out.mm(weight)
+        gx, gw, gb = _bn_relu_backward(grad_y, x, y, bn_weight, mean, invstd, ctx.eps, list(ctx.needs_input_grad[:3]))
+        return gx, gw, gb, None, None, None, None, grad_weight, grad_bias
+
+
+class _ProjBNReLUFlashAttention(torch.autograd.Function):
+    """Multi-head attention on ``split(ReLU(BN(X·W_xᵀ + t + s)))`` (training mode)
+    that keeps only ``X``, the attention output and the batch statistics.
+
+    ``X·W_xᵀ + t + s`` is the query/key/value projection of ``[X ‖ STE]`` with the
+    embedding's terms ``t``, ``s`` broadcast (see :func:`ste_terms`); its rows are
+    ``G`` independent sequences of equal length ``L``.  Q, K, V are the three
+    thirds of ``ReLU(BN(·))``, each split into ``K`` heads of ``d``; the
+    attention runs in PyTorch's CPU flash kernel.  Backward recomputes the
+    projection (one matrix product) and Q, K, V (one pass) and calls the flash
+    kernel's own backward, so none of the ``[G·L, 3·K·d]`` tensors outlives the
+    forward pass.  Gradients are those of the stock linear, batch-norm, ReLU and
+    attention kernels.
+
+    x [..., D], w_x [3Kd, D], t, s broadcastable to [..., 3Kd]
+    -> [G, K, L, d] (a transposed view of a contiguous [G, L, K, d])
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_x, t, s, bn_weight, bn_bias, running_mean, running_var, momentum, eps, groups, heads, is_causal):  # noqa: D102
+        # the projection is a temporary: batch-norm and ReLU overwrite it
+        y = _project(x, w_x, t, s).view(-1, w_x.shape[0])
+        mean, invstd = y.new_empty(y.shape[-1]), y.new_empty(y.shape[-1])
+        torch.ops.aten.native_batch_norm.out(
+            y, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps, out=y, save_mean=mean, save_invstd=invstd
+        )
+        y.relu_()
+        q, k, v = _split_heads(y, groups, heads)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal)
+        ctx.eps, ctx.groups, ctx.heads, ctx.is_causal = eps, groups, heads, is_causal
+        ctx.save_for_backward(x, w_x, t, s, bn_weight, bn_bias, mean, invstd, out, lse)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102
+        x, w_x, t, s, bn_weight, bn_bias, mean, invstd, out, lse = ctx.saved_tensors
+        pre = _project(x, w_x, t, s)
+        flat = pre.view(-1, pre.shape[-1])
+        y = _bn_relu_recompute(flat, bn_weight, bn_bias, mean, invstd)
+        q, k, v = _split_heads(y, ctx.groups, ctx.heads)
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse, 0.0, ctx.is_causal
+        )
+        del q, k, v
+        grad_y = torch.stack((gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2)), dim=2).view(y.shape)
+        del gq, gk, gv
+        need = ctx.needs_input_grad
+        grad_pre, grad_bn_w, grad_bn_b = _bn_relu_backward(
+            grad_y, flat, y, bn_weight, mean, invstd, ctx.eps, [True, need[4], need[5]]
+        )
+        del grad_y, y, flat, pre
+        grad_pre = grad_pre.view(*x.shape[:-1], grad_pre.shape[-1])
+        grad_x = torch.matmul(grad_pre, w_x) if need[0] else None
+        grad_w = grad_pre.reshape(-1, grad_pre.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])) if need[1] else None
+        grad_t = grad_pre.sum_to_size(t.shape) if need[2] else None
+        grad_s = grad_pre.sum_to_size(s.shape) if need[3] else None
+        return grad_x, grad_w, grad_t, grad_s, grad_bn_w, grad_bn_b, None, None, None, None, None, None, None
+
+
+def _split_heads(y: Tensor, groups: int, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """[G·L, 3·K·d] -> three [G, K, L, d] views (Q, K, V)."""
+    length = y.shape[0] // groups
+    q, k, v = y.view(groups, length, 3, heads, -1).unbind(2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+_HAS_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
+    torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"
+)
 
 
 def _glorot_(weight: Tensor, chunks: int = 1) -> None:
@@ -183,15 +336,38 @@ class FC(nn.Module):
             if self.dropout > 0:
                 x = F.dropout(x, self.dropout, self.training)
             pre = self.linears[i](x)
-        h = self.norms[i](pre)
-        if self.activations[i]:
-            # in place is safe: neither addmm nor batch-norm keep their output for backward
-            h = torch.relu_(h)
-        return h
+        norm, act = self.norms[i], self.activations[i]
+        if isinstance(norm, BatchNorm):
+            return norm(pre, relu=act)
+        # ``pre`` is always a freshly computed tensor (not a view) that nothing keeps
+        # for backward, so the ReLU can overwrite it
+        return torch.relu_(pre) if act else pre
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        for i in range(len(self.linears)):
-            x = self.layer(i, x)
+        n, i = len(self.linears), 0
+        while i < n:
+            pairable = (
+                i + 1 < n
+                and self.activations[i]
+                and isinstance(self.norms[i], BatchNorm)
+                and isinstance(self.norms[i + 1], nn.Identity)
+                and self.dropout == 0
+            )
+            if not pairable:
+                x = self.layer(i, x)
+                i += 1
+                continue
+            pre = self.linears[i](x)
+            norm = self.norms[i]
+            if norm.fused_training(pre):
+                # ReLU(BN(pre))·W' + b' without keeping ReLU(BN(pre)) for backward
+                lin = self.linears[i + 1]
+                out = _BNReLULinear.apply(pre.reshape(-1, pre.shape[-1]), *norm.fused_args(), lin.weight, lin.bias)
+                x = out.view(*pre.shape[:-1], out.shape[-1])
+                i += 2
+            else:
+                x = self.layer(i, x, pre)
+                i += 1
         return x
 
 
@@ -203,21 +379,35 @@ def project_concat(linear: nn.Linear, x: Tensor, ste: SteLike, temporal_major: b
     ->   [B, T, N, out] (or [B, N, T, out])
 
     With an :class:`STE` pair, ``W = [W_x | W_e]`` is split and the result is
-    ``X·W_xᵀ + (e_T·W_eᵀ + b) + e_S·W_eᵀ`` (a broadcast sum), computed as one
-    ``addmm`` on the flattened rows.
+    ``X·W_xᵀ + (e_T·W_eᵀ + b) + e_S·W_eᵀ`` (a broadcast sum, added in place to
+    the matrix product).
     """
     if not isinstance(ste, STE):
         return linear(torch.cat((x, ste), dim=-1))
-    d = x.shape[-1]
+    return _project(x, *ste_terms(linear, ste, temporal_major))
+
+
+def ste_terms(linear: nn.Linear, ste: STE, temporal_major: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Split ``[X ‖ STE]·Wᵀ + b`` into ``X·W_xᵀ`` and two broadcastable terms.
+
+    -> ``W_x [out, D]``, ``e_T·W_eᵀ + b`` ([B, T, 1, out], or [B, 1, T, out] when
+    ``temporal_major``) and ``e_S·W_eᵀ`` ([N, out], or [N, 1, out]).
+    """
+    d = ste.spatial.shape[-1]
     w_x, w_e = linear.weight[:, :d], linear.weight[:, d:]
     te = F.linear(ste.temporal, w_e, linear.bias)  # [B, T, out]
     se = F.linear(ste.spatial, w_e)  # [N, out]
     if temporal_major:
-        base = te.unsqueeze(1) + se.unsqueeze(1)  # [B, N, T, out]
-    else:
-        base = te.unsqueeze(2) + se  # [B, T, N, out]
-    out = torch.addmm(base.reshape(-1, base.shape[-1]), x.reshape(-1, d), w_x.t())
-    return out.view(base.shape)
+        return w_x, te.unsqueeze(1), se.unsqueeze(1)
+    return w_x, te.unsqueeze(2), se
+
+
+def _project(x: Tensor, w_x: Tensor, te: Tensor, se: Tensor) -> Tensor:
+    """``X·W_xᵀ + te + se`` (broadcast), accumulated in place into the fresh product."""
+    out = torch.matmul(x, w_x.t())
+    out += te
+    out += se
+    return out
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False) -> Tensor:
@@ -235,6 +425,34 @@ def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False) -> Tenso
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=is_causal
     )
     return out.transpose(1, 2).contiguous()
+
+
+def qkv_attention(
+    fc: FC, x: Tensor, ste: SteLike, groups: int, heads: int, is_causal: bool = False, temporal_major: bool = False
+) -> Tensor:
+    """Q, K, V = ReLU(BN([X ‖ STE]·Wᵀ + b)) split in three and into heads; attention.
+
+    fc:  the one-layer FC (2D -> 3·K·d, ReLU) of the query/key/value projection
+    x:   [..., D] whose rows are ``groups`` sequences of equal length L; ste alike
+         (or an :class:`STE` pair, with ``temporal_major`` for [B, N, T] rows)
+    ->   [G, L, K, d] contiguous
+    """
+    norm = fc.norms[0]
+    if (
+        _HAS_CPU_FLASH
+        and isinstance(ste, STE)
+        and isinstance(norm, BatchNorm)
+        and fc.activations[0]
+        and norm.fused_training(x)
+    ):
+        w_x, t, s = ste_terms(fc.linears[0], ste, temporal_major)
+        out = _ProjBNReLUFlashAttention.apply(x, w_x, t, s, *norm.fused_args(), groups, heads, is_causal)
+        return out.transpose(1, 2).contiguous()
+    qkv = fc.layer(0, x, project_concat(fc.linears[0], x, ste, temporal_major))
+    length = qkv.numel() // (groups * qkv.shape[-1])
+    # unbind (not slicing): its backward stacks the three gradients in one pass
+    q, k, v = qkv.view(groups, length, 3, heads, -1).unbind(2)
+    return attention(q, k, v, is_causal=is_causal)
 
 
 class SpatialAttention(nn.Module):
@@ -273,9 +491,7 @@ class SpatialAttention(nn.Module):
 
     def forward(self, x: Tensor, ste: SteLike) -> Tensor:  # noqa: D102
         b, t, n, dim = x.shape
-        qkv = self.qkv.layer(0, x, project_concat(self.qkv.linears[0], x, ste))  # [B, T, N, 3D]
-        qkv = qkv.view(b * t, n, 3, self.num_heads, self.head_dim)
-        h = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).view(b, t, n, dim)
+        h = qkv_attention(self.qkv, x, ste, b * t, self.num_heads).view(b, t, n, dim)
         return self.out(h) if self.out is not None else h
 
 
@@ -325,9 +541,7 @@ class TemporalAttention(nn.Module):
         b, t, n, dim = x.shape
         xt = x.transpose(1, 2).contiguous()  # [B, N, T, D]
         ste_t = ste if isinstance(ste, STE) else ste.transpose(1, 2)
-        qkv = self.qkv.layer(0, xt, project_concat(self.qkv.linears[0], xt, ste_t, temporal_major=True))
-        qkv = qkv.view(b * n, t, 3, self.num_heads, self.head_dim)
-        h = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=self.causal_mask)
+        h = qkv_attention(self.qkv, xt, ste_t, b * n, self.num_heads, self.causal_mask, temporal_major=True)
         h = h.view(b, n, t, dim)
         if self.out is not None:
             h = self.out(h)
@@ -338,7 +552,7 @@ class GatedFusion(nn.Module):
     """Gated fusion of the spatial and temporal attention outputs::
 
         z = σ(H_S·W_S + H_T·W_T + b)          (W_S has no bias)
-        H = z ⊙ H_S + (1 − z) ⊙ H_T           computed as H_T + z ⊙ (H_S − H_T)
+        H = z ⊙ H_S + (1 − z) ⊙ H_T           computed as lerp(H_T, H_S, z)
         H ← FC[D, D](H)  (ReLU, linear)       only if output_fc (authors' code)
 
     The paper stops at ``H``; the authors' code adds the FC (``output_fc``).
@@ -362,7 +576,7 @@ class GatedFusion(nn.Module):
         else:
             pre = self.xs(hs) + self.xt(ht)
         z = torch.sigmoid(pre)
-        h = torch.addcmul(ht, z, hs - ht)
+        h = torch.lerp(ht, hs, z)  # ht + z·(hs − ht): keeps no extra tensor for backward
         return self.out(h) if self.out is not None else h
 
 
