@@ -36,6 +36,7 @@ trainer:
   enable_progress_bar: false
   callbacks:
     - class_path: test_cli_train.SigkillAt
+    - class_path: test_cli_train.RaiseAt
 """
 
 
@@ -46,6 +47,15 @@ class SigkillAt(Callback):
         spec = os.environ.get("GMAN_TEST_SIGKILL_AT")
         if spec and (trainer.current_epoch, batch_idx) == tuple(int(v) for v in spec.split(":")):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RaiseAt(Callback):
+    """Raises RuntimeError at ``GMAN_TEST_RAISE_AT=epoch:batch`` (inert without it)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        spec = os.environ.get("GMAN_TEST_RAISE_AT")
+        if spec and (trainer.current_epoch, batch_idx) == tuple(int(v) for v in spec.split(":")):
+            raise RuntimeError("injected failure")
 
 
 def gman(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -121,3 +131,67 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_test_metrics(uninterrupted
     for a, b in zip(straight, again):
         for key in ("mae", "rmse", "mape"):
             assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-6, abs=1e-9)
+
+
+def test_evaluate_a_checkpoint_and_an_mlflow_run_reproduce_the_test_metrics(uninterrupted, workdir, monkeypatch,
+                                                                            capsys):
+    from gman.cli import main
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["evaluate", "--checkpoint", str(uninterrupted / "checkpoints" / "best.ckpt"),
+                 "--output-dir", "runs/eval-ckpt"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == str(workdir / "runs" / "eval-ckpt") and any(line.startswith("GMAN ") for line in out)
+    run_id = json.loads((uninterrupted / "run.json").read_text())["run_id"]
+    assert main(["evaluate", "--run-id", run_id, "--output-dir", "runs/eval-run"]) == 0
+    expected = gman_rows(uninterrupted)
+    for folder in ("eval-ckpt", "eval-run"):
+        got = gman_rows(workdir / "runs" / folder)
+        assert [(r["step"], r["mae"], r["rmse"]) for r in got] == [(r["step"], r["mae"], r["rmse"]) for r in expected]
+        assert (workdir / "runs" / folder / "forecast_vs_truth.png").is_file()
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--model.bogus", "1"], "model.bogus"),
+    (["--data.batch_size", "many"], "data.batch_size"),
+    (["--config", "unknown-key.yaml"], "wrong_key"),
+    (["--data.dataset", "nowhere/speeds.csv"], "nowhere/speeds.csv"),
+    (["--data.dataset", "empty.csv"], "empty.csv"),
+    (["--config", "tiny.yaml", "--model.num_heads", "0"], "num_heads"),
+])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(args, key, tmp_path, monkeypatch, capsys):
+    from gman.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "unknown-key.yaml").write_text("model:\n  wrong_key: 3\n")
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "tiny.yaml").write_text(TINY_CONFIG)
+    assert main(["train", *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gman: error:")]
+    assert len(err) == 1 and key in err[0], err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_failing_run_is_marked_failed_and_its_folder_kept_only_if_resumable(workdir, monkeypatch, capsys):
+    from gman.cli import main
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for spec, name, resumable in (("0:1", "fail-early", False), ("1:0", "fail-late", True)):
+        monkeypatch.setenv("GMAN_TEST_RAISE_AT", spec)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            main(["train", "--config", "tiny.yaml", "--output-dir", f"runs/{name}"])
+        partial = workdir / "runs" / f"{name}.partial"
+        assert not (workdir / "runs" / name).exists()
+        assert partial.exists() == resumable
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id],
+                                  filter_string=f"tags.`gman.output_dir` = '{workdir / 'runs' / name}'")
+        assert [r.info.status for r in runs] == ["FAILED"]
+        if resumable:
+            assert json.loads((partial / "run.json").read_text())["status"] == "FAILED"
+            assert "--resume" in capsys.readouterr().err

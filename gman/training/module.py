@@ -128,12 +128,16 @@ class GMANLightningModule(L.LightningModule):
         self._test_metrics = HorizonMetrics(hp.horizon_steps)
 
     def setup(self, stage: str) -> None:
-        """Read the data-dependent sizes from the data module and build the network (once)."""
+        """Read the data-dependent sizes from the trainer's data module and build the network (once)."""
         if self.net is not None:
             return
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             raise ConfigError("model: num_nodes, steps_per_day, ... are unset and there is no data module to read them from")
+        self.build_for(datamodule)
+
+    def build_for(self, datamodule) -> None:
+        """Build the network for a set-up ``GMANDataModule``: its sizes into hparams, its embedding into the net."""
         self.hparams.update(data_hparams(datamodule, se_dim=self.hparams.se_dim))
         self._build()
         if datamodule.spatial_embedding is not None:

@@ -1,0 +1,114 @@
+"""GMANLightningModule: masked loss, lr staircase, data-derived sizes, checkpoints, spatial embedding."""
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from gman.data.datamodule import GMANDataModule
+from gman.data.embedding import write_word2vec
+from gman.errors import ConfigError
+from gman.training.metrics import horizon_errors
+from gman.training.module import GMANLightningModule, horizon_metric_names
+
+TINY = dict(num_layers=1, num_heads=2, head_dim=4, se_dim=8)
+DATA = dict(options={"num_sensors": 10, "days": 3}, history_steps=4, horizon_steps=3, batch_size=8,
+            eval_batch_size=64)
+
+
+def tiny_trainer(tmp_path, **kwargs) -> L.Trainer:
+    options = dict(max_epochs=1, limit_train_batches=3, limit_val_batches=2, logger=False,
+                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    return L.Trainer(**{**options, **kwargs})
+
+
+def test_sizes_come_from_the_data_and_a_checkpoint_rebuilds_the_model_without_it(tmp_path):
+    L.seed_everything(0)
+    datamodule = GMANDataModule(**DATA)
+    module = GMANLightningModule(**TINY)
+    assert module.net is None                                   # built once the data is known
+    trainer = tiny_trainer(tmp_path)
+    trainer.fit(module, datamodule=datamodule)
+    hp = module.hparams
+    assert (hp.num_nodes, hp.history_steps, hp.horizon_steps, hp.steps_per_day) == (10, 4, 3, 288)
+    assert hp.scaler_mean == pytest.approx(datamodule.scaler.mean) and hp.interval_minutes == 5.0
+    assert hp.learnable_spatial_embedding is True
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+
+    restored = GMANLightningModule.load_from_checkpoint(path)  # no data module anywhere
+    batch = next(iter(datamodule.val_dataloader()))
+    module.eval(), restored.eval()
+    with torch.no_grad():
+        expected = module(batch["x"], batch["time"])
+        got = restored(batch["x"], batch["time"])
+    torch.testing.assert_close(got, expected)
+    assert expected.shape == (batch["x"].shape[0], 3, 10)
+
+
+def test_loss_is_masked_mae_in_data_units():
+    module = GMANLightningModule(**TINY, num_nodes=3, steps_per_day=24, history_steps=2, horizon_steps=2,
+                                 scaler_mean=50.0, scaler_std=10.0, interval_minutes=60.0,
+                                 learnable_spatial_embedding=True)
+    module.eval()
+    batch = {"x": torch.randn(4, 2, 3), "time": torch.zeros(4, 4, 2, dtype=torch.long)}
+    with torch.no_grad():
+        pred = module(batch["x"], batch["time"])
+        normalised = module.net(batch["x"], batch["time"])
+    torch.testing.assert_close(pred, normalised * 10.0 + 50.0)  # de-normalised output
+    y = pred + 2.0
+    y_mask = torch.ones_like(y, dtype=torch.bool)
+    y_mask[:, :, 0] = False
+    y[:, :, 0] = 0.0                                            # missing readings, huge errors if counted
+    with torch.no_grad():
+        loss = module.training_step({**batch, "y": y, "y_mask": y_mask}, 0)
+    assert loss.item() == pytest.approx(2.0, abs=1e-4)
+
+
+def test_learning_rate_follows_the_staircase_down_to_the_floor():
+    module = GMANLightningModule(**TINY, num_nodes=3, steps_per_day=24, history_steps=2, horizon_steps=2,
+                                 scaler_mean=0.0, scaler_std=1.0, interval_minutes=60.0,
+                                 learnable_spatial_embedding=True,
+                                 learning_rate=1e-3, lr_decay_factor=0.5, lr_decay_every=2, min_learning_rate=3e-4)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "epoch"
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 3e-4, 3e-4])
+
+
+def test_spatial_embedding_file_is_copied_into_the_network_not_the_hparams(tmp_path):
+    vectors = np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32)
+    path = write_word2vec(tmp_path / "se.txt", vectors)
+    datamodule = GMANDataModule(**{**DATA, "spatial_embedding": str(path)})
+    module = GMANLightningModule(**TINY)
+    trainer = tiny_trainer(tmp_path, max_steps=1)
+    trainer.fit(module, datamodule=datamodule)
+    assert module.hparams.se_dim == 6 and module.hparams.learnable_spatial_embedding is False
+    assert all(not torch.is_tensor(v) for v in module.hparams.values())
+    expected = vectors[datamodule.dataset.graph_order()]
+    np.testing.assert_allclose(module.net.spatial_embedding.numpy(), expected, rtol=1e-6)
+    assert "net.spatial_embedding" in module.state_dict()
+    assert not module.net.spatial_embedding.requires_grad   # a given SE is fixed, as the authors' node2vec
+
+
+def test_bad_model_settings_are_one_line_config_errors():
+    with pytest.raises(ConfigError, match="num_heads"):
+        GMANLightningModule(num_layers=1, num_heads=0, head_dim=4, num_nodes=3, steps_per_day=24,
+                            history_steps=2, horizon_steps=2, scaler_mean=0.0, scaler_std=1.0,
+                            interval_minutes=60.0, learnable_spatial_embedding=True)
+    with pytest.raises(ConfigError, match="lr_decay_factor"):
+        GMANLightningModule(lr_decay_factor=1.5)
+
+
+def test_metric_names_say_step_and_minutes():
+    errors = horizon_errors(np.ones((2, 12, 3)), np.zeros((2, 12, 3)) + 2, np.ones((2, 12, 3), dtype=bool))
+    names = horizon_metric_names(errors, 5.0)
+    assert names["test_mae_step03_15min"] == pytest.approx(1.0)
+    assert names["test_mape_step12_60min"] == pytest.approx(50.0)
+    assert {"test_mae", "test_rmse", "test_mape"} <= set(names)
