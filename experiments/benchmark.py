@@ -6,6 +6,8 @@ configuration's alone), it measures
 
 * ``train_step_s``: median over ``--steps`` steps (after ``--warmup``) of one
   training step: ``zero_grad``, forward, masked MAE, backward, Adam step;
+* ``train_step_cpu_s``: median process CPU time (all threads) of a train step,
+  which stays meaningful when other processes compete for the cores;
 * ``infer_s``: median forward time per batch in ``eval`` + ``inference_mode``;
 * ``peak_mem_mb``: the child's peak resident set size (``ru_maxrss``), and on
   CUDA also ``gpu_peak_mem_mb`` (``torch.cuda.max_memory_allocated``);
@@ -40,8 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"issue": [(207, 16, 1), (325, 32, 1), (207, 16, 3)]}
-FIELDS = ["nodes", "batch", "layers", "heads", "head_dim", "device", "amp", "compile",
-          "train_step_s", "infer_s", "peak_mem_mb", "flops_per_step", "achieved_gflops"]
+FIELDS = ["nodes", "batch", "layers", "heads", "head_dim", "threads", "device", "amp", "compile",
+          "train_step_s", "train_step_cpu_s", "infer_s", "peak_mem_mb", "flops_per_step", "achieved_gflops"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -151,14 +153,18 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
         opt.step()
         return loss
 
+    cpu_times: list[float] = []
+
     def timed(fn, n):
         times = []
+        del cpu_times[:]
         for _ in range(n):
             sync()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             sync()
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
         return times
 
     model.train()
@@ -170,6 +176,7 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
         compile_s = time.perf_counter() - t0
     timed(train_step, args.warmup)
     train_times = timed(train_step, args.steps)
+    train_cpu = statistics.median(cpu_times)
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -214,6 +221,7 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
         "history": P, "horizon": Q, "threads": torch.get_num_threads(), "device": device.type,
         "amp": args.amp, "compile": bool(args.compile),
         "train_step_s": round(train_s, 4), "train_step_min_s": round(min(train_times), 4),
+        "train_step_cpu_s": round(train_cpu, 4),
         "infer_s": round(statistics.median(infer_times), 4),
         "peak_mem_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "flops_per_step": flops,

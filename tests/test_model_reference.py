@@ -24,6 +24,15 @@ B, T, N, K, D_HEAD = 2, 5, 6, 3, 2  # K != d
 DIM = K * D_HEAD
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tiny computations run fastest (and steadiest on a busy machine) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------ reference
 def ref_bn(x, bn, training):
     """Batch-norm over all leading dims, eps from the module (1e-3)."""

@@ -38,6 +38,12 @@ The authors' batch-norm momentum follows a schedule (0.5, halved with the
 learning-rate decay, floored at 0.01); ``bn_momentum`` sets the start and
 :meth:`GMAN.set_bn_momentum` changes it later.
 
+The forward pass has no data-dependent Python control flow (only checks of
+static shapes), builds the one-hot time encodings as weight-row lookups (the
+exact equivalent of one-hot × Linear, see ``SpatioTemporalEmbedding``) and, in
+``eval`` mode, uses only standard operators, so it can be exported with
+``torch.export`` / ``torch.onnx``.
+
 Unlike a popular PyTorch port, the ``D`` channels are split into ``K`` heads
 of ``d`` channels each (head ``k`` = channels ``k·d … k·d + d − 1``, as the
 authors' ``tf.split(x, K, axis=-1)``), so ``K ≠ d`` works.

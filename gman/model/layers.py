@@ -26,6 +26,18 @@ it after every FC layer except the network's final 1-channel output, ``"none"``
 removes it.  The authors' EMA decay ``δ`` corresponds to PyTorch's
 ``momentum = 1 − δ``; their schedule starts at momentum 0.5 (see
 ``GMAN.set_bn_momentum``).
+
+Attention runs in the fused ``F.scaled_dot_product_attention`` on
+``[G, K, L, d]`` views of channels-last tensors (the CPU flash kernel reads
+them without copies).  Training on the CPU (float32/float64, autograd on, not
+under torch.compile or export) takes memory-lean paths with hand-written
+backward passes built from the stock kernels — :class:`_ProjBNReLUFlashAttention`
+(query/key/value projection + BN + ReLU + flash attention),
+:class:`_TransformFlashAttention` and :class:`_BNReLULinear` (the tail of each
+FC[D, D]) — that keep the layer inputs and batch statistics instead of the
+``[B, T, N, 3D]`` projections and recompute those in backward.  They compute
+the same function and gradients as the plain path (tested to 1e-7 in
+float64); evaluation, GPUs, autocast, compile and export use the plain path.
 """
 from __future__ import annotations
 
@@ -253,6 +265,83 @@ class _ProjBNReLUFlashAttention(torch.autograd.Function):
         grad_t = grad_pre.sum_to_size(t.shape) if need[2] else None
         grad_s = grad_pre.sum_to_size(s.shape) if need[3] else None
         return grad_x, grad_w, grad_t, grad_s, grad_bn_w, grad_bn_b, None, None, None, None, None, None, None
+
+
+def _bn_relu_inplace(y: Tensor, bn_weight, bn_bias, running_mean, running_var, momentum: float, eps: float):
+    """Training-mode batch-norm + ReLU written over the temporary ``y [M, C]``; -> (mean, invstd)."""
+    mean, invstd = y.new_empty(y.shape[-1]), y.new_empty(y.shape[-1])
+    torch.ops.aten.native_batch_norm.out(
+        y, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps, out=y, save_mean=mean, save_invstd=invstd
+    )
+    y.relu_()
+    return mean, invstd
+
+
+class _TransformFlashAttention(torch.autograd.Function):
+    """Transform attention's Q, K, V projections (FC with batch-norm and ReLU) and
+    multi-head attention (training mode), keeping only the value input, the
+    embedding terms, the attention output and the batch statistics.
+
+    Q = ReLU(BN(t_q + s_q)), K = ReLU(BN(t_k + s_k)) (the factored future and
+    history embeddings' projections, broadcast to [B, N, L, D]) and
+    V = ReLU(BN(X_t·W_vᵀ + b_v)) with ``X_t [B, N, P, D]``.  Backward recomputes
+    the three projections (one matrix product, two broadcast sums) and calls the
+    CPU flash kernel's backward; gradients are the stock ones.
+
+    -> [B·N, K, Q, d] (a transposed view of a contiguous [B·N, Q, K, d])
+    """
+
+    @staticmethod
+    def forward(ctx, xt, w_v, b_v, tq, sq, tk, sk, wq, bq, rmq, rvq, wk, bk, rmk, rvk, wv, bv, rmv, rvv, momentum, eps, heads):  # noqa: D102
+        b, n, p, dim = xt.shape
+        groups = b * n
+        q = (tq + sq).view(-1, dim)
+        k = (tk + sk).view(-1, dim)
+        v = F.linear(xt, w_v, b_v).view(-1, dim)
+        stats = []
+        for y, w, bb, rm, rv in ((q, wq, bq, rmq, rvq), (k, wk, bk, rmk, rvk), (v, wv, bv, rmv, rvv)):
+            stats += _bn_relu_inplace(y, w, bb, rm, rv, momentum, eps)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            *(_heads(t, groups, heads) for t in (q, k, v)), 0.0, False
+        )
+        ctx.eps, ctx.heads, ctx.groups = eps, heads, groups
+        ctx.save_for_backward(xt, w_v, b_v, tq, sq, tk, sk, wq, bq, wk, bk, wv, bv, *stats, out, lse)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102
+        (xt, w_v, b_v, tq, sq, tk, sk, wq, bq, wk, bk, wv, bv,
+         mq, sdq, mk, sdk, mv, sdv, out, lse) = ctx.saved_tensors
+        dim = xt.shape[-1]
+        pres = [(tq + sq).view(-1, dim), (tk + sk).view(-1, dim), F.linear(xt, w_v, b_v).view(-1, dim)]
+        params = ((wq, bq, mq, sdq), (wk, bk, mk, sdk), (wv, bv, mv, sdv))
+        ys = [_bn_relu_recompute(pre, w, bb, m, s) for pre, (w, bb, m, s) in zip(pres, params)]
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, *(_heads(y, ctx.groups, ctx.heads) for y in ys), out, lse, 0.0, False
+        )
+        need = ctx.needs_input_grad
+        result = [None] * 22
+        for i, (g, pre, y, (w, bb, m, s)) in enumerate(zip(grads, pres, ys, params)):
+            g = g.transpose(1, 2).reshape(-1, dim)
+            gpre, gw, gb = _bn_relu_backward(g, pre, y, w, m, s, ctx.eps, [True, need[7 + 4 * i], need[8 + 4 * i]])
+            result[7 + 4 * i], result[8 + 4 * i] = gw, gb
+            if i == 0:
+                gpre = gpre.view(tq.shape[0], -1, *tq.shape[2:])  # [B, N, Q, D]
+                result[3], result[4] = gpre.sum_to_size(tq.shape), gpre.sum_to_size(sq.shape)
+            elif i == 1:
+                gpre = gpre.view(tk.shape[0], -1, *tk.shape[2:])
+                result[5], result[6] = gpre.sum_to_size(tk.shape), gpre.sum_to_size(sk.shape)
+            else:
+                result[0] = gpre.mm(w_v).view(xt.shape) if need[0] else None
+                result[1] = gpre.t().mm(xt.reshape(-1, dim)) if need[1] else None
+                result[2] = gpre.sum(0) if need[2] else None
+        return tuple(result)
+
+
+def _heads(y: Tensor, groups: int, heads: int) -> Tensor:
+    """[G·L, K·d] -> [G, K, L, d] view."""
+    return y.view(groups, -1, heads, y.shape[-1] // heads).transpose(1, 2)
 
 
 def _split_heads(y: Tensor, groups: int, heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -668,8 +757,33 @@ class TransformAttention(nn.Module):
             pre = lin(ste.transpose(1, 2))
         return fc.layer(0, None, pre)  # type: ignore[arg-type]
 
+    def _lean(self, x: Tensor, ste_p: SteLike, ste_q: SteLike) -> bool:
+        norms = [fc.norms[0] for fc in (self.q, self.k, self.v)]
+        return (
+            _HAS_CPU_FLASH
+            and isinstance(ste_p, STE)
+            and isinstance(ste_q, STE)
+            and all(isinstance(m, BatchNorm) for m in norms)
+            and all([m.fused_training(x) for m in norms])
+        )
+
     def forward(self, x: Tensor, ste_p: SteLike, ste_q: SteLike) -> Tensor:  # noqa: D102
         b, p, n, dim = x.shape
+        if self._lean(x, ste_p, ste_q):
+            terms = []
+            for fc, ste in ((self.q, ste_q), (self.k, ste_p)):
+                lin = fc.linears[0]
+                terms += [F.linear(ste.temporal, lin.weight, lin.bias).unsqueeze(1), F.linear(ste.spatial, lin.weight).unsqueeze(1)]
+            bn = [a for fc in (self.q, self.k, self.v) for a in fc.norms[0].fused_args()[:4]]
+            lin_v = self.v.linears[0]
+            h = _TransformFlashAttention.apply(
+                x.transpose(1, 2).contiguous(), lin_v.weight, lin_v.bias, *terms, *bn,
+                *self.v.norms[0].fused_args()[4:], self.num_heads,
+            )
+            h = h.transpose(1, 2).reshape(b, n, -1, dim)
+            if self.out is not None:
+                h = self.out(h)
+            return h.transpose(1, 2).contiguous()
         q = self._project_ste(self.q, ste_q)  # [B, N, Q, D]
         k = self._project_ste(self.k, ste_p)  # [B, N, P, D]
         v = self.v(x.transpose(1, 2).contiguous())  # [B, N, P, D]
