@@ -15,6 +15,22 @@ suffix is always complete.  An interrupted run (crash, SIGKILL) leaves the
 ``config.yaml`` and ``checkpoints/last.ckpt`` (saved at every epoch end);
 ``gman train --resume <folder>`` continues it into the same MLflow run.
 
+What a resumed run reproduces: ``last.ckpt`` is written at every epoch end
+(after validation) and holds the weights, Adam's moments, the lr scheduler,
+early stopping and the best-checkpoint bookkeeping; a run killed mid-epoch
+replays that epoch from its start.  The replay visits the same batches (the
+data module's ``EpochSeededRandomSampler``: the order depends only on seed and
+epoch) with the same dropout masks (the module reseeds torch before every
+batch from seed, epoch and batch index), so on the same machine and thread
+count the resumed run ends with bit-identical weights and test metrics
+(checked by tests/test_cli_train.py).  Not bit-exact: a different thread
+count, device or library version (float summation order), GPU kernels that
+are non-deterministic unless ``trainer.deterministic`` is set,
+``trainer.max_time`` (stops by the clock), and mid-epoch validation
+(``trainer.val_check_interval`` < 1) which checkpoints inside an epoch.  In
+MLflow the replayed epoch's training metrics appear twice (once from the
+killed process, once from the replay, at the same steps).
+
 ``gman evaluate`` re-scores a checkpoint (``--checkpoint``) or the best
 checkpoint of an MLflow run (``--run_id``) on a data set's test split (by
 default the one it was trained on) and writes the same table, csv and plots.
@@ -30,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gman.errors import ConfigError, GmanError
+from gman.errors import ConfigError
 
 DEFAULT_RUNS_DIR = "runs"
 PARTIAL_SUFFIX = ".partial"
@@ -444,13 +460,15 @@ def _fetch_run(run_id: str, tracking_uri: str, into: Path) -> tuple[Path, Path |
 
 
 def _evaluate_parser(data_defaults: dict[str, Any]):
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ArgumentParser
 
     from gman.data.datamodule import GMANDataModule
 
-    parser = ArgumentParser(prog="gman evaluate", exit_on_error=False,
-                            description="Re-evaluate a checkpoint or an MLflow run on a data set's test split.")
-    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML with a data: section")
+    parser = ArgumentParser(
+        prog="gman evaluate", exit_on_error=False,
+        description="Re-evaluate a checkpoint or an MLflow run on a data set's test split. The data settings "
+                    "default to those the model was trained with (the run's config.yaml); override any of them "
+                    "with --data.KEY VALUE, or all with --data FILE.yaml.")
     parser.add_argument("--checkpoint", type=str | None, default=None, help="a .ckpt written by gman train")
     parser.add_argument("--run_id", "--run-id", type=str | None, default=None,
                         help="an MLflow run of gman train (its best checkpoint is used)")
@@ -476,6 +494,8 @@ def evaluate_command(argv: list[str]) -> int:
     for names in (("--checkpoint",), ("--run_id", "--run-id"), ("--tracking_uri", "--tracking-uri")):
         pre.add_argument(*names)
     known, _ = pre.parse_known_args(argv)
+    if any(arg in ("-h", "--help") for arg in argv):
+        _evaluate_parser({}).parse_args(["--help"])  # prints the options and exits
     if bool(known.checkpoint) == bool(known.run_id):
         raise ConfigError("gman evaluate: give exactly one of --checkpoint PATH or --run_id ID")
     with tempfile.TemporaryDirectory(prefix="gman-evaluate-") as tmp:
