@@ -112,3 +112,14 @@ def test_metric_names_say_step_and_minutes():
     assert names["test_mae_step03_15min"] == pytest.approx(1.0)
     assert names["test_mape_step12_60min"] == pytest.approx(50.0)
     assert {"test_mae", "test_rmse", "test_mape"} <= set(names)
+
+
+def test_authors_batch_norm_momentum_schedule_halves_with_the_lr_staircase(tmp_path):
+    from gman.model import BatchNorm
+
+    L.seed_everything(0)
+    module = GMANLightningModule(**TINY, bn_momentum=0.5, bn_momentum_schedule=True, lr_decay_every=1)
+    trainer = tiny_trainer(tmp_path, max_epochs=3, limit_train_batches=1, limit_val_batches=1)
+    trainer.fit(module, datamodule=GMANDataModule(**DATA))
+    momenta = {m.momentum for m in module.net.modules() if isinstance(m, BatchNorm)}
+    assert momenta == {0.5 * 0.5**2}                            # epoch 2: halved twice
