@@ -123,3 +123,20 @@ def test_authors_batch_norm_momentum_schedule_halves_with_the_lr_staircase(tmp_p
     trainer.fit(module, datamodule=GMANDataModule(**DATA))
     momenta = {m.momentum for m in module.net.modules() if isinstance(m, BatchNorm)}
     assert momenta == {0.5 * 0.5**2}                            # epoch 2: halved twice
+
+
+def test_two_processes_can_create_the_same_new_sqlite_store(tmp_path):
+    """Two runs started together on a fresh mlflow.db must not race MLflow's schema migration."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = (
+        "import sys; from gman.training.tracking import ensure_experiment; "
+        f"print(ensure_experiment('race', {uri!r}))"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-500:] for _, err in results]
+    assert results[0][0].strip() == results[1][0].strip()  # both see the one experiment

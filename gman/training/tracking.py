@@ -15,6 +15,7 @@ experiment is always created here, with an absolute artifact location.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -48,17 +49,44 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _store_lock(tracking_uri: str):
+    """Serialise first use of a sqlite store across processes.
+
+    Two ``gman train`` processes started together on a new ``mlflow.db`` both
+    run MLflow's schema migration and one fails ("table _alembic_tmp_...
+    already exists"); an advisory lock on ``<db>.lock`` makes the second wait.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform
+        yield
+        return
+    lock_path = Path(tracking_uri[len("sqlite:///"):]).with_suffix(".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_experiment(name: str, tracking_uri: str) -> str:
     """Id of the experiment called ``name``, created (with an explicit artifact location) if needed."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=default_artifact_location(tracking_uri))
+    with _store_lock(tracking_uri):
+        client = MlflowClient(tracking_uri)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            if experiment.lifecycle_stage == "deleted":
+                client.restore_experiment(experiment.experiment_id)
+            return experiment.experiment_id
+        return client.create_experiment(name, artifact_location=default_artifact_location(tracking_uri))
 
 
 def make_logger(experiment_name: str, tracking_uri: str, run_id: str | None = None, run_name: str | None = None,
