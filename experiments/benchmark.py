@@ -24,6 +24,7 @@ values (zipped; a single value is used for every configuration) or
     python experiments/benchmark.py --nodes 207 --batch 16 --layers 1 --threads 2 --json out.json
     python experiments/benchmark.py --preset issue --threads 2 --json experiments/results/benchmark_cpu.json
     python experiments/benchmark.py --nodes 325 --batch 32 --layers 1 --device cuda --amp bf16 --compile --json gpu.json
+    python experiments/benchmark.py --nodes 8600 --batch 1 --spatial-attention group [--groups 331]
 
 Needs only torch and this repository (no Lightning, no MLflow).
 """
@@ -42,7 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"issue": [(207, 16, 1), (325, 32, 1), (207, 16, 3)]}
-FIELDS = ["nodes", "batch", "layers", "heads", "head_dim", "threads", "device", "amp", "compile",
+FIELDS = ["spatial_attention", "nodes", "batch", "layers", "heads", "head_dim", "threads", "device", "amp", "compile",
           "train_step_s", "train_step_cpu_s", "infer_s", "peak_mem_mb", "flops_per_step", "achieved_gflops"]
 
 
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, nargs="+", default=[16], help="B, batch size")
     p.add_argument("--layers", type=int, nargs="+", default=[1], help="L, ST-attention blocks per encoder/decoder")
     p.add_argument("--preset", choices=sorted(PRESETS), help="run a named list of (N, B, L) instead")
+    p.add_argument("--spatial-attention", choices=["dense", "group"], default="dense",
+                   help="dense: all N sensors; group: the paper's group spatial attention")
+    p.add_argument("--groups", type=int, default=None, help="G for group attention (default: the paper's rule)")
     p.add_argument("--heads", type=int, default=8, help="K")
     p.add_argument("--head-dim", type=int, default=8, help="d")
     p.add_argument("--history", type=int, default=12, help="P")
@@ -73,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         values = getattr(args, name)
         if any(v < 1 for v in (values if isinstance(values, list) else [values])):
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.groups is not None and (args.groups < 1 or args.spatial_attention != "group"):
+        p.error("--groups takes a positive G and needs --spatial-attention group")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be positive")
     return args
@@ -124,8 +130,10 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
         sys.exit("benchmark: --device cuda but CUDA is not available")
     torch.manual_seed(args.seed)
     P, Q = args.history, args.horizon
+    group = dict(num_groups=args.groups) if args.spatial_attention == "group" else {}
     model = GMAN(nodes, args.steps_per_day, history_steps=P, horizon_steps=Q, num_layers=layers,
-                 num_heads=args.heads, head_dim=args.head_dim).to(device)
+                 num_heads=args.heads, head_dim=args.head_dim, spatial_attention=args.spatial_attention,
+                 **group).to(device)
     model.set_spatial_embedding(torch.randn(nodes, model.se_dim))
     step_model = torch.compile(model) if args.compile else model
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -218,6 +226,8 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
     train_s = statistics.median(train_times)
     record = {
         "nodes": nodes, "batch": batch, "layers": layers, "heads": args.heads, "head_dim": args.head_dim,
+        "spatial_attention": args.spatial_attention,
+        "groups": model.group_attentions()[0].num_groups if args.spatial_attention == "group" else None,
         "history": P, "horizon": Q, "threads": torch.get_num_threads(), "device": device.type,
         "amp": args.amp, "compile": bool(args.compile),
         "train_step_s": round(train_s, 4), "train_step_min_s": round(min(train_times), 4),

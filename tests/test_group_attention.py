@@ -268,3 +268,89 @@ def test_constructor_checks_num_groups_against_an_explicit_partition():
         GroupSpatialAttention(K, D_HEAD, num_nodes=4, num_groups=3, partition=[[0, 1], [2, 3]])
     with pytest.raises(ValueError, match="sensors"):
         GroupSpatialAttention(K, D_HEAD, num_nodes=4)(*inputs(5, dtype=torch.float32))
+
+
+# ------------------------------------------------------------------ inside GMAN
+def small_gman(**kwargs):
+    from gman.model import GMAN
+
+    base = dict(num_nodes=11, steps_per_day=24, se_dim=4, history_steps=3, horizon_steps=2, num_layers=1,
+                num_heads=K, head_dim=D_HEAD)
+    return GMAN(**{**base, **kwargs})
+
+
+def gman_inputs(n=11, b=2, p=3, q=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, p, n, generator=g)
+    time = torch.stack((torch.randint(0, 7, (b, p + q), generator=g), torch.randint(0, 24, (b, p + q), generator=g)), -1)
+    return x, time
+
+
+def test_gman_group_option_is_in_the_config_and_rebuilds_the_same_model():
+    from gman.model import GMAN
+
+    torch.manual_seed(0)
+    model = small_gman(spatial_attention="group", num_groups=4, partition_seed=7).eval()
+    cfg = model.config
+    assert (cfg["spatial_attention"], cfg["num_groups"], cfg["partition_method"], cfg["partition_seed"]) == (
+        "group", 4, "random", 7)
+    blocks = model.group_attentions()
+    assert len(blocks) == 2 and all(torch.equal(b.partition, make_partition(11, 4, seed=7)) for b in blocks)
+    torch.manual_seed(1)
+    rebuilt = GMAN(**cfg).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    x, time = gman_inputs()
+    torch.testing.assert_close(rebuilt(x, time), model(x, time), rtol=0, atol=0)
+    # the default G is the paper's rule
+    assert small_gman(spatial_attention="group").group_attentions()[0].num_groups == default_num_groups(11)
+
+
+def test_gman_with_one_group_equals_dense_gman():
+    torch.manual_seed(0)
+    dense = small_gman(dropout=0.0).double()  # no dropout: its random masks would differ
+    group = small_gman(dropout=0.0, spatial_attention="group", num_groups=1, partition_seed=3).double()
+    state = dense.state_dict()
+    state.update({k: v for k, v in group.state_dict().items() if k.endswith(".partition")})
+    group.load_state_dict(state)
+    x, time = gman_inputs()
+    for mode in (True, False):
+        dense.train(mode), group.train(mode)
+        torch.testing.assert_close(group(x.double(), time), dense(x.double(), time), **TOL)
+
+
+def test_gman_bfs_partition_needs_the_graph_and_travels_with_the_state_dict():
+    from gman.model import GMAN
+
+    path = torch.diag(torch.ones(10), 1)  # 11 sensors along one road
+    model = small_gman(spatial_attention="group", num_groups=4, partition_method="bfs").eval()
+    x, time = gman_inputs()
+    with pytest.raises(ValueError, match="set_partition_graph"):
+        model(x, time)
+    model.set_partition_graph(path.numpy())
+    for block in model.group_attentions():  # stretches of consecutive sensors
+        assert block.partition.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, -1]]
+    out = model(x, time)
+    rebuilt = GMAN(**model.config).eval()
+    rebuilt.load_state_dict(model.state_dict())  # no graph needed: the partition is in the state dict
+    torch.testing.assert_close(rebuilt(x, time), out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="partition_method 'bfs'"):
+        small_gman(spatial_attention="group").set_partition_graph(path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_groups=3), "apply to spatial_attention 'group'"),
+        (dict(partition_method="bfs"), "apply to spatial_attention 'group'"),
+        (dict(spatial_attention="group", num_groups=12), "num_groups"),
+        (dict(spatial_attention="group", num_groups=True), "num_groups"),
+        (dict(spatial_attention="group", partition_method="metis"), "partition_method"),
+        (dict(spatial_attention="group", partition_seed="1"), "partition_seed"),
+        (dict(spatial_attention="group", spatial_attention_options={"num_groups": 2}), "GMAN arguments"),
+        (dict(spatial_attention="sparse"), "spatial_attention"),
+    ],
+)
+def test_gman_refuses_bad_group_options(kwargs, match):
+    with pytest.raises(ValueError, match=match) as info:
+        small_gman(**kwargs)
+    assert "\n" not in str(info.value)

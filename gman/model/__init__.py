@@ -2,9 +2,11 @@
 
 ``GMAN`` is the model; the layer classes are exported for tests, for
 alternative assemblies and for registering other spatial attentions in
-``SPATIAL_ATTENTIONS``.
+``SPATIAL_ATTENTIONS`` (``"dense"``, and ``"group"``: the paper's group spatial
+attention for large networks, ``group_attention.py``).
 """
 from gman.model.gman import GMAN
+from gman.model.group_attention import GroupSpatialAttention, default_num_groups, make_partition
 from gman.model.layers import (
     BATCH_NORM_MODES,
     FC,
@@ -22,6 +24,9 @@ from gman.model.layers import (
 
 __all__ = [
     "GMAN",
+    "GroupSpatialAttention",
+    "default_num_groups",
+    "make_partition",
     "BATCH_NORM_MODES",
     "FC",
     "SPATIAL_ATTENTIONS",

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gman.model.group_attention import PARTITION_METHODS, GroupSpatialAttention, make_partition
 from gman.model.layers import (
     BATCH_NORM_MODES,
     FC,
@@ -114,6 +115,14 @@ class GMAN(nn.Module):
         spatial_attention: name of the spatial attention implementation
             (``SPATIAL_ATTENTIONS``; ``"dense"`` = full attention over all sensors).
         spatial_attention_options: extra keyword arguments for it (JSON values).
+        num_groups: ``G`` for ``spatial_attention="group"`` (the paper's group spatial
+            attention, :class:`~gman.model.group_attention.GroupSpatialAttention`);
+            ``None`` = the paper's rule ``M = round(∛(2N))``, ``G = ⌈N/M⌉``.
+        partition_method: how sensors are split into groups: ``"random"`` (the paper;
+            drawn from ``partition_seed``) or ``"bfs"`` (connected regions of the road
+            graph; call :meth:`set_partition_graph` before the first forward).  The
+            partition is a buffer of every block, so it is saved in the state dict.
+        partition_seed: seed of the random partition.
 
     forward(x [B, P, N] float, time [B, P+Q, 2] long) -> [B, Q, N]
         ``time[..., 0]`` day of week 0..6, ``time[..., 1]`` time-of-day index
@@ -139,6 +148,9 @@ class GMAN(nn.Module):
         bn_momentum: float = 0.5,
         spatial_attention: str = "dense",
         spatial_attention_options: dict | None = None,
+        num_groups: int | None = None,
+        partition_method: str = "random",
+        partition_seed: int = 0,
     ) -> None:
         super().__init__()
         self.num_nodes = _positive_int("num_nodes", num_nodes)
@@ -165,6 +177,21 @@ class GMAN(nn.Module):
                 f"GMAN: spatial_attention must be one of {', '.join(SPATIAL_ATTENTIONS)}, got {spatial_attention!r}"
             )
         options = dict(spatial_attention_options or {})
+        group = spatial_attention == "group"
+        if num_groups is not None and not (
+            isinstance(num_groups, int) and not isinstance(num_groups, bool) and 1 <= num_groups <= num_nodes
+        ):
+            raise ValueError(f"GMAN: num_groups must be null or an integer in [1, {num_nodes}] (num_nodes), got {num_groups!r}")
+        if partition_method not in PARTITION_METHODS:
+            raise ValueError(
+                f"GMAN: partition_method must be one of {', '.join(PARTITION_METHODS)}, got {partition_method!r}"
+            )
+        if isinstance(partition_seed, bool) or not isinstance(partition_seed, int):
+            raise ValueError(f"GMAN: partition_seed must be an integer, got {partition_seed!r}")
+        if not group and (num_groups is not None or partition_method != "random"):
+            raise ValueError(f"GMAN: num_groups and partition_method apply to spatial_attention 'group', not {spatial_attention!r}")
+        if group and {"num_groups", "partition_method", "partition_seed", "num_nodes"} & set(options):
+            raise ValueError("GMAN: give num_groups, partition_method and partition_seed as GMAN arguments, not in spatial_attention_options")
         self._config = dict(
             num_nodes=num_nodes, steps_per_day=steps_per_day, se_dim=se_dim,
             history_steps=history_steps, horizon_steps=horizon_steps, num_layers=num_layers,
@@ -173,6 +200,7 @@ class GMAN(nn.Module):
             attention_output_fc=attention_output_fc, fusion_output_fc=fusion_output_fc,
             batch_norm=batch_norm, bn_momentum=bn_momentum,
             spatial_attention=spatial_attention, spatial_attention_options=options,
+            num_groups=num_groups, partition_method=partition_method, partition_seed=partition_seed,
         )
         dim = self.num_heads * self.head_dim
         self.dim = dim
@@ -185,6 +213,12 @@ class GMAN(nn.Module):
         bn = dict(batch_norm=batch_norm, bn_momentum=bn_momentum)
         self.input_fc = FC(1, [dim, dim], [True, False], **bn)
         self.ste = SpatioTemporalEmbedding(se_dim, steps_per_day, dim, **bn)
+
+        if group:
+            # every block starts from the same partition; a "bfs" one is filled in by
+            # set_partition_graph (until then forward refuses to run)
+            options = dict(options, num_nodes=num_nodes, num_groups=num_groups, partition_seed=partition_seed)
+        self._partition_pending = group and partition_method == "bfs"
 
         def block() -> STAttBlock:
             spatial = SPATIAL_ATTENTIONS[spatial_attention](
@@ -199,6 +233,7 @@ class GMAN(nn.Module):
         self.transform = TransformAttention(num_heads, head_dim, output_fc=attention_output_fc, **bn)
         self.decoder = nn.ModuleList([block() for _ in range(num_layers)])
         self.output_fc = FC(dim, [dim, 1], [True, False], dropout=dropout, no_bn_last=True, **bn)
+        self.register_load_state_dict_post_hook(_partition_loaded)
 
     # ------------------------------------------------------------------ config
     @property
@@ -223,6 +258,21 @@ class GMAN(nn.Module):
         with torch.no_grad():
             self.spatial_embedding.copy_(se.to(self.spatial_embedding.dtype))
 
+    def set_partition_graph(self, adjacency: Any) -> None:
+        """Build the ``partition_method="bfs"`` partition from the road graph
+        ``adjacency [N, N]`` (non-zero = edge) and give it to every block."""
+        if self._config["spatial_attention"] != "group" or self._config["partition_method"] != "bfs":
+            raise ValueError("GMAN: set_partition_graph needs spatial_attention 'group' with partition_method 'bfs'")
+        groups = self.group_attentions()
+        partition = make_partition(self.num_nodes, groups[0].num_groups, "bfs", adjacency)
+        for module in groups:
+            module.set_partition(partition)
+        self._partition_pending = False
+
+    def group_attentions(self) -> list[GroupSpatialAttention]:
+        """The group spatial attention module of every block (empty for dense attention)."""
+        return [m for m in self.modules() if isinstance(m, GroupSpatialAttention)]
+
     def set_bn_momentum(self, momentum: float) -> None:
         """Set the momentum of every batch-norm layer (PyTorch convention, ``1 −`` EMA decay)."""
         momentum = _fraction("bn_momentum", momentum, low_open=True, high_closed=True)
@@ -238,6 +288,8 @@ class GMAN(nn.Module):
     def forward(self, x: Tensor, time: Tensor) -> Tensor:
         """x [B, P, N] normalised, time [B, P+Q, 2] long -> [B, Q, N] normalised."""
         p, q, n = self.history_steps, self.horizon_steps, self.num_nodes
+        if self._partition_pending:
+            raise ValueError("GMAN: partition_method 'bfs' needs set_partition_graph(adjacency) (or a loaded state dict) first")
         if x.dim() != 3 or x.shape[1] != p or x.shape[2] != n:
             raise ValueError(f"GMAN: x must have shape [B, {p}, {n}], got {list(x.shape)}")
         if time.dim() != 3 or time.shape[1] != p + q or time.shape[2] != 2 or time.shape[0] != x.shape[0]:
@@ -256,5 +308,12 @@ class GMAN(nn.Module):
         c = self._config
         return (
             f"N={c['num_nodes']}, P={c['history_steps']}, Q={c['horizon_steps']}, L={c['num_layers']}, "
-            f"K={c['num_heads']}, d={c['head_dim']}, causal_mask={c['causal_mask']}, batch_norm={c['batch_norm']!r}"
+            f"K={c['num_heads']}, d={c['head_dim']}, causal_mask={c['causal_mask']}, batch_norm={c['batch_norm']!r}, "
+            f"spatial_attention={c['spatial_attention']!r}"
         )
+
+
+def _partition_loaded(model: GMAN, incompatible_keys: Any) -> None:
+    """Load-state-dict post-hook: a state dict that holds the partitions sets them."""
+    if not any(key.endswith(".partition") for key in incompatible_keys.missing_keys):
+        model._partition_pending = False

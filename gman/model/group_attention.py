@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gman.model.layers import FC, SteLike, project_concat
+from gman.model.layers import FC, SPATIAL_ATTENTIONS, SteLike, project_concat
 
 __all__ = [
     "PARTITION_METHODS",
@@ -382,3 +382,6 @@ class GroupSpatialAttention(nn.Module):
         h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [B·T, N, D] in group order
         h = h.view(b, t, n, dim).index_select(2, self.sensor_position)  # back to sensor order
         return self.out(h) if self.out is not None else h
+
+
+SPATIAL_ATTENTIONS["group"] = GroupSpatialAttention
