@@ -112,6 +112,24 @@ def test_train_writes_a_complete_run_folder_and_mlflow_run(uninterrupted, workdi
     assert "val_mae" in mlrun.data.metrics and "baseline_last_value_mae_step03_15min" in mlrun.data.metrics
 
 
+def test_a_checkpoint_alone_is_servable(uninterrupted, tmp_path):
+    """best.ckpt carries the serving metadata: copied away from its run folder it still loads."""
+    import shutil
+
+    import pandas as pd
+
+    from gman import Forecaster
+
+    lonely = tmp_path / "best.ckpt"
+    shutil.copy(uninterrupted / "checkpoints" / "best.ckpt", lonely)
+    from_ckpt = Forecaster.load(lonely)
+    from_package = Forecaster.load(uninterrupted / "model")
+    assert from_ckpt.sensor_ids == from_package.sensor_ids and from_ckpt.interval == from_package.interval
+    index = pd.date_range("2024-01-01", periods=from_ckpt.history_steps, freq=from_ckpt.interval)
+    history = pd.DataFrame(60.0, index=index, columns=from_ckpt.sensor_ids)
+    pd.testing.assert_frame_equal(from_ckpt.predict(history), from_package.predict(history))
+
+
 def test_sigkill_mid_epoch_then_resume_gives_the_same_test_metrics(uninterrupted, workdir):
     killed = gman(["train", "--config", "tiny.yaml", "--output-dir", "runs/killed"], workdir,
                   GMAN_TEST_SIGKILL_AT="2:5")

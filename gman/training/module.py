@@ -143,6 +143,25 @@ class GMANLightningModule(L.LightningModule):
         if datamodule.spatial_embedding is not None:
             self.net.set_spatial_embedding(torch.as_tensor(datamodule.spatial_embedding, dtype=torch.float32))
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the serving metadata (sensor ids, interval, scaler...) so a checkpoint alone is servable.
+
+        ``Forecaster.load(path.ckpt)`` reads ``checkpoint["gman_package"]`` first;
+        without it, it has to find the run's ``model/gman.json`` beside the checkpoint.
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if self.net is None or datamodule is None or getattr(datamodule, "dataset", None) is None:
+            return
+        from gman.serving.package import package_metadata
+
+        dataset = datamodule.dataset
+        checkpoint["gman_package"] = package_metadata(
+            self.net, scaler_mean=self.hparams.scaler_mean, scaler_std=self.hparams.scaler_std,
+            sensor_ids=list(datamodule.sensor_ids), interval=dataset.interval,
+            missing_value=getattr(datamodule, "missing_value", None), dataset_name=dataset.name,
+            units=getattr(dataset, "units", ""),
+        )
+
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         """x [B, P, N] normalised, time [B, P+Q, 2] -> forecast [B, Q, N] in data units."""
