@@ -202,3 +202,19 @@ def test_bad_graphs_and_options(tmp_path):
         load_dataset(tmp_path / "x.npz")
     with pytest.raises(DataError, match="no timestamp column"):
         load_dataset(write(tmp_path, "nots.csv", "1,2\n3,4\n5,6\n"))
+
+
+def test_headerless_csv_with_a_distance_matrix_pemsd7m_layout(shared_data, tmp_path):
+    """PeMSD7(M): V_228.csv has no header row; W_228.csv is a bare distance matrix in the same order."""
+    distances = np.loadtxt(shared_data / "graphs" / "pemsd7m" / "W_228.csv", delimiter=",")
+    rng = np.random.default_rng(0)
+    speeds = rng.uniform(20, 70, size=(300, distances.shape[0])).round(1)
+    values_path = tmp_path / "V_228.csv"
+    np.savetxt(values_path, speeds, delimiter=",", fmt="%.1f")  # no header row, as published
+    data = load_dataset(values_path, header=False, start_time="2012-05-01", interval="5min",
+                        graph_path=str(shared_data / "graphs" / "pemsd7m" / "W_228.csv"),
+                        graph_format="distance-matrix")
+    assert data.values.shape == (300, 228)                       # the first row is data, not ids
+    np.testing.assert_allclose(data.values[0], speeds[0], rtol=1e-6)
+    assert data.sensor_ids[:3] == ["0", "1", "2"]
+    assert data.adjacency.shape == (228, 228) and np.all(np.diag(data.adjacency) == 1.0)

@@ -55,6 +55,7 @@ READER_OPTIONS = {
     "feature": "npz: index or name (flow, occupancy, speed) of the feature to read",
     "key": "h5 key / npz array name",
     "sensor_ids": "ids for data that has none (npz): a list or a text file of ids",
+    "header": "csv: False for a file without a header row (PeMSD7(M) V_228.csv); ids then come from sensor_ids or are 0..N-1",
     "timestamp_column": "name of the timestamp column (default: detected)",
     "sensor_column": "long format: sensor id column (default sensor_id)",
     "value_column": "long format: value column (default value)",
@@ -181,7 +182,7 @@ def _read_file(path: Path, options: dict) -> _Table:
         elif fmt == "parquet":
             frame = pd.read_parquet(path)
         else:
-            frame = pd.read_csv(path, skipinitialspace=True)
+            frame = pd.read_csv(path, skipinitialspace=True, header=0 if options.get("header", True) else None)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty") from None
     except Exception as err:  # corrupt files raise all sorts (HDF5ExtError, ArrowInvalid, ParserError, ...)
@@ -192,7 +193,10 @@ def _read_file(path: Path, options: dict) -> _Table:
         raise DataError(f"{path}: expected a table, got {type(frame).__name__}")
     if fmt == "long-csv":
         return _read_long(frame, where, options)
-    return _read_frame(frame, where, options)
+    table = _read_frame(frame, where, options)
+    if not options.get("header", True):
+        table.sensor_ids = None  # positions, not ids: sensor_ids= or the node index names them
+    return table
 
 
 def _read_frame(frame: pd.DataFrame, where: str, options: dict) -> _Table:

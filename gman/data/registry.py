@@ -47,7 +47,7 @@ CARD_FILE = "dataset.yaml"
 ENV_DATASETS_DIR = "GMAN_DATASETS_DIR"
 _CARD_KEYS = {"name", "title", "description", "interval", "start_time", "units", "missing_value", "split",
               "license", "values", "graph", "files", "notes", "source"}
-_VALUES_KEYS = {"file", "format", "feature", "features", "key", "sensor_ids"}
+_VALUES_KEYS = {"file", "format", "feature", "features", "key", "sensor_ids", "header"}
 _GRAPH_KEYS = {"file", "format", "sensor_ids", "threshold", "id_map"}
 _FILE_KEYS = {"name", "size", "sha256", "urls", "page", "note"}
 
@@ -226,6 +226,7 @@ def card_reader_options(name: str) -> dict[str, Any]:
         "format": card.values.get("format"),
         "key": card.values.get("key"),
         "feature": card.values.get("feature"),
+        "header": card.values.get("header"),
         "sensor_ids": _data_file(card, card.values.get("sensor_ids")),
         "graph_path": None if graph_path is None else str(graph_path),
         "graph_format": card.graph.get("format"),
