@@ -278,6 +278,8 @@ def run_variant(args, variant: str, data: PinnedWindows, adjacency, mean: float,
     batches = order[: num_batches * args.batch].view(num_batches, args.batch)
 
     record: dict = {"variant": variant}
+    if args.spatial_attention == "group":
+        record["groups"] = model.group_attentions()[0].num_groups
     with sdpa_kernel(backends) if args.sdpa == "fused" else contextlib.nullcontext():
         t0 = time.perf_counter()
         for i in range(args.warmup):

@@ -121,6 +121,8 @@ def fit_slope(points: list[tuple[float, float]]) -> float | None:
 
 COSTS = {  # name -> per-window cost of a record
     "train_s_per_window": lambda r: r["train_step_s"] / r["batch"],
+    # process CPU time: less sensitive than wall time to other work on a shared machine
+    "train_cpu_s_per_window": lambda r: r["train_step_cpu_s"] / r["batch"] if r.get("train_step_cpu_s") else None,
     "infer_s_per_window": lambda r: r["infer_s"] / r["batch"],
     "flops_per_window": lambda r: r["flops_per_step"] / r["batch"] if r.get("flops_per_step") else None,
 }
@@ -152,10 +154,11 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = [r for r in results["records"] if r["status"] == "ok"]
-    panels = [("train_s_per_window", "train step / window (s)"),
+    panels = [("train_s_per_window", "train step / window, wall (s)"),
+              ("train_cpu_s_per_window", "train step / window, process CPU (s)"),
               ("flops_per_window", "FLOPs / window (train step)"),
               ("peak_mem", "peak memory (MiB)")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.8))
     colours = {"dense": "tab:red", "group": "tab:blue"}
     for ax, (name, label) in zip(axes, panels):
         anchor = None
@@ -165,12 +168,12 @@ def plot(results: dict, path: Path) -> None:
                 pts = [(r["nodes"], r.get("gpu_peak_mem_mb") or r["peak_mem_mb"], r["batch"]) for r in rs]
             else:
                 pts = [(r["nodes"], COSTS[name](r), r["batch"]) for r in rs]
-            pts = [p for p in pts if p[1]]
+            pts = [pt for pt in pts if pt[1]]
             if not pts:
                 continue
-            slope = results["slopes"].get(mode, {}).get(name, {}).get("fitted") if name in COSTS else None
-            lo, hi = results["slope_range"]
-            tag = mode + (f" (slope {slope:.2f} over N {lo}-{hi})" if slope else "")
+            fit = results["slopes"].get(mode, {}).get(name, {}) if name in COSTS else {}
+            slope, used = fit.get("fitted"), fit.get("nodes") or []
+            tag = mode + (f" (slope {slope:.2f} over N {min(used)}-{max(used)})" if slope else "")
             ax.loglog([n for n, _, _ in pts], [c for _, c, _ in pts], "o-", color=colours[mode], label=tag)
             for n, c, b in pts:
                 ax.annotate(f"B={b}", (n, c), fontsize=7, textcoords="offset points", xytext=(3, -9))
@@ -186,9 +189,10 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("sensors N")
         ax.set_title(label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     settings = results["settings"]
-    fig.suptitle(f"GMAN spatial attention cost vs N ({settings['device']}, L={settings['layers']}, "
+    fig.suptitle(f"GMAN spatial attention cost vs N ({settings['device']}, {settings.get('threads') or 'all'} threads, L={settings['layers']}, "
                  f"K={settings['heads']}, d={settings['head_dim']}, P=Q={settings['history']}; "
                  f"dotted: dense skipped)", fontsize=10)
     fig.tight_layout()

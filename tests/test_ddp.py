@@ -1,0 +1,209 @@
+"""Lightning DDP on the CPU (2 processes, gloo) against 1 process at the same global batch.
+
+A script (written to a temporary folder; the ``ddp`` strategy re-runs it for
+rank 1) trains ``GMANLightningModule`` on ``GMANDataModule``'s synthetic data
+with the project's MLflow logger, once with 1 process and batch 16 and once
+with 2 processes and batch 8, and prints the validation masked MAE and saves
+the weights.
+
+Same samples per step.  The script's data module shards the data module's
+epoch-seeded order round-robin (``ShardedEpochSampler``: rank ``r`` takes
+positions ``r, r + 2, ...``), so the two ranks' step-``i`` batches together are
+exactly the 1-process step-``i`` batch, and DDP averages their gradients.
+``GMANDataModule``'s own loader does *not* give this under DDP (see the xfail
+test below): Lightning forces ``shuffle=True`` on the ``DistributedSamplerWrapper``
+it puts around a custom training sampler, which re-permutes the sampler's
+order with its own seed — the run is still reproducible, but its batches are
+not the 1-process ones (measured: 8.9 % apart in validation MAE after 8 steps,
+against 1.3 % with the sharded order).
+
+Tolerance.  The model here has ``batch_norm="none"``; then the only
+differences left are the masked-MAE normalisation (each rank divides by its
+own count of observed labels, so the average of the two rank means weighs
+labels slightly differently from the 1-process mean) and float summation
+order.  Measured: weights 0.13 % apart (relative L2) and validation MAE 0.3 %
+apart after 8 steps, against 3.1 % for the weights of a 1-process run that
+merely visits the windows in another order — so the 1 % tolerances below tell
+a correct DDP run from a wrong one.  With the authors' batch-norm layers the
+statistics are per process (half a batch each), which moves the weights by
+~3 % and validation MAE by ~1.3 % here; Lightning's ``sync_batchnorm=True``
+does not help, as it swaps GMAN's last-dim batch-norm for ``nn.SyncBatchNorm``,
+which normalises dim 1 (see docs/multi-gpu.md).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GLOBAL_BATCH = 16
+TOLERANCE = 0.01  # relative, validation MAE and weights after 8 optimiser steps (see the module docstring)
+
+SCRIPT = '''\
+import sys
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+from gman.data.datamodule import GMANDataModule
+from gman.data.sampling import EpochSeededRandomSampler
+from gman.training.module import GMANLightningModule
+from gman.training.tracking import make_logger
+
+
+class ShardedEpochSampler(DistributedSampler):
+    """The 1-process epoch order dealt round-robin (rank r: positions r, r + W, ...).
+    A DistributedSampler, so Lightning uses it as it is."""
+
+    def __init__(self, num_samples, seed):
+        self.order = EpochSeededRandomSampler(num_samples, seed)
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.count = -(-num_samples // self.world)
+
+    def set_epoch(self, epoch):
+        self.order.set_epoch(epoch)
+
+    def __iter__(self):
+        order = list(self.order)
+        order += order[: self.count * self.world - len(order)]
+        return iter(order[self.rank::self.world])
+
+    def __len__(self):
+        return self.count
+
+
+class ShardedData(GMANDataModule):
+    def train_dataloader(self):
+        sampler = ShardedEpochSampler(len(self.train_windows), self.seed)
+        return DataLoader(self.train_windows, batch_size=self.batch_size, sampler=sampler)
+
+
+class FirstBatch(L.Callback):
+    """Each rank writes the window starts of its first batch to first_rank<r>.txt (one file
+    per rank: the ranks share stdout, where lines can interleave)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            with open(f"{out}/first_rank{trainer.global_rank}.txt", "w") as handle:
+                handle.write(" ".join(map(str, batch["start"].tolist())))
+
+
+devices, mode, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+L.seed_everything(5, verbose=False)
+data_class = ShardedData if mode == "sharded" else GMANDataModule
+data = data_class(dataset="synthetic", options={"num_sensors": 10, "days": 6}, batch_size=16 // devices,
+                  eval_batch_size=64, seed=5)
+model = GMANLightningModule(num_layers=1, num_heads=2, head_dim=4, se_dim=8, dropout=0.0, learning_rate=0.003,
+                            batch_norm="none")
+logger = make_logger("ddp-test", f"sqlite:///{out}/mlflow.db")
+trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                    max_epochs=1, limit_train_batches=8 if mode == "sharded" else 1,
+                    limit_val_batches=1.0 if mode == "sharded" else 0, num_sanity_val_steps=0,
+                    logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, callbacks=[FirstBatch()])
+trainer.fit(model, datamodule=data)
+logger.finish("FINISHED")
+if trainer.is_global_zero and mode == "sharded":
+    print("VAL_MAE", float(trainer.callback_metrics["val_mae"]), "WORLD", trainer.world_size, flush=True)
+    torch.save({k: v for k, v in model.net.state_dict().items() if v.is_floating_point()}, f"{out}/weights.pt")
+'''
+
+
+def run(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def fit(workdir: Path, devices: int, mode: str) -> subprocess.CompletedProcess:
+    (workdir / "fit.py").write_text(SCRIPT)
+    result = run(["fit.py", str(devices), mode, str(workdir)], workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def first_batches(workdir: Path) -> dict[int, list[int]]:
+    return {int(f.stem[len("first_rank"):]): [int(v) for v in f.read_text().split()]
+            for f in workdir.glob("first_rank*.txt")}
+
+
+def mlflow_runs(db: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory) -> dict:
+    out = {}
+    for name, devices in (("single", 1), ("ddp", 2)):
+        workdir = tmp_path_factory.mktemp(name)
+        result = fit(workdir, devices, "sharded")
+        (line,) = [ln for ln in result.stdout.splitlines() if ln.startswith("VAL_MAE")]
+        _, value, _, world = line.split()
+        out[name] = {"val_mae": float(value), "world": int(world), "dir": workdir,
+                     "first": first_batches(workdir)}
+    return out
+
+
+def test_two_processes_match_one_at_the_same_global_batch(sharded_runs):
+    import torch
+
+    single, ddp = sharded_runs["single"], sharded_runs["ddp"]
+    assert (single["world"], ddp["world"]) == (1, 2)
+    # the two ranks' first batches are the 1-process first batch, split in two
+    assert sorted(ddp["first"][0] + ddp["first"][1]) == sorted(single["first"][0])
+    assert not set(ddp["first"][0]) & set(ddp["first"][1])
+    a, b = single["val_mae"], ddp["val_mae"]
+    assert abs(a - b) / a < TOLERANCE, f"val_mae 1 process {a:.4f} vs 2 processes {b:.4f}"
+    wa, wb = (torch.load(r["dir"] / "weights.pt") for r in (single, ddp))
+    diff = sum(((wa[k] - wb[k]) ** 2).sum() for k in wa) ** 0.5 / sum((w**2).sum() for w in wa.values()) ** 0.5
+    assert diff < TOLERANCE, f"weights of the two runs are {float(diff):.2%} apart"
+
+
+def test_only_rank_zero_creates_an_mlflow_run(sharded_runs):
+    runs = mlflow_runs(sharded_runs["ddp"]["dir"] / "mlflow.db")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["val_mae"] == pytest.approx(sharded_runs["ddp"]["val_mae"], rel=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="GMANDataModule's training sampler is re-shuffled by Lightning's "
+                                       "DistributedSamplerWrapper under DDP (gman/data: shard it per rank instead)")
+def test_data_module_gives_the_one_process_batches_under_ddp(tmp_path):
+    from gman.data.sampling import EpochSeededRandomSampler
+
+    fit(tmp_path, 2, "default")
+    first = first_batches(tmp_path)
+    # the 1-process first batch: the first 16 positions of the epoch-0 order of the training windows
+    from gman.data.datamodule import GMANDataModule
+
+    data = GMANDataModule(dataset="synthetic", options={"num_sensors": 10, "days": 6}, seed=5)
+    data.setup("fit")
+    order = list(EpochSeededRandomSampler(len(data.train_windows), seed=5))
+    expected = sorted(int(data.train_windows.starts[i]) for i in order[:GLOBAL_BATCH])
+    assert sorted(first[0] + first[1]) == expected
+
+
+CLI_CONFIG = """\
+seed_everything: 5
+model: {num_layers: 1, num_heads: 2, head_dim: 4, se_dim: 8, dropout: 0.0}
+data: {dataset: synthetic, options: {num_sensors: 10, days: 6}, batch_size: 8, eval_batch_size: 64}
+trainer: {max_epochs: 1, limit_train_batches: 4, accelerator: cpu, devices: 2, strategy: ddp, enable_progress_bar: false}
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="gman train under DDP: the re-launched rank 1 re-runs the whole command and "
+                                       "refuses the output folder rank 0 has just created (gman/training/cli.py)")
+def test_gman_train_runs_under_ddp(tmp_path):
+    (tmp_path / "config.yaml").write_text(CLI_CONFIG)
+    result = run(["-m", "gman.cli", "train", "--config", "config.yaml", "--output-dir", "runs/out"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["out"]
+    assert len(mlflow_runs(tmp_path / "mlflow.db")) == 1
