@@ -169,7 +169,10 @@ def test_evaluate_a_checkpoint_and_an_mlflow_run_reproduce_the_test_metrics(unin
     expected = gman_rows(uninterrupted)
     for folder in ("eval-ckpt", "eval-run"):
         got = gman_rows(workdir / "runs" / folder)
-        assert [(r["step"], r["mae"], r["rmse"]) for r in got] == [(r["step"], r["mae"], r["rmse"]) for r in expected]
+        # same numbers up to float summation order (evaluation may run on another thread count)
+        assert [r["step"] for r in got] == [r["step"] for r in expected]
+        for name in ("mae", "rmse"):
+            assert [float(r[name]) for r in got] == pytest.approx([float(r[name]) for r in expected], rel=1e-5)
         assert (workdir / "runs" / folder / "forecast_vs_truth.png").is_file()
 
 
