@@ -294,6 +294,7 @@ def run_variant(args, variant: str, data: PinnedWindows, adjacency, mean: float,
                 record["host_sync_in_step"] = False
             except RuntimeError as err:
                 record["host_sync_in_step"] = str(err).splitlines()[0][:200]
+                opt.zero_grad(set_to_none=True)  # the interrupted step may have left gradients
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             sync()

@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slope-range", type=int, nargs=2, default=[883, 8600], metavar=("N_LO", "N_HI"))
     p.add_argument("--json", type=Path, default=None, help="write records and slopes here")
     p.add_argument("--plot", type=Path, default=None, help="write the log-log plot here (PNG)")
-    p.add_argument("--plot-only", type=Path, default=None, metavar="RESULTS.json", help="re-plot saved results")
+    p.add_argument("--plot-only", type=Path, nargs="+", default=None, metavar="RESULTS.json",
+                   help="re-plot saved results (several files: records merged, a measured one replacing a skipped one)")
     args = p.parse_args(argv)
     if len(args.batch) not in (1, len(args.nodes)):
         p.error("--batch takes one value or one per --nodes value")
@@ -159,6 +160,7 @@ def plot(results: dict, path: Path) -> None:
               ("flops_per_window", "FLOPs / window (train step)"),
               ("peak_mem", "peak memory (MiB)")]
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.8))
+    skipped = [r for r in results["records"] if r["status"] == "skipped"]
     colours = {"dense": "tab:red", "group": "tab:blue"}
     for ax, (name, label) in zip(axes, panels):
         anchor = None
@@ -178,7 +180,6 @@ def plot(results: dict, path: Path) -> None:
             for n, c, b in pts:
                 ax.annotate(f"B={b}", (n, c), fontsize=7, textcoords="offset points", xytext=(3, -9))
             anchor = pts[0][:2] if mode == "group" or anchor is None else anchor  # slopes drawn from group's first point
-        skipped = [r for r in results["records"] if r["status"] == "skipped"]
         for r in skipped:
             ax.axvline(r["nodes"], color=colours["dense"], ls=":", lw=0.8)
         if anchor and name != "peak_mem":
@@ -193,14 +194,27 @@ def plot(results: dict, path: Path) -> None:
             ax.legend(fontsize=7)
     settings = results["settings"]
     fig.suptitle(f"GMAN spatial attention cost vs N ({settings['device']}, {settings.get('threads') or 'all'} threads, L={settings['layers']}, "
-                 f"K={settings['heads']}, d={settings['head_dim']}, P=Q={settings['history']}; "
-                 f"dotted: dense skipped)", fontsize=10)
+                 f"K={settings['heads']}, d={settings['head_dim']}, P=Q={settings['history']}"
+                 + ("; dotted: dense skipped)" if skipped else ")"), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def merge(results: list[dict]) -> dict:
+    """Records of several result files; for one (mode, N, B), a measured record replaces a skipped one."""
+    records: dict[tuple, dict] = {}
+    for res in results:
+        for r in res["records"]:
+            key = (r["spatial_attention"], r["nodes"], r["batch"])
+            if key not in records or records[key]["status"] != "ok":
+                records[key] = r
+    lo, hi = results[0]["slope_range"]
+    merged = sorted(records.values(), key=lambda r: (r["nodes"], r["spatial_attention"]))
+    return {**results[0], "records": merged, "slopes": slopes(merged, lo, hi)}
 
 
 def write_json(results: dict, path: Path) -> None:
@@ -213,8 +227,8 @@ def write_json(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.plot_only:
-        results = json.loads(args.plot_only.read_text())
-        plot(results, args.plot or args.plot_only.with_suffix(".png"))
+        results = merge([json.loads(path.read_text()) for path in args.plot_only])
+        plot(results, args.plot or args.plot_only[0].with_suffix(".png"))
         return 0
     batches = args.batch * len(args.nodes) if len(args.batch) == 1 else args.batch
     records: list[dict] = []

@@ -82,3 +82,14 @@ def test_gpu_epoch_runs_a_few_steps_on_the_cpu(tmp_path):
     (eager,) = result["variants"]
     assert eager["variant"] == "eager" and eager["steps"] == 2 and eager["windows_trained"] == 8
     assert eager["flops_per_step"] > 0 and eager["mfu"] > 0 and np.isfinite(eager["mean_train_mae"])
+
+
+def test_scale_benchmark_merges_a_measured_record_over_a_skipped_one():
+    ok = {"status": "ok", "spatial_attention": "dense", "nodes": 8600, "batch": 1, "train_step_s": 100.0,
+          "infer_s": 30.0, "flops_per_step": 1e12, "peak_mem_mb": 2000.0}
+    small = {**ok, "nodes": 883, "batch": 4, "train_step_s": 4 * 100.0 / (8600 / 883) ** 2, "flops_per_step": None}
+    first = {"slope_range": [883, 8600], "settings": {},
+             "records": [small, {"status": "skipped", "spatial_attention": "dense", "nodes": 8600, "batch": 1}]}
+    merged = scale_benchmark.merge([first, {"slope_range": [883, 8600], "records": [ok]}])
+    assert [r["status"] for r in merged["records"]] == ["ok", "ok"]
+    assert merged["slopes"]["dense"]["train_s_per_window"]["fitted"] == pytest.approx(2.0, abs=1e-6)
