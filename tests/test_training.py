@@ -140,3 +140,21 @@ def test_two_processes_can_create_the_same_new_sqlite_store(tmp_path):
     results = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-500:] for _, err in results]
     assert results[0][0].strip() == results[1][0].strip()  # both see the one experiment
+
+
+def test_group_attention_with_a_graph_partition_trains_and_the_checkpoint_keeps_the_partition(tmp_path):
+    """model.spatial_attention=group with partition_method=bfs: groups from the data's road graph, saved."""
+    L.seed_everything(0)
+    datamodule = GMANDataModule(**DATA)
+    module = GMANLightningModule(**TINY, spatial_attention="group", num_groups=3, partition_method="bfs")
+    trainer = tiny_trainer(tmp_path)
+    trainer.fit(module, datamodule=datamodule)
+    groups = module.net.group_attentions()
+    assert groups and all(g.num_groups == 3 for g in groups)
+    path = tmp_path / "g.ckpt"
+    trainer.save_checkpoint(path)
+    restored = GMANLightningModule.load_from_checkpoint(path)  # partition comes back from the state dict
+    batch = next(iter(datamodule.val_dataloader()))
+    module.eval(), restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(batch["x"], batch["time"]), module(batch["x"], batch["time"]))

@@ -48,7 +48,8 @@ class GMANLightningModule(L.LightningModule):
 
     Args (model): ``num_layers`` L, ``num_heads`` K, ``head_dim`` d, ``se_dim``,
         ``dropout``, ``causal_mask``, ``attention_output_fc``, ``fusion_output_fc``,
-        ``batch_norm``, ``bn_momentum``, ``spatial_attention(_options)``: see GMAN.
+        ``batch_norm``, ``bn_momentum``, ``spatial_attention(_options)``, ``num_groups``,
+        ``partition_method`` (``random`` | ``bfs``: from the data's graph), ``partition_seed``: see GMAN.
     Args (optimisation): ``learning_rate``, ``weight_decay`` (Adam), ``lr_decay_factor``,
         ``lr_decay_every`` (epochs), ``min_learning_rate``, ``bn_momentum_schedule``.
     Args (from the data, normally left None): ``num_nodes``, ``steps_per_day``,
@@ -76,6 +77,9 @@ class GMANLightningModule(L.LightningModule):
         bn_momentum_schedule: bool = False,
         spatial_attention: str = "dense",
         spatial_attention_options: dict[str, Any] | None = None,
+        num_groups: int | None = None,
+        partition_method: str = "random",
+        partition_seed: int = 0,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         lr_decay_factor: float = 0.7,
@@ -121,6 +125,7 @@ class GMANLightningModule(L.LightningModule):
                 attention_output_fc=hp.attention_output_fc, fusion_output_fc=hp.fusion_output_fc,
                 batch_norm=hp.batch_norm, bn_momentum=hp.bn_momentum,
                 spatial_attention=hp.spatial_attention, spatial_attention_options=hp.spatial_attention_options,
+                num_groups=hp.num_groups, partition_method=hp.partition_method, partition_seed=hp.partition_seed,
             )
         except ValueError as err:  # GMAN validates its arguments with one-line ValueErrors
             raise ConfigError(f"model: {str(err).removeprefix('GMAN: ')}") from None
@@ -142,6 +147,11 @@ class GMANLightningModule(L.LightningModule):
         self._build()
         if datamodule.spatial_embedding is not None:
             self.net.set_spatial_embedding(torch.as_tensor(datamodule.spatial_embedding, dtype=torch.float32))
+        if self.hparams.spatial_attention == "group" and self.hparams.partition_method == "bfs":
+            adjacency = datamodule.dataset.adjacency
+            if adjacency is None:
+                raise ConfigError("model.partition_method: 'bfs' needs a road graph, and the data set has none")
+            self.net.set_partition_graph(adjacency)  # saved in the state dict: checkpoints keep the partition
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the serving metadata (sensor ids, interval, scaler...) so a checkpoint alone is servable.
