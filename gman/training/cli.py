@@ -382,12 +382,7 @@ def _report(module, datamodule, checkpoint, logger, work_dir: Path, final_dir: P
 
     best = Path(checkpoint.best_model_path)
     best_name = best.name
-    package = save_package(
-        work_dir / PACKAGE_DIR, module.net, scaler_mean=module.hparams.scaler_mean,
-        scaler_std=module.hparams.scaler_std, sensor_ids=list(datamodule.sensor_ids),
-        interval=datamodule.dataset.interval, missing_value=getattr(datamodule, "missing_value", None),
-        dataset_name=datamodule.dataset.name, units=units,
-    )
+    package = save_package(work_dir / PACKAGE_DIR, module.net, **module.package_fields(datamodule))
 
     client, run_id = logger.experiment, logger.run_id
     from mlflow.entities import Metric

@@ -164,9 +164,13 @@ class GMANLightningModule(L.LightningModule):
             return
         from gman.serving.package import package_metadata
 
+        checkpoint["gman_package"] = package_metadata(self.net, **self.package_fields(datamodule))
+
+    def package_fields(self, datamodule) -> dict[str, Any]:
+        """Keyword arguments of ``save_package`` / ``package_metadata`` for this model trained on ``datamodule``."""
         dataset = datamodule.dataset
-        checkpoint["gman_package"] = package_metadata(
-            self.net, scaler_mean=self.hparams.scaler_mean, scaler_std=self.hparams.scaler_std,
+        return dict(
+            scaler_mean=self.hparams.scaler_mean, scaler_std=self.hparams.scaler_std,
             sensor_ids=list(datamodule.sensor_ids), interval=dataset.interval,
             missing_value=getattr(datamodule, "missing_value", None), dataset_name=dataset.name,
             units=getattr(dataset, "units", ""),
