@@ -55,6 +55,9 @@ STEPS_PER_DAY = 288  # METR-LA: 5-minute readings
 START_DAY_OF_WEEK = 3  # 2012-03-01 was a Thursday (Monday = 0)
 
 
+VARIANTS = ("eager", "compile", "compile-ro")
+
+
 def default_graph() -> Path:
     shared = Path(os.environ.get("GMAN_SHARED_DATA", ROOT.parent / "shared" / "data"))
     return shared / "graphs" / "metr-la" / "adj_mx.pkl"
@@ -78,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="autocast dtype (auto: bf16 on cuda, none on cpu, where bf16 is emulated and slow)")
     p.add_argument("--sdpa", choices=["fused", "any"], default="fused",
                    help="fused: only flash / memory-efficient attention kernels; any: let torch choose")
-    p.add_argument("--variants", default=None, help="comma list of eager, compile (default: eager,compile on cuda, eager on cpu)")
+    p.add_argument("--variants", default=None,
+                   help="comma list of eager, compile (mode --compile-mode), compile-ro (mode reduce-overhead: "
+                        "CUDA graphs) (default: eager,compile on cuda, eager on cpu)")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (default, reduce-overhead, max-autotune, ...)")
     p.add_argument("--warmup", type=int, default=30, help="untimed steps per variant before the timed epoch")
     p.add_argument("--max-steps", type=int, default=None, help="cap the timed epoch at this many steps (smoke tests)")
@@ -100,9 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--windows must be at least --batch")
     if args.variants is not None:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-        bad = [v for v in variants if v not in ("eager", "compile")]
+        bad = [v for v in variants if v not in VARIANTS]
         if bad or not variants:
-            p.error(f"--variants takes eager and/or compile, got {args.variants!r}")
+            p.error(f"--variants takes {', '.join(VARIANTS)}, got {args.variants!r}")
         args.variants = variants
     return args
 
@@ -257,10 +262,14 @@ def run_variant(args, variant: str, data: PinnedWindows, adjacency, mean: float,
         mask = (y != 0).float()
         return ((pred - y).abs() * mask).sum() / mask.sum().clamp_min(1.0)  # masked MAE, on the device
 
-    loss_fn = torch.compile(forward_loss, mode=args.compile_mode) if variant == "compile" else forward_loss
+    mode = "reduce-overhead" if variant == "compile-ro" else args.compile_mode
+    loss_fn = torch.compile(forward_loss, mode=mode) if variant.startswith("compile") else forward_loss
+    # CUDA graphs (reduce-overhead) reuse their output buffers: tell them where a step begins
+    mark_step = torch.compiler.cudagraph_mark_step_begin if variant == "compile-ro" else (lambda: None)
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
     def step(batch):
+        mark_step()
         loss = loss_fn(*batch)
         loss.backward()
         opt.step()

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one call (device time is scarce: one run per session).
+#
+#   OUT=/some/folder GRAPH=path/to/metr-la/adj_mx.pkl bash experiments/gpu_checks.sh
+#
+# Parts run in order of importance, each under its own time limit and all under
+# one overall budget (BUDGET_S, default 330 s), so a slow or failing part
+# cannot take the results of the others with it.  Writes under $OUT:
+#   gpu.log                  everything printed
+#   test_cuda.log            tests/test_cuda.py (CUDA vs CPU numerics, no host sync, Lightning bf16)
+#   gpu_epoch_L3_<v>.json    one METR-LA-size epoch, L = 3, variant eager / compile / compile-ro
+#   gpu_epoch_L1_eager.json  the same with L = 1 (the published RTX 5000 Ada figure is for L = 1)
+#   benchmark_gpu.json       benchmark.py --preset issue, bf16 autocast, eager
+#   scale_gpu.json           scale_benchmark.py dense vs group, bf16 autocast
+# Needs torch, lightning and pandas; no mlflow.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT to a folder for the results}
+GRAPH=${GRAPH:-${GMAN_SHARED_DATA:-../shared/data}/graphs/metr-la/adj_mx.pkl}
+BUDGET_S=${BUDGET_S:-330}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+START=$(date +%s)
+LOG=$OUT/gpu.log
+
+part() {  # part NAME LIMIT_S COMMAND...: run under min(LIMIT_S, what is left of the budget)
+  local name=$1 limit=$2; shift 2
+  local left=$(( BUDGET_S - ($(date +%s) - START) ))
+  (( left < limit )) && limit=$left
+  if (( limit < 15 )); then echo "## $name: skipped, budget spent" | tee -a "$LOG"; return; fi
+  echo "## $name (limit ${limit}s) $(date +%T)" | tee -a "$LOG"
+  local t0=$(date +%s)
+  timeout --kill-after=5 "$limit" "$@" >>"$LOG" 2>&1
+  echo "## $name: exit $? after $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  $PY -c "import torch, lightning, torch_geometric, pandas; print('torch', torch.__version__, 'lightning', lightning.__version__, 'pyg', torch_geometric.__version__, 'pandas', pandas.__version__)"
+} >>"$LOG" 2>&1
+tail -n 3 "$LOG"
+
+part test_cuda 90 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -o addopts= -rA --junit-xml="$OUT/test_cuda.xml"
+for v in eager compile-ro compile; do
+  case $v in eager) lim=60;; *) lim=120;; esac
+  part "gpu_epoch L3 $v" $lim $PY experiments/gpu_epoch.py --graph "$GRAPH" --variants $v --warmup 10 \
+      --json "$OUT/gpu_epoch_L3_$v.json"
+done
+part "benchmark issue preset" 70 $PY experiments/benchmark.py --preset issue --device cuda --amp bf16 --steps 20 \
+    --json "$OUT/benchmark_gpu.json"
+part "gpu_epoch L1 eager" 40 $PY experiments/gpu_epoch.py --graph "$GRAPH" --layers 1 --variants eager --warmup 10 \
+    --json "$OUT/gpu_epoch_L1_eager.json"
+part "scale dense vs group" 80 $PY experiments/scale_benchmark.py --device cuda --amp bf16 --dense-max-gib 1000 \
+    --json "$OUT/scale_gpu.json"
+
+echo "## total $(( $(date +%s) - START ))s" | tee -a "$LOG"
+grep -h '"variant"' "$LOG" | cut -c1-400
+grep -E "passed|failed|error" "$LOG" | tail -n 3

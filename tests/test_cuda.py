@@ -1,0 +1,137 @@
+"""GMAN on a CUDA device: the same function as on the CPU, in float32 and bf16 autocast.
+
+Skipped where no CUDA device is present (CI has none); run on a GPU machine with
+``python -m pytest tests/test_cuda.py``.  The CPU side of each comparison takes
+the memory-lean training paths (hand-written backward passes, CPU only), so the
+gradient test also checks those against plain autograd on the GPU.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gman.model import GMAN
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+N, P, Q, B = 37, 6, 5, 4
+STEPS_PER_DAY = 288
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖got − ref‖ / ‖ref‖ in float64 on the CPU."""
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    return float((got - ref).norm() / ref.norm())
+
+
+def make_model(seed: int = 0, **options) -> GMAN:
+    torch.manual_seed(seed)
+    model = GMAN(N, STEPS_PER_DAY, history_steps=P, horizon_steps=Q, num_layers=2, num_heads=4, head_dim=8,
+                 dropout=0.0, **options)
+    model.set_spatial_embedding(torch.randn(N, model.se_dim))
+    return model
+
+
+def make_batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, P, N, generator=g)
+    tod = (torch.randint(0, STEPS_PER_DAY, (B, 1), generator=g) + torch.arange(P + Q)) % STEPS_PER_DAY
+    time_ = torch.stack((torch.randint(0, 7, (B, P + Q), generator=g), tod), -1)
+    y = torch.randn(B, Q, N, generator=g)
+    y[torch.rand(B, Q, N, generator=g) < 0.1] = 0.0
+    return x, time_, y
+
+
+@pytest.fixture(autouse=True)
+def exact_float32_matmul():
+    """TF32 would blur the float32 comparisons; restore the setting afterwards."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("spatial", ["dense", "group"])
+def test_inference_on_cuda_matches_float64_on_cpu(spatial):
+    options = dict(spatial_attention="group", num_groups=5) if spatial == "group" else {}
+    model = make_model(**options).eval()
+    x, time_, _ = make_batch()
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double(), time_)
+        gpu = copy.deepcopy(model).cuda()
+        fp32 = gpu(x.cuda(), time_.cuda())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = gpu(x.cuda(), time_.cuda())
+    assert fp32.shape == bf16.shape == (B, Q, N)
+    assert torch.isfinite(bf16.float()).all()
+    assert rel_err(fp32, ref) < 1e-4
+    assert rel_err(bf16, ref) < 3e-2
+
+
+def masked_mae(pred, y):
+    mask = (y != 0).float()
+    return ((pred.float() - y).abs() * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def test_training_gradients_on_cuda_match_the_cpu_lean_paths():
+    model = make_model().train()
+    x, time_, y = make_batch()
+    cpu = copy.deepcopy(model)
+    masked_mae(cpu(x, time_), y).backward()
+    gpu = copy.deepcopy(model).cuda()
+    masked_mae(gpu(x.cuda(), time_.cuda()), y.cuda()).backward()
+    for (name, p_cpu), p_gpu in zip(cpu.named_parameters(), gpu.parameters()):
+        if p_cpu.grad is None:
+            assert p_gpu.grad is None, name
+            continue
+        assert rel_err(p_gpu.grad, p_cpu.grad) < 1e-3, name
+    for (name, b_cpu), b_gpu in zip(cpu.named_buffers(), gpu.buffers()):
+        if b_cpu.is_floating_point():  # batch-norm running statistics
+            assert rel_err(b_gpu, b_cpu) < 1e-4 or b_cpu.norm() == 0, name
+
+
+def test_a_bf16_training_step_does_not_synchronise_with_the_host():
+    model = make_model().cuda().train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    x, time_, y = (t.cuda() for t in make_batch())
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            pred = model(x, time_)
+        loss = masked_mae(pred, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    first = step()  # lazy state (optimiser moments) is created outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            last = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert float(last) < float(first)
+
+
+def test_lightning_trains_on_the_gpu_in_bf16_mixed_precision(tmp_path):
+    import lightning as L
+
+    from gman.data.datamodule import GMANDataModule
+    from gman.training.module import GMANLightningModule
+
+    L.seed_everything(0)
+    datamodule = GMANDataModule(options={"num_sensors": 20, "days": 4}, history_steps=6, horizon_steps=6,
+                                batch_size=16, eval_batch_size=64)
+    module = GMANLightningModule(num_layers=1, num_heads=4, head_dim=8, se_dim=16)
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=2, limit_train_batches=30,
+                        limit_val_batches=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=datamodule)
+    losses = trainer.callback_metrics
+    assert next(module.parameters()).device.type == "cuda"
+    assert any(k.startswith("val") for k in losses), sorted(losses)
+    val = {k: float(v) for k, v in losses.items() if k.startswith("val")}
+    assert all(torch.isfinite(torch.tensor(v)) for v in val.values()), val
