@@ -136,7 +136,7 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
                  **group).to(device)
     model.set_spatial_embedding(torch.randn(nodes, model.se_dim))
     step_model = torch.compile(model) if args.compile else model
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, **({"fused": True} if device.type == "cuda" else {}))
 
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(batch, P, nodes, generator=g).to(device)

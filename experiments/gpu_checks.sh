@@ -8,8 +8,8 @@
 # cannot take the results of the others with it.  Writes under $OUT:
 #   gpu.log                  everything printed
 #   test_cuda.log            tests/test_cuda.py (CUDA vs CPU numerics, no host sync, Lightning bf16)
-#   gpu_epoch_L3_<v>.json    one METR-LA-size epoch, L = 3, variant eager / compile / compile-ro
-#   gpu_epoch_L1_eager.json  the same with L = 1 (the published RTX 5000 Ada figure is for L = 1)
+#   gpu_epoch_L3_<v>.json    one METR-LA-size epoch, L = 3, variant compile-ro / eager (400 steps) / compile
+#   gpu_epoch_L1_compile-ro.json  the same with L = 1 (the published RTX 5000 Ada figure is for L = 1)
 #   benchmark_gpu.json       benchmark.py --preset issue, bf16 autocast, eager
 #   scale_gpu.json           scale_benchmark.py dense vs group, bf16 autocast
 # Needs torch, lightning and pandas; no mlflow.
@@ -40,17 +40,18 @@ part() {  # part NAME LIMIT_S COMMAND...: run under min(LIMIT_S, what is left of
 tail -n 3 "$LOG"
 
 part test_cuda 90 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -o addopts= -rA --junit-xml="$OUT/test_cuda.xml"
-for v in eager compile-ro compile; do
-  case $v in eager) lim=60;; *) lim=120;; esac
-  part "gpu_epoch L3 $v" $lim $PY experiments/gpu_epoch.py --graph "$GRAPH" --variants $v --warmup 10 \
-      --json "$OUT/gpu_epoch_L3_$v.json"
-done
-part "benchmark issue preset" 70 $PY experiments/benchmark.py --preset issue --device cuda --amp bf16 --steps 20 \
+part "gpu_epoch L3 compile-ro" 120 $PY experiments/gpu_epoch.py --graph "$GRAPH" --variants compile-ro --warmup 10 \
+    --json "$OUT/gpu_epoch_L3_compile-ro.json"
+part "gpu_epoch L3 eager (400 steps)" 45 $PY experiments/gpu_epoch.py --graph "$GRAPH" --variants eager --warmup 10 \
+    --max-steps 400 --json "$OUT/gpu_epoch_L3_eager.json"
+part "benchmark issue preset" 60 $PY experiments/benchmark.py --preset issue --device cuda --amp bf16 --steps 20 \
     --json "$OUT/benchmark_gpu.json"
-part "gpu_epoch L1 eager" 40 $PY experiments/gpu_epoch.py --graph "$GRAPH" --layers 1 --variants eager --warmup 10 \
-    --json "$OUT/gpu_epoch_L1_eager.json"
-part "scale dense vs group" 80 $PY experiments/scale_benchmark.py --device cuda --amp bf16 --dense-max-gib 1000 \
+part "scale dense vs group" 70 $PY experiments/scale_benchmark.py --device cuda --amp bf16 --dense-max-gib 1000 \
     --json "$OUT/scale_gpu.json"
+part "gpu_epoch L1 compile-ro" 80 $PY experiments/gpu_epoch.py --graph "$GRAPH" --layers 1 --variants compile-ro \
+    --warmup 10 --json "$OUT/gpu_epoch_L1_compile-ro.json"
+part "gpu_epoch L3 compile" 120 $PY experiments/gpu_epoch.py --graph "$GRAPH" --variants compile --warmup 10 \
+    --json "$OUT/gpu_epoch_L3_compile.json"
 
 echo "## total $(( $(date +%s) - START ))s" | tee -a "$LOG"
 grep -h '"variant"' "$LOG" | cut -c1-400

@@ -82,11 +82,15 @@ def test_training_gradients_on_cuda_match_the_cpu_lean_paths():
     masked_mae(cpu(x, time_), y).backward()
     gpu = copy.deepcopy(model).cuda()
     masked_mae(gpu(x.cuda(), time_.cuda()), y.cuda()).backward()
+    scale = max(float(p.grad.norm()) for p in cpu.parameters() if p.grad is not None)
     for (name, p_cpu), p_gpu in zip(cpu.named_parameters(), gpu.parameters()):
         if p_cpu.grad is None:
             assert p_gpu.grad is None, name
             continue
-        assert rel_err(p_gpu.grad, p_cpu.grad) < 1e-3, name
+        # biases right before a batch norm have a zero gradient in exact arithmetic: rounding noise
+        # on both sides, so the tolerance has an absolute part scaled to the largest gradient
+        err = float((p_gpu.grad.double().cpu() - p_cpu.grad.double()).norm())
+        assert err <= 1e-3 * float(p_cpu.grad.norm()) + 1e-6 * scale, name
     for (name, b_cpu), b_gpu in zip(cpu.named_buffers(), gpu.buffers()):
         if b_cpu.is_floating_point():  # batch-norm running statistics
             assert rel_err(b_gpu, b_cpu) < 1e-4 or b_cpu.norm() == 0, name
@@ -126,12 +130,19 @@ def test_lightning_trains_on_the_gpu_in_bf16_mixed_precision(tmp_path):
     datamodule = GMANDataModule(options={"num_sensors": 20, "days": 4}, history_steps=6, horizon_steps=6,
                                 batch_size=16, eval_batch_size=64)
     module = GMANLightningModule(num_layers=1, num_heads=4, head_dim=8, se_dim=16)
+    devices = set()
+
+    class RecordDevice(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            devices.add((pl_module.device.type, batch["x"].device.type))
+
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=2, limit_train_batches=30,
+                        callbacks=[RecordDevice()],
                         limit_val_batches=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path)
     trainer.fit(module, datamodule=datamodule)
     losses = trainer.callback_metrics
-    assert next(module.parameters()).device.type == "cuda"
+    assert devices == {("cuda", "cuda")}  # Lightning moves the module back to the CPU after fit
     assert any(k.startswith("val") for k in losses), sorted(losses)
     val = {k: float(v) for k, v in losses.items() if k.startswith("val")}
     assert all(torch.isfinite(torch.tensor(v)) for v in val.values()), val

@@ -283,3 +283,20 @@ def test_whole_model_is_permutation_equivariant_in_sensors():
         model.set_spatial_embedding(se[perm])
         y_perm = model(x[:, :, perm], time)
         torch.testing.assert_close(y_perm, y[:, :, perm], **TOL)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("lq,lk", [(5, 5), (3, 7), (1, 4)])
+def test_short_attention_equals_the_fused_kernel(is_causal, lq, lk):
+    """The explicit path that accelerators take for short sequences computes what SDPA does."""
+    from gman.model.layers import short_attention
+
+    g = torch.Generator().manual_seed(lq * 10 + lk)
+    q = torch.randn(6, lq, 3, 4, generator=g, dtype=torch.float64)
+    k = torch.randn(6, lk, 3, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(6, lk, 3, 4, generator=g, dtype=torch.float64)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=is_causal).transpose(1, 2)
+    got = short_attention(q, k, v, is_causal)
+    assert got.shape == (6, lq, 3, 4) and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)

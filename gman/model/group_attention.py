@@ -29,10 +29,9 @@ from collections import deque
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gman.model.layers import FC, SPATIAL_ATTENTIONS, SteLike, project_concat
+from gman.model.layers import FC, SPATIAL_ATTENTIONS, SteLike, attention, project_concat
 
 __all__ = [
     "PARTITION_METHODS",
@@ -218,16 +217,6 @@ def validate_partition(partition: Any, num_nodes: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- module
-def _heads_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Multi-head ``softmax(QKᵀ/√d)·V``: q, k, v [S, L, K, d] -> [S, L, K, d] contiguous.
-
-    One fused ``F.scaled_dot_product_attention`` call on the ``[S, K, L, d]``
-    views, with no mask, so the flash kernels (CPU and CUDA) can take it.
-    """
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).contiguous()
-
-
 class _PermuteSensors(torch.autograd.Function):
     """``x[:, order]`` for a permutation ``order`` of dim 1 of ``x [S, N, C]``.
 
@@ -385,7 +374,7 @@ class GroupSpatialAttention(nn.Module):
         start = 0
         for m, c in self.runs:  # c groups of m sensors: [B·T·c, m, 3, K, d]
             q, k, v = qkv[:, start:start + m * c].reshape(bt * c, m, 3, K, d).unbind(2)
-            h = _heads_attention(q, k, v).view(bt, c, m, dim)  # [B·T, c, m, D]
+            h = attention(q, k, v).view(bt, c, m, dim)  # [B·T, c, m, D]
             local.append(h)
             pooled.append(h.amax(dim=2))  # [B·T, c, D]
             start += m * c
@@ -393,7 +382,7 @@ class GroupSpatialAttention(nn.Module):
         if self.group_qkv is not None:
             pooled_all = torch.cat(pooled, dim=1) if len(pooled) > 1 else pooled[0]  # [B·T, G, D]
             gq, gk, gv = self.group_qkv(pooled_all).view(bt, self.num_groups, 3, K, d).unbind(2)
-            glob = _heads_attention(gq, gk, gv).view(bt, self.num_groups, 1, dim)  # [B·T, G, 1, D]
+            glob = attention(gq, gk, gv).view(bt, self.num_groups, 1, dim)  # [B·T, G, 1, D]
             first = 0
             for i, (m, c) in enumerate(self.runs):  # each member gets its group's global vector
                 local[i] = local[i] + glob[:, first:first + c]
