@@ -278,3 +278,19 @@ def test_lean_training_path_is_used_on_cpu_training(monkeypatch):
     with torch.no_grad():
         model(torch.randn(2, 4, 6), make_time(2, 7))
     assert calls == {"attn": 0, "pair": 0, "transform": 0}
+
+
+def test_last_value_residual_adds_the_last_history_step_to_every_horizon_step():
+    torch.manual_seed(0)
+    plain = GMAN(5, 24, se_dim=4, history_steps=3, horizon_steps=4, num_layers=1, num_heads=2, head_dim=2)
+    residual = GMAN(**{**plain.config, "last_value_residual": True})
+    residual.load_state_dict(plain.state_dict())
+    assert residual.config["last_value_residual"] is True and plain.config["last_value_residual"] is False
+    plain.eval(), residual.eval()
+    x = torch.randn(2, 3, 5)
+    time = torch.randint(0, 7, (2, 7, 2))
+    with torch.no_grad():
+        expected = plain(x, time) + x[:, -1:, :]
+        torch.testing.assert_close(residual(x, time), expected)
+    with pytest.raises(ValueError, match="last_value_residual must be true or false"):
+        GMAN(5, 24, last_value_residual="yes")

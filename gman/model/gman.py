@@ -123,6 +123,13 @@ class GMAN(nn.Module):
             graph; call :meth:`set_partition_graph` before the first forward).  The
             partition is a buffer of every block, so it is saved in the state dict.
         partition_seed: seed of the random partition.
+        last_value_residual: **not in the paper or the authors' code; off by
+            default.**  Add the last history step ``x[:, P−1]`` (normalised; 0 = the
+            training mean where that reading is missing) to every horizon step of
+            the output, so the network predicts the change from the last reading:
+            ``Ŷ = Y_net + x_{P−1}``.  On short series the plain network can stay
+            behind the last-value forecast at the first steps (measured on Los-loop,
+            see the README); the skip connection starts it from that forecast.
 
     forward(x [B, P, N] float, time [B, P+Q, 2] long) -> [B, Q, N]
         ``time[..., 0]`` day of week 0..6, ``time[..., 1]`` time-of-day index
@@ -151,6 +158,7 @@ class GMAN(nn.Module):
         num_groups: int | None = None,
         partition_method: str = "random",
         partition_seed: int = 0,
+        last_value_residual: bool = False,
     ) -> None:
         super().__init__()
         self.num_nodes = _positive_int("num_nodes", num_nodes)
@@ -168,6 +176,7 @@ class GMAN(nn.Module):
             ("learnable_spatial_embedding", learnable_spatial_embedding),
             ("attention_output_fc", attention_output_fc),
             ("fusion_output_fc", fusion_output_fc),
+            ("last_value_residual", last_value_residual),
         ):
             _flag(name, value)
         if batch_norm not in BATCH_NORM_MODES:
@@ -201,6 +210,7 @@ class GMAN(nn.Module):
             batch_norm=batch_norm, bn_momentum=bn_momentum,
             spatial_attention=spatial_attention, spatial_attention_options=options,
             num_groups=num_groups, partition_method=partition_method, partition_seed=partition_seed,
+            last_value_residual=last_value_residual,
         )
         dim = self.num_heads * self.head_dim
         self.dim = dim
@@ -302,7 +312,10 @@ class GMAN(nn.Module):
         h = self.transform(h, ste_p, ste_q)  # [B, Q, N, D]
         for blk in self.decoder:
             h = blk(h, ste_q)
-        return self.output_fc(h).squeeze(-1)  # [B, Q, N]
+        out = self.output_fc(h).squeeze(-1)  # [B, Q, N]
+        if self._config["last_value_residual"]:
+            out = out + x[:, -1:, :]
+        return out
 
     def extra_repr(self) -> str:  # noqa: D102
         c = self._config

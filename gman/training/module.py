@@ -49,7 +49,8 @@ class GMANLightningModule(L.LightningModule):
     Args (model): ``num_layers`` L, ``num_heads`` K, ``head_dim`` d, ``se_dim``,
         ``dropout``, ``causal_mask``, ``attention_output_fc``, ``fusion_output_fc``,
         ``batch_norm``, ``bn_momentum``, ``spatial_attention(_options)``, ``num_groups``,
-        ``partition_method`` (``random`` | ``bfs``: from the data's graph), ``partition_seed``: see GMAN.
+        ``partition_method`` (``random`` | ``bfs``: from the data's graph), ``partition_seed``,
+        ``last_value_residual`` (not in the paper; off by default): see GMAN.
     Args (optimisation): ``learning_rate``, ``weight_decay`` (Adam), ``lr_decay_factor``,
         ``lr_decay_every`` (epochs), ``min_learning_rate``, ``bn_momentum_schedule``.
     Args (from the data, normally left None): ``num_nodes``, ``steps_per_day``,
@@ -80,6 +81,7 @@ class GMANLightningModule(L.LightningModule):
         num_groups: int | None = None,
         partition_method: str = "random",
         partition_seed: int = 0,
+        last_value_residual: bool = False,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         lr_decay_factor: float = 0.7,
@@ -126,6 +128,7 @@ class GMANLightningModule(L.LightningModule):
                 batch_norm=hp.batch_norm, bn_momentum=hp.bn_momentum,
                 spatial_attention=hp.spatial_attention, spatial_attention_options=hp.spatial_attention_options,
                 num_groups=hp.num_groups, partition_method=hp.partition_method, partition_seed=hp.partition_seed,
+                last_value_residual=hp.last_value_residual,
             )
         except ValueError as err:  # GMAN validates its arguments with one-line ValueErrors
             raise ConfigError(f"model: {str(err).removeprefix('GMAN: ')}") from None
