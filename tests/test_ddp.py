@@ -32,9 +32,11 @@ which normalises dim 1 (see docs/multi-gpu.md).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -47,40 +49,9 @@ SCRIPT = '''\
 import sys
 import lightning as L
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
 from gman.data.datamodule import GMANDataModule
-from gman.data.sampling import EpochSeededRandomSampler
 from gman.training.module import GMANLightningModule
 from gman.training.tracking import make_logger
-
-
-class ShardedEpochSampler(DistributedSampler):
-    """The 1-process epoch order dealt round-robin (rank r: positions r, r + W, ...).
-    A DistributedSampler, so Lightning uses it as it is."""
-
-    def __init__(self, num_samples, seed):
-        self.order = EpochSeededRandomSampler(num_samples, seed)
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.count = -(-num_samples // self.world)
-
-    def set_epoch(self, epoch):
-        self.order.set_epoch(epoch)
-
-    def __iter__(self):
-        order = list(self.order)
-        order += order[: self.count * self.world - len(order)]
-        return iter(order[self.rank::self.world])
-
-    def __len__(self):
-        return self.count
-
-
-class ShardedData(GMANDataModule):
-    def train_dataloader(self):
-        sampler = ShardedEpochSampler(len(self.train_windows), self.seed)
-        return DataLoader(self.train_windows, batch_size=self.batch_size, sampler=sampler)
 
 
 class FirstBatch(L.Callback):
@@ -93,22 +64,20 @@ class FirstBatch(L.Callback):
                 handle.write(" ".join(map(str, batch["start"].tolist())))
 
 
-devices, mode, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+devices, out = int(sys.argv[1]), sys.argv[2]
 L.seed_everything(5, verbose=False)
-data_class = ShardedData if mode == "sharded" else GMANDataModule
-data = data_class(dataset="synthetic", options={"num_sensors": 10, "days": 6}, batch_size=16 // devices,
+data = GMANDataModule(dataset="synthetic", options={"num_sensors": 10, "days": 6}, batch_size=16 // devices,
                   eval_batch_size=64, seed=5)
 model = GMANLightningModule(num_layers=1, num_heads=2, head_dim=4, se_dim=8, dropout=0.0, learning_rate=0.003,
                             batch_norm="none")
 logger = make_logger("ddp-test", f"sqlite:///{out}/mlflow.db")
 trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                    max_epochs=1, limit_train_batches=8 if mode == "sharded" else 1,
-                    limit_val_batches=1.0 if mode == "sharded" else 0, num_sanity_val_steps=0,
+                    max_epochs=1, limit_train_batches=8, num_sanity_val_steps=0,
                     logger=logger, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, callbacks=[FirstBatch()])
 trainer.fit(model, datamodule=data)
 logger.finish("FINISHED")
-if trainer.is_global_zero and mode == "sharded":
+if trainer.is_global_zero:
     print("VAL_MAE", float(trainer.callback_metrics["val_mae"]), "WORLD", trainer.world_size, flush=True)
     torch.save({k: v for k, v in model.net.state_dict().items() if v.is_floating_point()}, f"{out}/weights.pt")
 '''
@@ -121,9 +90,9 @@ def run(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedP
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def fit(workdir: Path, devices: int, mode: str) -> subprocess.CompletedProcess:
+def fit(workdir: Path, devices: int) -> subprocess.CompletedProcess:
     (workdir / "fit.py").write_text(SCRIPT)
-    result = run(["fit.py", str(devices), mode, str(workdir)], workdir)
+    result = run(["fit.py", str(devices), str(workdir)], workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -141,11 +110,11 @@ def mlflow_runs(db: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def sharded_runs(tmp_path_factory) -> dict:
+def runs(tmp_path_factory) -> dict:
     out = {}
     for name, devices in (("single", 1), ("ddp", 2)):
         workdir = tmp_path_factory.mktemp(name)
-        result = fit(workdir, devices, "sharded")
+        result = fit(workdir, devices)
         (line,) = [ln for ln in result.stdout.splitlines() if ln.startswith("VAL_MAE")]
         _, value, _, world = line.split()
         out[name] = {"val_mae": float(value), "world": int(world), "dir": workdir,
@@ -153,10 +122,10 @@ def sharded_runs(tmp_path_factory) -> dict:
     return out
 
 
-def test_two_processes_match_one_at_the_same_global_batch(sharded_runs):
+def test_two_processes_match_one_at_the_same_global_batch(runs):
     import torch
 
-    single, ddp = sharded_runs["single"], sharded_runs["ddp"]
+    single, ddp = runs["single"], runs["ddp"]
     assert (single["world"], ddp["world"]) == (1, 2)
     # the two ranks' first batches are the 1-process first batch, split in two
     assert sorted(ddp["first"][0] + ddp["first"][1]) == sorted(single["first"][0])
@@ -168,27 +137,23 @@ def test_two_processes_match_one_at_the_same_global_batch(sharded_runs):
     assert diff < TOLERANCE, f"weights of the two runs are {float(diff):.2%} apart"
 
 
-def test_only_rank_zero_creates_an_mlflow_run(sharded_runs):
-    runs = mlflow_runs(sharded_runs["ddp"]["dir"] / "mlflow.db")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.metrics["val_mae"] == pytest.approx(sharded_runs["ddp"]["val_mae"], rel=1e-6)
+def test_only_rank_zero_creates_an_mlflow_run(runs):
+    (logged,) = mlflow_runs(runs["ddp"]["dir"] / "mlflow.db")
+    assert logged.info.status == "FINISHED"
+    assert logged.data.metrics["val_mae"] == pytest.approx(runs["ddp"]["val_mae"], rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="GMANDataModule's training sampler is re-shuffled by Lightning's "
-                                       "DistributedSamplerWrapper under DDP (gman/data: shard it per rank instead)")
-def test_data_module_gives_the_one_process_batches_under_ddp(tmp_path):
-    from gman.data.sampling import EpochSeededRandomSampler
-
-    fit(tmp_path, 2, "default")
-    first = first_batches(tmp_path)
-    # the 1-process first batch: the first 16 positions of the epoch-0 order of the training windows
+def test_data_module_gives_the_one_process_batches_under_ddp(runs):
     from gman.data.datamodule import GMANDataModule
+    from gman.data.sampling import EpochSeededRandomSampler
 
     data = GMANDataModule(dataset="synthetic", options={"num_sensors": 10, "days": 6}, seed=5)
     data.setup("fit")
     order = list(EpochSeededRandomSampler(len(data.train_windows), seed=5))
-    expected = sorted(int(data.train_windows.starts[i]) for i in order[:GLOBAL_BATCH])
-    assert sorted(first[0] + first[1]) == expected
+    starts = [int(data.train_windows.starts[i]) for i in order[:GLOBAL_BATCH]]
+    assert runs["single"]["first"][0] == starts
+    # rank r takes positions r, r + 2, ... of the 1-process order
+    assert runs["ddp"]["first"] == {0: starts[0::2], 1: starts[1::2]}
 
 
 CLI_CONFIG = """\
@@ -199,11 +164,46 @@ trainer: {max_epochs: 1, limit_train_batches: 4, accelerator: cpu, devices: 2, s
 """
 
 
-@pytest.mark.xfail(strict=True, reason="gman train under DDP: the re-launched rank 1 re-runs the whole command and "
-                                       "refuses the output folder rank 0 has just created (gman/training/cli.py)")
 def test_gman_train_runs_under_ddp(tmp_path):
+    """Lightning's launcher re-runs the command for rank 1; only rank 0 writes the folder and the MLflow run."""
     (tmp_path / "config.yaml").write_text(CLI_CONFIG)
     result = run(["-m", "gman.cli", "train", "--config", "config.yaml", "--output-dir", "runs/out"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["out"]
-    assert len(mlflow_runs(tmp_path / "mlflow.db")) == 1
+    out = tmp_path / "runs" / "out"
+    assert json.loads((out / "run.json").read_text())["status"] == "FINISHED"
+    assert (out / "horizons.csv").is_file() and (out / "model").is_dir() and (out / "checkpoints" / "best.ckpt").is_file()
+    (logged,) = mlflow_runs(tmp_path / "mlflow.db")
+    assert logged.info.status == "FINISHED"
+    assert {"val_mae", "test_mae", "epoch"} <= set(logged.data.metrics)
+    assert logged.data.params["trainer.strategy"] == "ddp" and logged.data.params["trainer.devices"] == "2"
+    assert result.stdout.count(str(out)) == 1  # the summary is printed once, by rank 0
+
+
+def test_sync_batchnorm_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from gman.cli import main
+    from gman.errors import ConfigError
+    from gman.training.module import GMANLightningModule
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["train", "--trainer.sync_batchnorm", "true", "--output-dir", "runs/out"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("gman: error: trainer.sync_batchnorm:"), err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+    # without GMAN's batch norm there is nothing to convert, and the key is accepted
+    from gman.training.cli import _check_sync_batchnorm
+
+    module = GMANLightningModule(num_layers=1, num_heads=2, head_dim=4, se_dim=8, batch_norm="none", num_nodes=4,
+                                 steps_per_day=288, history_steps=3, horizon_steps=3, scaler_mean=0.0,
+                                 scaler_std=1.0, interval_minutes=5.0, learnable_spatial_embedding=True)
+    config = types.SimpleNamespace(trainer=types.SimpleNamespace(sync_batchnorm=True))
+    _check_sync_batchnorm(config, module)
+    # the module itself refuses a network Lightning has converted (Trainer(sync_batchnorm=True) outside the CLI)
+    module.hparams.batch_norm = "activation"
+    module._build()
+    module.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module.net)
+    with pytest.raises(ConfigError, match="trainer.sync_batchnorm"):
+        module.on_fit_start()

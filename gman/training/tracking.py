@@ -90,23 +90,26 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
 
 
 def make_logger(experiment_name: str, tracking_uri: str, run_id: str | None = None, run_name: str | None = None,
-                tags: dict[str, str] | None = None):
+                tags: dict[str, str] | None = None, create_experiment: bool = True):
     """Lightning's MLFlowLogger on ``tracking_uri``; ``run_id`` reopens an existing run (``--resume``).
 
     The run stays RUNNING when Lightning finishes ``fit`` or ``test`` (see
     :class:`RunFinishedByCaller`): it is done only after the caller has
-    logged the test tables, plots and model.
+    logged the test tables, plots and model.  ``create_experiment=False``
+    (DDP ranks other than 0, whose logger never writes) leaves the store alone.
     """
-    ensure_experiment(experiment_name, tracking_uri)
-    return RunFinishedByCaller(
-        experiment_name=experiment_name,
-        tracking_uri=tracking_uri,
-        run_id=run_id,
-        run_name=run_name,
-        tags=tags,
-        artifact_location=default_artifact_location(tracking_uri),
-        log_model=False,  # the best checkpoint and the serving package are logged by the caller
-    )
+    if create_experiment:
+        ensure_experiment(experiment_name, tracking_uri)
+    with _store_lock(tracking_uri):  # the logger's client opens (and may first migrate) the store
+        return RunFinishedByCaller(
+            experiment_name=experiment_name,
+            tracking_uri=tracking_uri,
+            run_id=run_id,
+            run_name=run_name,
+            tags=tags,
+            artifact_location=default_artifact_location(tracking_uri),
+            log_model=False,  # the best checkpoint and the serving package are logged by the caller
+        )
 
 
 class RunFinishedByCaller(MLFlowLogger):
