@@ -1,21 +1,19 @@
-"""Lightning DDP on the CPU (2 processes, gloo) against 1 process at the same global batch.
+"""Lightning DDP on the CPU (2 processes, gloo) against 1 process at the same global batch, and ``gman train`` under DDP.
 
 A script (written to a temporary folder; the ``ddp`` strategy re-runs it for
 rank 1) trains ``GMANLightningModule`` on ``GMANDataModule``'s synthetic data
 with the project's MLflow logger, once with 1 process and batch 16 and once
 with 2 processes and batch 8, and prints the validation masked MAE and saves
-the weights.
+the weights.  All runs of the module are started at once (most of their time
+is interpreter and library start-up).
 
-Same samples per step.  The script's data module shards the data module's
-epoch-seeded order round-robin (``ShardedEpochSampler``: rank ``r`` takes
-positions ``r, r + 2, ...``), so the two ranks' step-``i`` batches together are
-exactly the 1-process step-``i`` batch, and DDP averages their gradients.
-``GMANDataModule``'s own loader does *not* give this under DDP (see the xfail
-test below): Lightning forces ``shuffle=True`` on the ``DistributedSamplerWrapper``
-it puts around a custom training sampler, which re-permutes the sampler's
-order with its own seed — the run is still reproducible, but its batches are
-not the 1-process ones (measured: 8.9 % apart in validation MAE after 8 steps,
-against 1.3 % with the sharded order).
+Same samples per step.  Under DDP the data module's training loader deals its
+epoch-seeded order round-robin (``gman.data.sampling.ShardedEpochSampler``:
+rank ``r`` takes positions ``r, r + 2, ...``), so the two ranks' step-``i``
+batches together are exactly the 1-process step-``i`` batch, and DDP averages
+their gradients.  (Before, Lightning wrapped the plain epoch-seeded sampler in
+a re-shuffling ``DistributedSamplerWrapper``: validation MAE was then 8.9 %
+apart after 8 steps.)
 
 Tolerance.  The model here has ``batch_norm="none"``; then the only
 differences left are the masked-MAE normalisation (each rank divides by its
@@ -25,10 +23,13 @@ order.  Measured: weights 0.13 % apart (relative L2) and validation MAE 0.3 %
 apart after 8 steps, against 3.1 % for the weights of a 1-process run that
 merely visits the windows in another order — so the 1 % tolerances below tell
 a correct DDP run from a wrong one.  With the authors' batch-norm layers the
-statistics are per process (half a batch each), which moves the weights by
-~3 % and validation MAE by ~1.3 % here; Lightning's ``sync_batchnorm=True``
-does not help, as it swaps GMAN's last-dim batch-norm for ``nn.SyncBatchNorm``,
-which normalises dim 1 (see docs/multi-gpu.md).
+statistics are per process (half a batch each), which moved the weights by
+~3 % and validation MAE by ~1.3 % in an earlier measurement.  Lightning's
+``sync_batchnorm=True`` does not help and ``gman train`` refuses it: its
+``nn.SyncBatchNorm.convert_sync_batchnorm`` swaps GMAN's ``BatchNorm`` (an
+``nn.BatchNorm1d`` subclass) for ``nn.SyncBatchNorm``, which GMAN's layers
+never call (they apply their norm only when it is a gman ``BatchNorm``), so
+the converted network silently runs without batch norm (see docs/multi-gpu.md).
 """
 from __future__ import annotations
 
@@ -82,19 +83,32 @@ if trainer.is_global_zero:
     torch.save({k: v for k, v in model.net.state_dict().items() if v.is_floating_point()}, f"{out}/weights.pt")
 '''
 
+CLI_CONFIG = """\
+seed_everything: 5
+model: {num_layers: 1, num_heads: 2, head_dim: 4, se_dim: 8, dropout: 0.0}
+data: {dataset: synthetic, options: {num_sensors: 10, days: 6}, batch_size: 8, eval_batch_size: 64}
+trainer: {max_epochs: 1, limit_train_batches: 4, accelerator: cpu, devices: 2, strategy: ddp, enable_progress_bar: false}
+"""
 
-def run(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    """Start ``python args`` in ``cwd``; its output goes to files there (a full pipe would block it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    with open(cwd / "stdout.txt", "w") as stdout, open(cwd / "stderr.txt", "w") as stderr:
+        return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True)
 
 
-def fit(workdir: Path, devices: int) -> subprocess.CompletedProcess:
-    (workdir / "fit.py").write_text(SCRIPT)
-    result = run(["fit.py", str(devices), str(workdir)], workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def finish(process: subprocess.Popen, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Wait for a process of :func:`start`; its exit status and output."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    return subprocess.CompletedProcess(process.args, process.returncode, (cwd / "stdout.txt").read_text(),
+                                       (cwd / "stderr.txt").read_text())
 
 
 def first_batches(workdir: Path) -> dict[int, list[int]]:
@@ -110,11 +124,31 @@ def mlflow_runs(db: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    out = {}
+def launched(tmp_path_factory) -> dict:
+    """All runs of this module, started at once (they are independent; most of their time is start-up)."""
+    procs = {}
     for name, devices in (("single", 1), ("ddp", 2)):
         workdir = tmp_path_factory.mktemp(name)
-        result = fit(workdir, devices)
+        (workdir / "fit.py").write_text(SCRIPT)
+        procs[name] = (workdir, start(["fit.py", str(devices), str(workdir)], workdir))
+    workdir = tmp_path_factory.mktemp("cli")
+    (workdir / "config.yaml").write_text(CLI_CONFIG)
+    procs["cli"] = (workdir, start(["-m", "gman.cli", "train", "--config", "config.yaml", "--output-dir", "runs/out"],
+                                   workdir))
+    yield procs
+    for _, process in procs.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def runs(launched) -> dict:
+    out = {}
+    for name in ("single", "ddp"):
+        workdir, process = launched[name]
+        result = finish(process, workdir)
+        assert result.returncode == 0, result.stderr[-3000:]
         (line,) = [ln for ln in result.stdout.splitlines() if ln.startswith("VAL_MAE")]
         _, value, _, world = line.split()
         out[name] = {"val_mae": float(value), "world": int(world), "dir": workdir,
@@ -135,6 +169,8 @@ def test_two_processes_match_one_at_the_same_global_batch(runs):
     wa, wb = (torch.load(r["dir"] / "weights.pt") for r in (single, ddp))
     diff = sum(((wa[k] - wb[k]) ** 2).sum() for k in wa) ** 0.5 / sum((w**2).sum() for w in wa.values()) ** 0.5
     assert diff < TOLERANCE, f"weights of the two runs are {float(diff):.2%} apart"
+    print(f"\n1 vs 2 processes: val_mae {a:.5f} vs {b:.5f} ({abs(a - b) / a:.3%} apart), "
+          f"weights {float(diff):.3%} apart (relative L2)")
 
 
 def test_only_rank_zero_creates_an_mlflow_run(runs):
@@ -156,18 +192,12 @@ def test_data_module_gives_the_one_process_batches_under_ddp(runs):
     assert runs["ddp"]["first"] == {0: starts[0::2], 1: starts[1::2]}
 
 
-CLI_CONFIG = """\
-seed_everything: 5
-model: {num_layers: 1, num_heads: 2, head_dim: 4, se_dim: 8, dropout: 0.0}
-data: {dataset: synthetic, options: {num_sensors: 10, days: 6}, batch_size: 8, eval_batch_size: 64}
-trainer: {max_epochs: 1, limit_train_batches: 4, accelerator: cpu, devices: 2, strategy: ddp, enable_progress_bar: false}
-"""
 
 
-def test_gman_train_runs_under_ddp(tmp_path):
+def test_gman_train_runs_under_ddp(launched):
     """Lightning's launcher re-runs the command for rank 1; only rank 0 writes the folder and the MLflow run."""
-    (tmp_path / "config.yaml").write_text(CLI_CONFIG)
-    result = run(["-m", "gman.cli", "train", "--config", "config.yaml", "--output-dir", "runs/out"], tmp_path)
+    tmp_path, process = launched["cli"]
+    result = finish(process, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["out"]
     out = tmp_path / "runs" / "out"
