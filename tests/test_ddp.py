@@ -220,7 +220,7 @@ def test_sync_batchnorm_is_refused_before_anything_is_written(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["train", "--trainer.sync_batchnorm", "true", "--output-dir", "runs/out"]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gman: error:")]
     assert len(err) == 1 and err[0].startswith("gman: error: trainer.sync_batchnorm:"), err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
     # without GMAN's batch norm there is nothing to convert, and the key is accepted
@@ -237,3 +237,16 @@ def test_sync_batchnorm_is_refused_before_anything_is_written(tmp_path, monkeypa
     module.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module.net)
     with pytest.raises(ConfigError, match="trainer.sync_batchnorm"):
         module.on_fit_start()
+
+
+def test_a_rank_the_trainer_does_not_see_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    from gman.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")  # says "not rank 0", but the trainer is a one-process one
+    args = ["--trainer.max_epochs", "1", "--data.options", "{num_sensors: 10, days: 4}", "--output-dir", "runs/out"]
+    assert main(["train", *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gman: error:")]
+    assert len(err) == 1 and "SLURM_PROCID=1" in err[0], err
+    assert list(tmp_path.iterdir()) == []

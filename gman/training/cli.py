@@ -31,6 +31,10 @@ are non-deterministic unless ``trainer.deterministic`` is set,
 MLflow the replayed epoch's training metrics appear twice (once from the
 killed process, once from the replay, at the same steps).
 
+Under DDP (``trainer.strategy: ddp``; see docs/multi-gpu.md) every process
+runs this command, but only global rank 0 creates the folder and the MLflow
+run and writes anything; the other ranks train, evaluate and exit.
+
 ``gman evaluate`` re-scores a checkpoint (``--checkpoint``) or the best
 checkpoint of an MLflow run (``--run_id``) on a data set's test split (by
 default the one it was trained on) and writes the same table, csv and plots.
@@ -268,7 +272,7 @@ def train(argv: list[str]) -> int:
     module.build_for(datamodule)
     _check_sync_batchnorm(config, module)
 
-    from gman.training.tracking import make_logger, resolve_tracking_uri
+    from gman.training.tracking import OtherRankLogger, make_logger, resolve_tracking_uri
 
     dataset_name = datamodule.dataset.name
     experiment = config.experiment or saved_run.get("experiment") or dataset_name
@@ -288,9 +292,11 @@ def train(argv: list[str]) -> int:
     if writer and final_dir.exists():
         raise ConfigError(f"output_dir: {final_dir} already exists; cannot finish the resumed run into it")
 
-    logger = make_logger(experiment, tracking_uri, run_id=saved_run.get("run_id"), run_name=final_dir.name,
-                         tags={"gman.output_dir": str(final_dir), "gman.dataset": dataset_name},
-                         create_experiment=writer)
+    if writer:
+        logger = make_logger(experiment, tracking_uri, run_id=saved_run.get("run_id"), run_name=final_dir.name,
+                             tags={"gman.output_dir": str(final_dir), "gman.dataset": dataset_name})
+    else:
+        logger = OtherRankLogger()
     try:
         result = _fit_test_and_report(cli, logger, work_dir, final_dir, experiment, tracking_uri, resume is not None,
                                       writer)
@@ -363,9 +369,10 @@ def _fit_test_and_report(cli, logger, work_dir: Path, final_dir: Path, experimen
     user_callbacks = cli._get(cli.config_init, "trainer", default={}).get("callbacks") or []
     trainer = cli.instantiate_trainer(logger=logger, callbacks=[*callbacks, *list(user_callbacks)],
                                       default_root_dir=str(work_dir))
-    if trainer.is_global_zero != writer:  # the trainer's ranks come from the same environment; never expected
-        raise RuntimeError(f"gman train: the environment ({_rank_environment()}) and Lightning "
-                           f"(global rank {trainer.global_rank}) disagree on whether this process is rank 0")
+    if trainer.is_global_zero != writer:  # e.g. a stray SLURM_PROCID=1 in a one-process run; nothing written yet
+        raise ConfigError(f"trainer: the launcher's environment ({_rank_environment()}) and Lightning (global rank "
+                          f"{trainer.global_rank} of {trainer.world_size}) disagree on whether this process is rank 0; "
+                          f"match trainer.devices / trainer.num_nodes to the launcher or unset those variables")
 
     last = work_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     ckpt_path = str(last) if resuming and last.is_file() else None

@@ -19,7 +19,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from gman.errors import ConfigError
@@ -90,26 +90,23 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
 
 
 def make_logger(experiment_name: str, tracking_uri: str, run_id: str | None = None, run_name: str | None = None,
-                tags: dict[str, str] | None = None, create_experiment: bool = True):
+                tags: dict[str, str] | None = None):
     """Lightning's MLFlowLogger on ``tracking_uri``; ``run_id`` reopens an existing run (``--resume``).
 
     The run stays RUNNING when Lightning finishes ``fit`` or ``test`` (see
     :class:`RunFinishedByCaller`): it is done only after the caller has
-    logged the test tables, plots and model.  ``create_experiment=False``
-    (DDP ranks other than 0, whose logger never writes) leaves the store alone.
+    logged the test tables, plots and model.
     """
-    if create_experiment:
-        ensure_experiment(experiment_name, tracking_uri)
-    with _store_lock(tracking_uri):  # the logger's client opens (and may first migrate) the store
-        return RunFinishedByCaller(
-            experiment_name=experiment_name,
-            tracking_uri=tracking_uri,
-            run_id=run_id,
-            run_name=run_name,
-            tags=tags,
-            artifact_location=default_artifact_location(tracking_uri),
-            log_model=False,  # the best checkpoint and the serving package are logged by the caller
-        )
+    ensure_experiment(experiment_name, tracking_uri)
+    return RunFinishedByCaller(
+        experiment_name=experiment_name,
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        run_name=run_name,
+        tags=tags,
+        artifact_location=default_artifact_location(tracking_uri),
+        log_model=False,  # the best checkpoint and the serving package are logged by the caller
+    )
 
 
 class RunFinishedByCaller(MLFlowLogger):
@@ -131,3 +128,28 @@ class RunFinishedByCaller(MLFlowLogger):
         """Mark the run terminated (FINISHED, FAILED or KILLED) if it was ever started."""
         if self._initialized:
             self.experiment.set_terminated(self.run_id, status)
+
+
+class OtherRankLogger(Logger):
+    """The logger of DDP ranks other than 0: logs nothing and never opens the MLflow store.
+
+    Lightning logs from rank 0 only anyway; the other ranks still need a logger
+    for callbacks that require one (``LearningRateMonitor``).
+    """
+
+    @property
+    def name(self) -> str:
+        return ""
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
