@@ -61,6 +61,43 @@ def test_batches_and_seeded_training_order(default_module):
     assert with_workers.val_dataloader().persistent_workers
 
 
+def test_sharded_training_order_deals_the_one_process_order_round_robin():
+    from torch.utils.data import DistributedSampler
+
+    from gman.data.sampling import EpochSeededRandomSampler, ShardedEpochSampler
+
+    for num_samples, world in ((23, 2), (23, 3), (2, 3), (24, 4)):
+        for epoch in (0, 5):
+            single = EpochSeededRandomSampler(num_samples, seed=7)
+            single.set_epoch(epoch)
+            order = list(single)
+            shards = []
+            for rank in range(world):
+                sampler = ShardedEpochSampler(num_samples, num_replicas=world, rank=rank, seed=7)
+                sampler.set_epoch(epoch)
+                shards.append(list(sampler))
+                assert isinstance(sampler, DistributedSampler) and len(sampler) == len(shards[-1])
+            assert len({len(s) for s in shards}) == 1 and len(shards[0]) == -(-num_samples // world)
+            dealt = [shards[r][i] for i in range(len(shards[0])) for r in range(world)]
+            assert dealt[:num_samples] == order and set(dealt[num_samples:]) <= set(order)
+    one = ShardedEpochSampler(10, num_replicas=1, rank=0, seed=3)
+    assert list(one) == list(EpochSeededRandomSampler(10, seed=3))
+    with pytest.raises(ValueError):
+        ShardedEpochSampler(10, num_replicas=2, rank=2)
+
+
+def test_training_loader_is_sharded_by_the_trainers_world_size():
+    from gman.data.sampling import EpochSeededRandomSampler, ShardedEpochSampler
+
+    dm = GMANDataModule(options=SMALL, seed=4)
+    dm.setup("fit")
+    assert type(dm.train_dataloader().sampler) is EpochSeededRandomSampler  # no trainer: one process
+    dm.trainer = types.SimpleNamespace(world_size=2, global_rank=1)
+    sampler = dm.train_dataloader().sampler
+    assert isinstance(sampler, ShardedEpochSampler) and (sampler.num_replicas, sampler.rank) == (2, 1)
+    assert list(sampler) == list(EpochSeededRandomSampler(len(dm.train_windows), seed=4))[1::2]
+
+
 def test_time_lookups_map_starts_to_timestamps(default_module):
     dm = default_module
     batch = next(iter(dm.test_dataloader()))

@@ -1,21 +1,19 @@
-"""Lightning DDP on the CPU (2 processes, gloo) against 1 process at the same global batch.
+"""Lightning DDP on the CPU (2 processes, gloo) against 1 process at the same global batch, and ``gman train`` under DDP.
 
 A script (written to a temporary folder; the ``ddp`` strategy re-runs it for
 rank 1) trains ``GMANLightningModule`` on ``GMANDataModule``'s synthetic data
 with the project's MLflow logger, once with 1 process and batch 16 and once
 with 2 processes and batch 8, and prints the validation masked MAE and saves
-the weights.
+the weights.  All runs of the module are started at once (most of their time
+is interpreter and library start-up).
 
-Same samples per step.  The script's data module shards the data module's
-epoch-seeded order round-robin (``ShardedEpochSampler``: rank ``r`` takes
-positions ``r, r + 2, ...``), so the two ranks' step-``i`` batches together are
-exactly the 1-process step-``i`` batch, and DDP averages their gradients.
-``GMANDataModule``'s own loader does *not* give this under DDP (see the xfail
-test below): Lightning forces ``shuffle=True`` on the ``DistributedSamplerWrapper``
-it puts around a custom training sampler, which re-permutes the sampler's
-order with its own seed — the run is still reproducible, but its batches are
-not the 1-process ones (measured: 8.9 % apart in validation MAE after 8 steps,
-against 1.3 % with the sharded order).
+Same samples per step.  Under DDP the data module's training loader deals its
+epoch-seeded order round-robin (``gman.data.sampling.ShardedEpochSampler``:
+rank ``r`` takes positions ``r, r + 2, ...``), so the two ranks' step-``i``
+batches together are exactly the 1-process step-``i`` batch, and DDP averages
+their gradients.  (Before, Lightning wrapped the plain epoch-seeded sampler in
+a re-shuffling ``DistributedSamplerWrapper``: validation MAE was then 8.9 %
+apart after 8 steps.)
 
 Tolerance.  The model here has ``batch_norm="none"``; then the only
 differences left are the masked-MAE normalisation (each rank divides by its
@@ -25,16 +23,21 @@ order.  Measured: weights 0.13 % apart (relative L2) and validation MAE 0.3 %
 apart after 8 steps, against 3.1 % for the weights of a 1-process run that
 merely visits the windows in another order — so the 1 % tolerances below tell
 a correct DDP run from a wrong one.  With the authors' batch-norm layers the
-statistics are per process (half a batch each), which moves the weights by
-~3 % and validation MAE by ~1.3 % here; Lightning's ``sync_batchnorm=True``
-does not help, as it swaps GMAN's last-dim batch-norm for ``nn.SyncBatchNorm``,
-which normalises dim 1 (see docs/multi-gpu.md).
+statistics are per process (half a batch each), which moved the weights by
+~3 % and validation MAE by ~1.3 % in an earlier measurement.  Lightning's
+``sync_batchnorm=True`` does not help and ``gman train`` refuses it: its
+``nn.SyncBatchNorm.convert_sync_batchnorm`` swaps GMAN's ``BatchNorm`` (an
+``nn.BatchNorm1d`` subclass) for ``nn.SyncBatchNorm``, which GMAN's layers
+never call (they apply their norm only when it is a gman ``BatchNorm``), so
+the converted network silently runs without batch norm (see docs/multi-gpu.md).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -47,40 +50,9 @@ SCRIPT = '''\
 import sys
 import lightning as L
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
 from gman.data.datamodule import GMANDataModule
-from gman.data.sampling import EpochSeededRandomSampler
 from gman.training.module import GMANLightningModule
 from gman.training.tracking import make_logger
-
-
-class ShardedEpochSampler(DistributedSampler):
-    """The 1-process epoch order dealt round-robin (rank r: positions r, r + W, ...).
-    A DistributedSampler, so Lightning uses it as it is."""
-
-    def __init__(self, num_samples, seed):
-        self.order = EpochSeededRandomSampler(num_samples, seed)
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.count = -(-num_samples // self.world)
-
-    def set_epoch(self, epoch):
-        self.order.set_epoch(epoch)
-
-    def __iter__(self):
-        order = list(self.order)
-        order += order[: self.count * self.world - len(order)]
-        return iter(order[self.rank::self.world])
-
-    def __len__(self):
-        return self.count
-
-
-class ShardedData(GMANDataModule):
-    def train_dataloader(self):
-        sampler = ShardedEpochSampler(len(self.train_windows), self.seed)
-        return DataLoader(self.train_windows, batch_size=self.batch_size, sampler=sampler)
 
 
 class FirstBatch(L.Callback):
@@ -93,39 +65,50 @@ class FirstBatch(L.Callback):
                 handle.write(" ".join(map(str, batch["start"].tolist())))
 
 
-devices, mode, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+devices, out = int(sys.argv[1]), sys.argv[2]
 L.seed_everything(5, verbose=False)
-data_class = ShardedData if mode == "sharded" else GMANDataModule
-data = data_class(dataset="synthetic", options={"num_sensors": 10, "days": 6}, batch_size=16 // devices,
+data = GMANDataModule(dataset="synthetic", options={"num_sensors": 10, "days": 6}, batch_size=16 // devices,
                   eval_batch_size=64, seed=5)
 model = GMANLightningModule(num_layers=1, num_heads=2, head_dim=4, se_dim=8, dropout=0.0, learning_rate=0.003,
                             batch_norm="none")
 logger = make_logger("ddp-test", f"sqlite:///{out}/mlflow.db")
 trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                    max_epochs=1, limit_train_batches=8 if mode == "sharded" else 1,
-                    limit_val_batches=1.0 if mode == "sharded" else 0, num_sanity_val_steps=0,
+                    max_epochs=1, limit_train_batches=8, num_sanity_val_steps=0,
                     logger=logger, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, callbacks=[FirstBatch()])
 trainer.fit(model, datamodule=data)
 logger.finish("FINISHED")
-if trainer.is_global_zero and mode == "sharded":
+if trainer.is_global_zero:
     print("VAL_MAE", float(trainer.callback_metrics["val_mae"]), "WORLD", trainer.world_size, flush=True)
     torch.save({k: v for k, v in model.net.state_dict().items() if v.is_floating_point()}, f"{out}/weights.pt")
 '''
 
+CLI_CONFIG = """\
+seed_everything: 5
+model: {num_layers: 1, num_heads: 2, head_dim: 4, se_dim: 8, dropout: 0.0}
+data: {dataset: synthetic, options: {num_sensors: 10, days: 6}, batch_size: 8, eval_batch_size: 64}
+trainer: {max_epochs: 1, limit_train_batches: 4, accelerator: cpu, devices: 2, strategy: ddp, enable_progress_bar: false}
+"""
 
-def run(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    """Start ``python args`` in ``cwd``; its output goes to files there (a full pipe would block it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    with open(cwd / "stdout.txt", "w") as stdout, open(cwd / "stderr.txt", "w") as stderr:
+        return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True)
 
 
-def fit(workdir: Path, devices: int, mode: str) -> subprocess.CompletedProcess:
-    (workdir / "fit.py").write_text(SCRIPT)
-    result = run(["fit.py", str(devices), mode, str(workdir)], workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def finish(process: subprocess.Popen, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Wait for a process of :func:`start`; its exit status and output."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    return subprocess.CompletedProcess(process.args, process.returncode, (cwd / "stdout.txt").read_text(),
+                                       (cwd / "stderr.txt").read_text())
 
 
 def first_batches(workdir: Path) -> dict[int, list[int]]:
@@ -141,11 +124,31 @@ def mlflow_runs(db: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def sharded_runs(tmp_path_factory) -> dict:
-    out = {}
+def launched(tmp_path_factory) -> dict:
+    """All runs of this module, started at once (they are independent; most of their time is start-up)."""
+    procs = {}
     for name, devices in (("single", 1), ("ddp", 2)):
         workdir = tmp_path_factory.mktemp(name)
-        result = fit(workdir, devices, "sharded")
+        (workdir / "fit.py").write_text(SCRIPT)
+        procs[name] = (workdir, start(["fit.py", str(devices), str(workdir)], workdir))
+    workdir = tmp_path_factory.mktemp("cli")
+    (workdir / "config.yaml").write_text(CLI_CONFIG)
+    procs["cli"] = (workdir, start(["-m", "gman.cli", "train", "--config", "config.yaml", "--output-dir", "runs/out"],
+                                   workdir))
+    yield procs
+    for _, process in procs.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def runs(launched) -> dict:
+    out = {}
+    for name in ("single", "ddp"):
+        workdir, process = launched[name]
+        result = finish(process, workdir)
+        assert result.returncode == 0, result.stderr[-3000:]
         (line,) = [ln for ln in result.stdout.splitlines() if ln.startswith("VAL_MAE")]
         _, value, _, world = line.split()
         out[name] = {"val_mae": float(value), "world": int(world), "dir": workdir,
@@ -153,10 +156,10 @@ def sharded_runs(tmp_path_factory) -> dict:
     return out
 
 
-def test_two_processes_match_one_at_the_same_global_batch(sharded_runs):
+def test_two_processes_match_one_at_the_same_global_batch(runs):
     import torch
 
-    single, ddp = sharded_runs["single"], sharded_runs["ddp"]
+    single, ddp = runs["single"], runs["ddp"]
     assert (single["world"], ddp["world"]) == (1, 2)
     # the two ranks' first batches are the 1-process first batch, split in two
     assert sorted(ddp["first"][0] + ddp["first"][1]) == sorted(single["first"][0])
@@ -166,44 +169,84 @@ def test_two_processes_match_one_at_the_same_global_batch(sharded_runs):
     wa, wb = (torch.load(r["dir"] / "weights.pt") for r in (single, ddp))
     diff = sum(((wa[k] - wb[k]) ** 2).sum() for k in wa) ** 0.5 / sum((w**2).sum() for w in wa.values()) ** 0.5
     assert diff < TOLERANCE, f"weights of the two runs are {float(diff):.2%} apart"
+    print(f"\n1 vs 2 processes: val_mae {a:.5f} vs {b:.5f} ({abs(a - b) / a:.3%} apart), "
+          f"weights {float(diff):.3%} apart (relative L2)")
 
 
-def test_only_rank_zero_creates_an_mlflow_run(sharded_runs):
-    runs = mlflow_runs(sharded_runs["ddp"]["dir"] / "mlflow.db")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.metrics["val_mae"] == pytest.approx(sharded_runs["ddp"]["val_mae"], rel=1e-6)
+def test_only_rank_zero_creates_an_mlflow_run(runs):
+    (logged,) = mlflow_runs(runs["ddp"]["dir"] / "mlflow.db")
+    assert logged.info.status == "FINISHED"
+    assert logged.data.metrics["val_mae"] == pytest.approx(runs["ddp"]["val_mae"], rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="GMANDataModule's training sampler is re-shuffled by Lightning's "
-                                       "DistributedSamplerWrapper under DDP (gman/data: shard it per rank instead)")
-def test_data_module_gives_the_one_process_batches_under_ddp(tmp_path):
-    from gman.data.sampling import EpochSeededRandomSampler
-
-    fit(tmp_path, 2, "default")
-    first = first_batches(tmp_path)
-    # the 1-process first batch: the first 16 positions of the epoch-0 order of the training windows
+def test_data_module_gives_the_one_process_batches_under_ddp(runs):
     from gman.data.datamodule import GMANDataModule
+    from gman.data.sampling import EpochSeededRandomSampler
 
     data = GMANDataModule(dataset="synthetic", options={"num_sensors": 10, "days": 6}, seed=5)
     data.setup("fit")
     order = list(EpochSeededRandomSampler(len(data.train_windows), seed=5))
-    expected = sorted(int(data.train_windows.starts[i]) for i in order[:GLOBAL_BATCH])
-    assert sorted(first[0] + first[1]) == expected
+    starts = [int(data.train_windows.starts[i]) for i in order[:GLOBAL_BATCH]]
+    assert runs["single"]["first"][0] == starts
+    # rank r takes positions r, r + 2, ... of the 1-process order
+    assert runs["ddp"]["first"] == {0: starts[0::2], 1: starts[1::2]}
 
 
-CLI_CONFIG = """\
-seed_everything: 5
-model: {num_layers: 1, num_heads: 2, head_dim: 4, se_dim: 8, dropout: 0.0}
-data: {dataset: synthetic, options: {num_sensors: 10, days: 6}, batch_size: 8, eval_batch_size: 64}
-trainer: {max_epochs: 1, limit_train_batches: 4, accelerator: cpu, devices: 2, strategy: ddp, enable_progress_bar: false}
-"""
 
 
-@pytest.mark.xfail(strict=True, reason="gman train under DDP: the re-launched rank 1 re-runs the whole command and "
-                                       "refuses the output folder rank 0 has just created (gman/training/cli.py)")
-def test_gman_train_runs_under_ddp(tmp_path):
-    (tmp_path / "config.yaml").write_text(CLI_CONFIG)
-    result = run(["-m", "gman.cli", "train", "--config", "config.yaml", "--output-dir", "runs/out"], tmp_path)
+def test_gman_train_runs_under_ddp(launched):
+    """Lightning's launcher re-runs the command for rank 1; only rank 0 writes the folder and the MLflow run."""
+    tmp_path, process = launched["cli"]
+    result = finish(process, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["out"]
-    assert len(mlflow_runs(tmp_path / "mlflow.db")) == 1
+    out = tmp_path / "runs" / "out"
+    assert json.loads((out / "run.json").read_text())["status"] == "FINISHED"
+    assert (out / "horizons.csv").is_file() and (out / "model").is_dir() and (out / "checkpoints" / "best.ckpt").is_file()
+    (logged,) = mlflow_runs(tmp_path / "mlflow.db")
+    assert logged.info.status == "FINISHED"
+    assert {"val_mae", "test_mae", "epoch"} <= set(logged.data.metrics)
+    assert logged.data.params["trainer.strategy"] == "ddp" and logged.data.params["trainer.devices"] == "2"
+    assert result.stdout.count(str(out)) == 1  # the summary is printed once, by rank 0
+
+
+def test_sync_batchnorm_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from gman.cli import main
+    from gman.errors import ConfigError
+    from gman.training.module import GMANLightningModule
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["train", "--trainer.sync_batchnorm", "true", "--output-dir", "runs/out"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gman: error:")]
+    assert len(err) == 1 and err[0].startswith("gman: error: trainer.sync_batchnorm:"), err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+    # without GMAN's batch norm there is nothing to convert, and the key is accepted
+    from gman.training.cli import _check_sync_batchnorm
+
+    module = GMANLightningModule(num_layers=1, num_heads=2, head_dim=4, se_dim=8, batch_norm="none", num_nodes=4,
+                                 steps_per_day=288, history_steps=3, horizon_steps=3, scaler_mean=0.0,
+                                 scaler_std=1.0, interval_minutes=5.0, learnable_spatial_embedding=True)
+    config = types.SimpleNamespace(trainer=types.SimpleNamespace(sync_batchnorm=True))
+    _check_sync_batchnorm(config, module)
+    # the module itself refuses a network Lightning has converted (Trainer(sync_batchnorm=True) outside the CLI)
+    module.hparams.batch_norm = "activation"
+    module._build()
+    module.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module.net)
+    with pytest.raises(ConfigError, match="trainer.sync_batchnorm"):
+        module.on_fit_start()
+
+
+def test_a_rank_the_trainer_does_not_see_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    from gman.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")  # says "not rank 0", but the trainer is a one-process one
+    args = ["--trainer.max_epochs", "1", "--data.options", "{num_sensors: 10, days: 4}", "--output-dir", "runs/out"]
+    assert main(["train", *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gman: error:")]
+    assert len(err) == 1 and "SLURM_PROCID=1" in err[0], err
+    assert list(tmp_path.iterdir()) == []

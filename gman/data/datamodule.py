@@ -224,11 +224,7 @@ class GMANDataModule(LightningDataModule):
     def _loader(self, windows: WindowDataset | None, batch_size: int, train: bool) -> DataLoader:
         if windows is None:
             raise RuntimeError("GMANDataModule: call setup() before asking for a dataloader")
-        sampler = None
-        if train:
-            from gman.data.sampling import EpochSeededRandomSampler
-
-            sampler = EpochSeededRandomSampler(len(windows), seed=self.seed)
+        sampler = self._train_sampler(len(windows)) if train else None
         return DataLoader(
             windows,
             batch_size=batch_size,
@@ -240,8 +236,27 @@ class GMANDataModule(LightningDataModule):
             drop_last=False,
         )
 
+    def _train_sampler(self, num_samples: int):
+        """The epoch-seeded order; under DDP this process's round-robin share of it.
+
+        World size and rank come from the trainer (set up by the time Lightning asks
+        for the loader), else from ``torch.distributed``; one process gets the plain
+        ``EpochSeededRandomSampler``.
+        """
+        from gman.data.sampling import EpochSeededRandomSampler, ShardedEpochSampler
+
+        world, rank = _world_and_rank(getattr(self, "trainer", None))
+        if world == 1:
+            return EpochSeededRandomSampler(num_samples, seed=self.seed)
+        return ShardedEpochSampler(num_samples, num_replicas=world, rank=rank, seed=self.seed)
+
     def train_dataloader(self) -> DataLoader:
-        """Shuffled windows; the order of epoch e depends only on (seed, e)."""
+        """Shuffled windows; the order of epoch e depends only on (seed, e).
+
+        Under DDP each of the W processes gets every W-th window of that order
+        (:class:`~gman.data.sampling.ShardedEpochSampler`), so W processes with
+        ``batch_size`` b train on the batches of one process with batch W·b.
+        """
         return self._loader(self.train_windows, self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -288,6 +303,16 @@ class GMANDataModule(LightningDataModule):
             f"GMANDataModule({self.dataset.name}: T={self.dataset.num_steps}, N={self.num_nodes}, "
             f"P={self.history_steps}, Q={self.horizon_steps}, windows: {sizes}, {self.scaler})"
         )
+
+
+def _world_and_rank(trainer) -> tuple[int, int]:
+    if trainer is not None:
+        return int(trainer.world_size), int(trainer.global_rank)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
 
 def _looks_like_path(text: str) -> bool:

@@ -6,13 +6,20 @@ continues.  Here the permutation of epoch ``e`` is a pure function of
 ``(seed, e)``: Lightning calls ``set_epoch(e)`` on the sampler before every
 training epoch, so an epoch replayed after a crash visits the windows in
 exactly the order the interrupted run did.
+
+Under DDP (``W`` processes), :class:`ShardedEpochSampler` deals that same
+order out round-robin: rank ``r`` takes positions ``r, r + W, r + 2W, ...``.
+With a per-process batch ``b`` the ranks' step-``i`` batches together are
+then exactly the step-``i`` batch of one process with batch ``W·b``.  It is a
+``DistributedSampler``, which Lightning leaves as it is (any other training
+sampler it wraps in a ``DistributedSamplerWrapper`` that re-shuffles it).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 
 class EpochSeededRandomSampler(Sampler[int]):
@@ -36,3 +43,30 @@ class EpochSeededRandomSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ShardedEpochSampler(DistributedSampler):
+    """Rank ``rank``'s share of the :class:`EpochSeededRandomSampler` order of epoch ``e``.
+
+    The order is padded at the end with its own first positions to a multiple
+    of ``num_replicas`` (as ``DistributedSampler`` pads), so every rank yields
+    ``ceil(num_samples / num_replicas)`` indices and takes the same number of steps.
+    With ``num_replicas = 1`` it yields exactly the 1-process order.
+    """
+
+    def __init__(self, num_samples: int, num_replicas: int, rank: int, seed: int = 0):
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas), got rank {rank} of {num_replicas}")
+        super().__init__(range(int(num_samples)), num_replicas=num_replicas, rank=rank, shuffle=True,
+                         seed=seed, drop_last=False)
+        self.order = EpochSeededRandomSampler(num_samples, seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.order.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.order)
+        while order and len(order) < self.total_size:  # pad (repeating, if fewer samples than ranks)
+            order += order[: self.total_size - len(order)]
+        return iter(order[self.rank : self.total_size : self.num_replicas])

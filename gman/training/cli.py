@@ -31,6 +31,10 @@ are non-deterministic unless ``trainer.deterministic`` is set,
 MLflow the replayed epoch's training metrics appear twice (once from the
 killed process, once from the replay, at the same steps).
 
+Under DDP (``trainer.strategy: ddp``; see docs/multi-gpu.md) every process
+runs this command, but only global rank 0 creates the folder and the MLflow
+run and writes anything; the other ranks train, evaluate and exit.
+
 ``gman evaluate`` re-scores a checkpoint (``--checkpoint``) or the best
 checkpoint of an MLflow run (``--run_id``) on a data set's test split (by
 default the one it was trained on) and writes the same table, csv and plots.
@@ -60,6 +64,10 @@ ERRORS_PLOT = "error_by_horizon.png"
 FORECAST_PLOT = "forecast_vs_truth.png"
 PACKAGE_DIR = "model"
 MONITOR = "val_mae"
+# DDP: rank 0 puts its run folder here for the ranks Lightning's launcher starts (they re-run the command)
+RUN_DIR_ENV = "GMAN_RUN_DIR"
+# where launchers put a process's rank (Lightning's launcher, torchrun, SLURM, LSF)
+RANK_ENV_KEYS = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
 # `gman train` without --config: the built-in synthetic network and a small, fast
 # model (experiments/demo.yaml spells the same values out).  With --config, unset
@@ -240,6 +248,9 @@ def _print(*lines: str) -> None:
 def train(argv: list[str]) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     argv, resume = _split_resume(list(argv))
+    # DDP: Lightning's launcher re-runs this command for ranks 1.. (torchrun / SLURM start every rank);
+    # only global rank 0 creates the run folder and the MLflow run and writes anything.
+    writer = _launch_rank_is_zero()
     saved_run: dict[str, Any] = {}
     if resume is not None:
         work_dir = _resume_folder(resume)
@@ -259,8 +270,9 @@ def train(argv: list[str]) -> int:
     datamodule.prepare_data()
     datamodule.setup("fit")
     module.build_for(datamodule)
+    _check_sync_batchnorm(config, module)
 
-    from gman.training.tracking import make_logger, resolve_tracking_uri
+    from gman.training.tracking import OtherRankLogger, make_logger, resolve_tracking_uri
 
     dataset_name = datamodule.dataset.name
     experiment = config.experiment or saved_run.get("experiment") or dataset_name
@@ -270,28 +282,58 @@ def train(argv: list[str]) -> int:
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         final_dir = Path(config.output_dir or Path(DEFAULT_RUNS_DIR) / f"{experiment}-{stamp}").resolve()
+        if not writer and os.environ.get(RUN_DIR_ENV):
+            final_dir = Path(os.environ[RUN_DIR_ENV])  # rank 0's folder (its time stamp may differ from ours)
         work_dir = final_dir.with_name(final_dir.name + PARTIAL_SUFFIX)
         for path in (final_dir, work_dir):
-            if path.exists():
+            if writer and path.exists():
                 raise ConfigError(f"output_dir: {path} already exists; choose another --output_dir "
                                   f"or resume it with --resume {work_dir}")
-    if final_dir.exists():
+    if writer and final_dir.exists():
         raise ConfigError(f"output_dir: {final_dir} already exists; cannot finish the resumed run into it")
 
-    logger = make_logger(experiment, tracking_uri, run_id=saved_run.get("run_id"), run_name=final_dir.name,
-                         tags={"gman.output_dir": str(final_dir), "gman.dataset": dataset_name})
-    work_dir.mkdir(parents=True, exist_ok=resume is not None)
+    if writer:
+        logger = make_logger(experiment, tracking_uri, run_id=saved_run.get("run_id"), run_name=final_dir.name,
+                             tags={"gman.output_dir": str(final_dir), "gman.dataset": dataset_name})
+    else:
+        logger = OtherRankLogger()
     try:
-        result = _fit_test_and_report(cli, logger, work_dir, final_dir, experiment, tracking_uri, resume is not None)
+        result = _fit_test_and_report(cli, logger, work_dir, final_dir, experiment, tracking_uri, resume is not None,
+                                      writer)
     except BaseException as err:
-        # Lightning turns Ctrl-C into SystemExit(1) after its own clean-up
-        logger.finish("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
-        _handle_failed_folder(work_dir, err)
+        if writer:
+            # Lightning turns Ctrl-C into SystemExit(1) after its own clean-up
+            logger.finish("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
+            _handle_failed_folder(work_dir, err)
         raise
-    logger.finish("FINISHED")
-    _print(result["table"], "", f"MLflow run: {result['run_id']} (experiment {experiment!r}, {tracking_uri})",
-           str(final_dir))
+    if writer:
+        logger.finish("FINISHED")
+        _print(result["table"], "", f"MLflow run: {result['run_id']} (experiment {experiment!r}, {tracking_uri})",
+               str(final_dir))
     return 0
+
+
+def _launch_rank_is_zero() -> bool:
+    """Whether this process is global rank 0, read from the launcher's environment.
+
+    Known before any trainer exists: Lightning's own launcher starts ranks > 0 with
+    ``LOCAL_RANK`` (and ``NODE_RANK`` on other nodes), torchrun sets ``RANK``, SLURM
+    ``SLURM_PROCID``, LSF ``JSM_NAMESPACE_RANK``.  Rank 0 is the process for which
+    none of them is set to anything but 0.  :func:`_fit_test_and_report` checks the
+    answer against ``trainer.global_rank`` before anything is written.
+    """
+    return all(os.environ.get(key, "0").strip() in ("", "0") for key in RANK_ENV_KEYS)
+
+
+def _check_sync_batchnorm(config, module) -> None:
+    """``trainer.sync_batchnorm`` would silently drop GMAN's batch norm (see ``SYNC_BATCHNORM_ERROR``)."""
+    from gman.model import BatchNorm
+    from gman.training.module import SYNC_BATCHNORM_ERROR
+
+    trainer_config = getattr(config, "trainer", None)
+    if getattr(trainer_config, "sync_batchnorm", False) and any(
+            isinstance(m, BatchNorm) for m in module.net.modules()):
+        raise ConfigError(SYNC_BATCHNORM_ERROR.format(batch_norm=module.hparams.batch_norm))
 
 
 def _handle_failed_folder(work_dir: Path, err: BaseException) -> None:
@@ -312,12 +354,34 @@ def _handle_failed_folder(work_dir: Path, err: BaseException) -> None:
 
 
 def _fit_test_and_report(cli, logger, work_dir: Path, final_dir: Path, experiment: str, tracking_uri: str,
-                         resuming: bool) -> dict[str, Any]:
+                         resuming: bool, writer: bool = True) -> dict[str, Any]:
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
     from gman.training.module import DATA_DERIVED, data_hparams
 
     config, datamodule, module = cli.config, cli.datamodule, cli.model
+    # every rank gets the same callbacks; ModelCheckpoint takes rank 0's folder (a broadcast) and only
+    # rank 0 saves, but all ranks track the best checkpoint, which they all load for the test stage
+    checkpoint = ModelCheckpoint(dirpath=work_dir / CHECKPOINT_DIR, filename=BEST_CHECKPOINT, monitor=MONITOR,
+                                 mode="min", save_top_k=1, save_last=True, enable_version_counter=False)
+    callbacks = [checkpoint, EarlyStopping(monitor=MONITOR, mode="min", patience=config.patience),
+                 LearningRateMonitor(logging_interval="epoch")]
+    user_callbacks = cli._get(cli.config_init, "trainer", default={}).get("callbacks") or []
+    trainer = cli.instantiate_trainer(logger=logger, callbacks=[*callbacks, *list(user_callbacks)],
+                                      default_root_dir=str(work_dir))
+    if trainer.is_global_zero != writer:  # e.g. a stray SLURM_PROCID=1 in a one-process run; nothing written yet
+        raise ConfigError(f"trainer: the launcher's environment ({_rank_environment()}) and Lightning (global rank "
+                          f"{trainer.global_rank} of {trainer.world_size}) disagree on whether this process is rank 0; "
+                          f"match trainer.devices / trainer.num_nodes to the launcher or unset those variables")
+
+    last = work_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    ckpt_path = str(last) if resuming and last.is_file() else None
+    if not writer:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
+        return {"table": "", "run_id": None}
+
+    work_dir.mkdir(parents=True, exist_ok=resuming)
     run_id = logger.run_id  # creates (or reopens) the MLflow run now, so run.json can name it
     resolved = cli.parser.dump(config, skip_none=False)
     if not resuming:
@@ -327,29 +391,30 @@ def _fit_test_and_report(cli, logger, work_dir: Path, final_dir: Path, experimen
     _write_json(work_dir / RUN_FILE, {"run_id": run_id, "experiment": experiment, "tracking_uri": tracking_uri,
                                       "output_dir": str(final_dir), "status": "RUNNING"})
 
-    checkpoint = ModelCheckpoint(dirpath=work_dir / CHECKPOINT_DIR, filename=BEST_CHECKPOINT, monitor=MONITOR,
-                                 mode="min", save_top_k=1, save_last=True, enable_version_counter=False)
-    callbacks = [checkpoint, EarlyStopping(monitor=MONITOR, mode="min", patience=config.patience),
-                 LearningRateMonitor(logging_interval="epoch")]
-    user_callbacks = cli._get(cli.config_init, "trainer", default={}).get("callbacks") or []
-    trainer = cli.instantiate_trainer(logger=logger, callbacks=[*callbacks, *list(user_callbacks)],
-                                      default_root_dir=str(work_dir))
-
     # run-control options are not settings; data-derived model sizes are logged from the data (data_derived.*)
     params = {k: v for k, v in _flatten(config.as_dict()).items()
               if not k.startswith(("resume", "register", "config", "trainer.callbacks", "trainer.logger"))
               and not (k.startswith("model.") and k[len("model."):] in DATA_DERIVED and v is None)}
     params.update({f"data_derived.{k}": v for k, v in data_hparams(datamodule, config.model.se_dim).items()})
-    if trainer.is_global_zero:
-        _log_params(logger, params)
-        logger.experiment.log_artifact(run_id, str(work_dir / CONFIG_FILE))
+    _log_params(logger, params)
+    logger.experiment.log_artifact(run_id, str(work_dir / CONFIG_FILE))
 
-    last = work_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resuming and last.is_file() else None)
+    # ranks started by Lightning's launcher (inside fit) re-run this command: tell them rank 0's folder
+    previous = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(final_dir)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
     trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
-    if not trainer.is_global_zero:
-        return {"table": "", "run_id": run_id}
     return _report(module, datamodule, checkpoint, logger, work_dir, final_dir, config.register)
+
+
+def _rank_environment() -> str:
+    return ", ".join(f"{key}={os.environ[key]}" for key in RANK_ENV_KEYS if key in os.environ) or "no rank variables"
 
 
 def _set_output_dir(config_yaml: str, final_dir: Path) -> str:

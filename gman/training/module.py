@@ -41,6 +41,15 @@ from gman.training.metrics import HorizonErrors, HorizonMetrics, masked_mae
 DATA_DERIVED = ("num_nodes", "steps_per_day", "history_steps", "horizon_steps",
                 "scaler_mean", "scaler_std", "interval_minutes", "learnable_spatial_embedding")
 MIN_BN_MOMENTUM = 0.01
+# Lightning's sync_batchnorm runs nn.SyncBatchNorm.convert_sync_batchnorm, which swaps every nn.BatchNorm1d
+# subclass -- gman.model.BatchNorm included -- for nn.SyncBatchNorm.  GMAN's layers call their norm only when
+# it is a gman BatchNorm, so the swapped layers are never called and the network silently trains and
+# predicts without batch normalisation.
+SYNC_BATCHNORM_ERROR = (
+    "trainer.sync_batchnorm: not supported with GMAN's batch norm (model.batch_norm: {batch_norm}): Lightning "
+    "would swap its layers for nn.SyncBatchNorm, which GMAN's layers never call, so the model would train "
+    "without batch norm; leave trainer.sync_batchnorm false (statistics per process) or set model.batch_norm: none"
+)
 
 
 class GMANLightningModule(L.LightningModule):
@@ -225,6 +234,8 @@ class GMANLightningModule(L.LightningModule):
         self.log_dict(horizon_metric_names(errors, self.hparams.interval_minutes))
 
     def on_fit_start(self) -> None:
+        if self.net is not None and any(isinstance(m, torch.nn.SyncBatchNorm) for m in self.net.modules()):
+            raise ConfigError(SYNC_BATCHNORM_ERROR.format(batch_norm=self.hparams.batch_norm))
         # LightningCLI / seed_everything seeded torch just before; remember that seed for the reseeding below
         self._batch_seed_base = torch.initial_seed()
 

@@ -19,7 +19,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from gman.errors import ConfigError
@@ -128,3 +128,28 @@ class RunFinishedByCaller(MLFlowLogger):
         """Mark the run terminated (FINISHED, FAILED or KILLED) if it was ever started."""
         if self._initialized:
             self.experiment.set_terminated(self.run_id, status)
+
+
+class OtherRankLogger(Logger):
+    """The logger of DDP ranks other than 0: logs nothing and never opens the MLflow store.
+
+    Lightning logs from rank 0 only anyway; the other ranks still need a logger
+    for callbacks that require one (``LearningRateMonitor``).
+    """
+
+    @property
+    def name(self) -> str:
+        return ""
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
