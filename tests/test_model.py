@@ -292,5 +292,8 @@ def test_last_value_residual_adds_the_last_history_step_to_every_horizon_step():
     with torch.no_grad():
         expected = plain(x, time) + x[:, -1:, :]
         torch.testing.assert_close(residual(x, time), expected)
+    fresh = GMAN(**residual.config).eval()  # a new residual model forecasts the last value exactly
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, time), x[:, -1:, :].expand(2, 4, 5))
     with pytest.raises(ValueError, match="last_value_residual must be true or false"):
         GMAN(5, 24, last_value_residual="yes")

@@ -129,7 +129,8 @@ class GMAN(nn.Module):
             the output, so the network predicts the change from the last reading:
             ``Ŷ = Y_net + x_{P−1}``.  On short series the plain network can stay
             behind the last-value forecast at the first steps (measured on Los-loop,
-            see the README); the skip connection starts it from that forecast.
+            see the README); the skip connection, with the last output layer
+            initialised to zero, starts it from exactly that forecast.
 
     forward(x [B, P, N] float, time [B, P+Q, 2] long) -> [B, Q, N]
         ``time[..., 0]`` day of week 0..6, ``time[..., 1]`` time-of-day index
@@ -243,6 +244,10 @@ class GMAN(nn.Module):
         self.transform = TransformAttention(num_heads, head_dim, output_fc=attention_output_fc, **bn)
         self.decoder = nn.ModuleList([block() for _ in range(num_layers)])
         self.output_fc = FC(dim, [dim, 1], [True, False], dropout=dropout, no_bn_last=True, **bn)
+        if last_value_residual:
+            # start from the last-value forecast exactly; the network learns the change
+            nn.init.zeros_(self.output_fc.linears[-1].weight)
+            nn.init.zeros_(self.output_fc.linears[-1].bias)
         self.register_load_state_dict_post_hook(_partition_loaded)
 
     # ------------------------------------------------------------------ config
