@@ -297,20 +297,3 @@ def test_last_value_residual_adds_the_last_history_step_to_every_horizon_step():
         torch.testing.assert_close(fresh(x, time), x[:, -1:, :].expand(2, 4, 5))
     with pytest.raises(ValueError, match="last_value_residual must be true or false"):
         GMAN(5, 24, last_value_residual="yes")
-
-
-def test_without_day_of_week_the_temporal_embedding_ignores_the_weekday():
-    torch.manual_seed(0)
-    model = GMAN(5, 24, se_dim=4, history_steps=3, horizon_steps=2, num_layers=1, num_heads=2, head_dim=2,
-                 day_of_week=False).eval()
-    assert model.ste.temporal.linears[0].in_features == 24      # time-of-day one-hot only
-    x = torch.randn(2, 3, 5)
-    time = torch.randint(0, 7, (2, 5, 2))
-    other_day = time.clone()
-    other_day[..., 0] = (time[..., 0] + 3) % 7
-    with torch.no_grad():
-        torch.testing.assert_close(model(x, time), model(x, other_day))
-    with_dow = GMAN(**{**model.config, "day_of_week": True}).eval()
-    assert with_dow.ste.temporal.linears[0].in_features == 31   # 7 + 24, the paper's
-    with torch.no_grad():
-        assert not torch.allclose(with_dow(x, time), with_dow(x, other_day))

@@ -131,11 +131,6 @@ class GMAN(nn.Module):
             behind the last-value forecast at the first steps (measured on Los-loop,
             see the README); the skip connection, with the last output layer
             initialised to zero, starts it from exactly that forecast.
-        day_of_week: include the day-of-week one-hot in the temporal embedding (the
-            paper and the authors' code: on).  Off is for series shorter than two
-            weeks: split chronologically, their test days are weekdays that never
-            occur in training (Los-loop: trained on Thursday–Monday, tested on
-            Tuesday–Wednesday), whose one-hot weights are then untrained noise.
 
     forward(x [B, P, N] float, time [B, P+Q, 2] long) -> [B, Q, N]
         ``time[..., 0]`` day of week 0..6, ``time[..., 1]`` time-of-day index
@@ -165,7 +160,6 @@ class GMAN(nn.Module):
         partition_method: str = "random",
         partition_seed: int = 0,
         last_value_residual: bool = False,
-        day_of_week: bool = True,
     ) -> None:
         super().__init__()
         self.num_nodes = _positive_int("num_nodes", num_nodes)
@@ -184,7 +178,6 @@ class GMAN(nn.Module):
             ("attention_output_fc", attention_output_fc),
             ("fusion_output_fc", fusion_output_fc),
             ("last_value_residual", last_value_residual),
-            ("day_of_week", day_of_week),
         ):
             _flag(name, value)
         if batch_norm not in BATCH_NORM_MODES:
@@ -218,7 +211,7 @@ class GMAN(nn.Module):
             batch_norm=batch_norm, bn_momentum=bn_momentum,
             spatial_attention=spatial_attention, spatial_attention_options=options,
             num_groups=num_groups, partition_method=partition_method, partition_seed=partition_seed,
-            last_value_residual=last_value_residual, day_of_week=day_of_week,
+            last_value_residual=last_value_residual,
         )
         dim = self.num_heads * self.head_dim
         self.dim = dim
@@ -230,7 +223,7 @@ class GMAN(nn.Module):
 
         bn = dict(batch_norm=batch_norm, bn_momentum=bn_momentum)
         self.input_fc = FC(1, [dim, dim], [True, False], **bn)
-        self.ste = SpatioTemporalEmbedding(se_dim, steps_per_day, dim, day_of_week=day_of_week, **bn)
+        self.ste = SpatioTemporalEmbedding(se_dim, steps_per_day, dim, **bn)
 
         if group:
             # every block starts from the same partition; a "bfs" one is filled in by

@@ -841,29 +841,22 @@ class SpatioTemporalEmbedding(nn.Module):
     computed as ``W[:, dow] + W[:, 7 + tod] + b`` (an index lookup of the
     ``nn.Linear(7 + T_day, D)`` weight) — exactly the FC of the one-hot
     vector, without building it.  Out-of-range indices raise an index error.
-    With ``day_of_week=False`` the one-hot is the time of day alone
-    (``nn.Linear(T_day, D)``; ``time[..., 0]`` is ignored).
 
     forward(se [N, D_se], time [B, T, 2] long) -> STE(spatial [N, D], temporal [B, T, D])
     """
 
-    def __init__(self, se_dim: int, steps_per_day: int, dim: int, batch_norm: str = "activation", bn_momentum: float = 0.5,
-                 day_of_week: bool = True):
+    def __init__(self, se_dim: int, steps_per_day: int, dim: int, batch_norm: str = "activation", bn_momentum: float = 0.5):
         super().__init__()
         self.steps_per_day = steps_per_day
-        self.day_of_week = day_of_week
-        self.tod_offset = 7 if day_of_week else 0  # rows of the one-hot before the time-of-day block
         self.spatial = FC(se_dim, [dim, dim], [True, False], batch_norm, bn_momentum)
-        self.temporal = FC(self.tod_offset + steps_per_day, [dim, dim], [True, False], batch_norm, bn_momentum)
+        self.temporal = FC(7 + steps_per_day, [dim, dim], [True, False], batch_norm, bn_momentum)
 
     def forward(self, se: Tensor, time: Tensor) -> STE:  # noqa: D102
         e_s = self.spatial(se)
         lin = self.temporal.linears[0]
         table = lin.weight.t()  # [7 + T_day, D]: row i = W · onehot_i
         dow, tod = time[..., 0], time[..., 1]
-        pre = F.embedding(tod + self.tod_offset, table)
-        if self.day_of_week:
-            pre = pre + F.embedding(dow, table)
+        pre = F.embedding(dow, table) + F.embedding(tod + 7, table)
         if lin.bias is not None:
             pre = pre + lin.bias
         e_t = self.temporal.layer(0, None, pre)  # type: ignore[arg-type]
