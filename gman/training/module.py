@@ -47,7 +47,7 @@ class GMANLightningModule(L.LightningModule):
     """Trains, validates and tests a :class:`gman.model.GMAN`.
 
     Args (model): ``num_layers`` L, ``num_heads`` K, ``head_dim`` d, ``se_dim``,
-        ``dropout``, ``causal_mask``, ``attention_output_fc``, ``fusion_output_fc``,
+        ``dropout``, ``causal_mask``, ``day_of_week``, ``attention_output_fc``, ``fusion_output_fc``,
         ``batch_norm``, ``bn_momentum``, ``spatial_attention(_options)``, ``num_groups``,
         ``partition_method`` (``random`` | ``bfs``: from the data's graph), ``partition_seed``: see GMAN.
     Args (optimisation): ``learning_rate``, ``weight_decay`` (Adam), ``lr_decay_factor``,
@@ -70,6 +70,7 @@ class GMANLightningModule(L.LightningModule):
         se_dim: int = 64,
         dropout: float = 0.1,
         causal_mask: bool = True,
+        day_of_week: bool = True,
         attention_output_fc: bool = True,
         fusion_output_fc: bool = True,
         batch_norm: str = "activation",
@@ -120,7 +121,7 @@ class GMANLightningModule(L.LightningModule):
                 num_nodes=hp.num_nodes, steps_per_day=hp.steps_per_day, se_dim=hp.se_dim,
                 history_steps=hp.history_steps, horizon_steps=hp.horizon_steps,
                 num_layers=hp.num_layers, num_heads=hp.num_heads, head_dim=hp.head_dim,
-                dropout=hp.dropout, causal_mask=hp.causal_mask,
+                dropout=hp.dropout, causal_mask=hp.causal_mask, day_of_week=hp.day_of_week,
                 learnable_spatial_embedding=hp.learnable_spatial_embedding,
                 attention_output_fc=hp.attention_output_fc, fusion_output_fc=hp.fusion_output_fc,
                 batch_norm=hp.batch_norm, bn_momentum=hp.bn_momentum,
