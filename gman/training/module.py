@@ -146,6 +146,8 @@ class GMANLightningModule(L.LightningModule):
         """Build the network for a set-up ``GMANDataModule``: its sizes into hparams, its embedding into the net."""
         self.hparams.update(data_hparams(datamodule, se_dim=self.hparams.se_dim))
         self._build()
+        if self.hparams.day_of_week:
+            _warn_unseen_days(datamodule)
         if datamodule.spatial_embedding is not None:
             self.net.set_spatial_embedding(torch.as_tensor(datamodule.spatial_embedding, dtype=torch.float32))
         if self.hparams.spatial_attention == "group" and self.hparams.partition_method == "bfs":
@@ -252,6 +254,33 @@ class GMANLightningModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, staircase)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+DAY_NAMES = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+
+
+def unseen_days(datamodule) -> list[str]:
+    """Days of the week in the validation / test steps of a set-up data module that no training step has."""
+    ranges = getattr(datamodule, "split_ranges", None)
+    if getattr(datamodule, "dataset", None) is None or not ranges:
+        return []
+    day = datamodule.dataset.time_features()[:, 0]
+    seen = set(day[slice(*ranges[0])].tolist())
+    later = set().union(*(day[slice(*r)].tolist() for r in ranges[1:]))
+    return [DAY_NAMES[d] for d in sorted(later - seen)]
+
+
+def _warn_unseen_days(datamodule) -> None:
+    days = unseen_days(datamodule)
+    if days:
+        import warnings
+
+        warnings.warn(
+            f"{', '.join(days)} occur(s) in the validation/test steps but not in the training steps: their "
+            "day-of-week embedding keeps its random initial weights and shifts every forecast on those days; "
+            "set model.day_of_week false (time of day only) for data shorter than two weeks",
+            stacklevel=3,
+        )
 
 
 def data_hparams(datamodule, se_dim: int) -> dict[str, Any]:
