@@ -137,6 +137,27 @@ def test_word2vec_embedding_rows_follow_the_graph_order(tmp_path):
     assert dm.dataset.adjacency[1, 2] == 0.5  # a -> b, in the data's order
 
 
+def test_node2vec_embedding_rows_follow_the_data_sensor_order(tmp_path):
+    # graph file in the order a..f (two triangles a-b-c and d-e-f); data columns interleave them
+    index = pd.date_range("2024-01-01", periods=400, freq="5min", name="timestamp")
+    columns = ["d", "a", "e", "b", "f", "c"]
+    rng = np.random.default_rng(0)
+    pd.DataFrame(rng.uniform(40, 60, (400, 6)), index=index, columns=columns).to_csv(tmp_path / "v.csv")
+    graph = np.kron(np.eye(2), np.ones((3, 3)))
+    header = "a,b,c,d,e,f\n"
+    (tmp_path / "g.csv").write_text(header + "\n".join(",".join(f"{w:g}" for w in row) for row in graph) + "\n")
+    options = {"dim": 8, "walks_per_node": 10, "walk_length": 10, "window": 3, "steps": 100, "cache_dir": False}
+    dm = GMANDataModule(dataset=str(tmp_path / "v.csv"), graph_path=str(tmp_path / "g.csv"),
+                        spatial_embedding="node2vec", node2vec_options=options)
+    dm.setup()
+    assert dm.sensor_ids == columns
+    unit = torch.nn.functional.normalize(dm.spatial_embedding, dim=1)
+    cosine = unit @ unit.T
+    same = torch.tensor([[(i % 2) == (j % 2) for j in range(6)] for i in range(6)])  # d, e, f at 0, 2, 4
+    off_diagonal = ~torch.eye(6, dtype=torch.bool)
+    assert cosine[same & off_diagonal].min() > cosine[~same].max()
+
+
 def test_node2vec_embedding_is_cached(tmp_path):
     options = {"dim": 8, "walks_per_node": 4, "walk_length": 10, "steps": 5, "cache_dir": str(tmp_path)}
     dm = GMANDataModule(options=SMALL, spatial_embedding="node2vec", node2vec_options=options)

@@ -53,6 +53,25 @@ def test_steps_per_day_is_not_hard_coded():
     assert y.shape == (2, 3, 6)
 
 
+def test_day_of_week_can_be_left_out_of_the_time_embedding():
+    torch.manual_seed(0)
+    with_dow = small_model().eval()
+    time = make_time(2, 7)
+    other_days = time.clone()
+    other_days[..., 0] = (other_days[..., 0] + 3) % 7
+    x = torch.randn(2, 4, 6)
+    assert not torch.allclose(with_dow(x, time), with_dow(x, other_days))
+    without = small_model(day_of_week=False).eval()
+    assert without.ste.temporal.linears[0].in_features == STEPS_PER_DAY
+    assert without.config["day_of_week"] is False
+    torch.testing.assert_close(without(x, time), without(x, other_days), rtol=0, atol=0)
+    rebuilt = GMAN(**without.config)
+    rebuilt.load_state_dict(without.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(x, time), without(x, time), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="day_of_week"):
+        small_model(day_of_week="no")
+
+
 def test_heads_are_k_heads_of_d_dims():
     model = small_model(num_heads=2, head_dim=3)
     spatial = model.encoder[0].spatial

@@ -158,3 +158,22 @@ def test_group_attention_with_a_graph_partition_trains_and_the_checkpoint_keeps_
     module.eval(), restored.eval()
     with torch.no_grad():
         torch.testing.assert_close(restored(batch["x"], batch["time"]), module(batch["x"], batch["time"]))
+
+
+def test_days_of_week_absent_from_training_are_reported(recwarn):
+    datamodule = GMANDataModule(**{**DATA, "options": {"num_sensors": 10, "days": 4}})
+    datamodule.setup()
+    day = datamodule.dataset.time_features()[:, 0]
+    train_stop = datamodule.split_ranges[0][1]
+    expected = sorted(set(day[train_stop:].tolist()) - set(day[:train_stop].tolist()))
+    assert expected  # 4 days split 70/10/20: the last day is never trained on
+    with pytest.warns(UserWarning, match="model.day_of_week false") as caught:
+        GMANLightningModule(**TINY).build_for(datamodule)
+    names = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+    message = next(str(w.message) for w in caught if "model.day_of_week false" in str(w.message))
+    assert all(names[d] in message for d in expected), (expected, message)
+    recwarn.clear()
+    module = GMANLightningModule(**TINY, day_of_week=False)
+    module.build_for(datamodule)
+    assert not [w for w in recwarn if "model.day_of_week false" in str(w.message)]
+    assert module.net.config["day_of_week"] is False

@@ -107,6 +107,10 @@ class GMAN(nn.Module):
         num_heads: ``K``.  head_dim: ``d``; the model width is ``D = K·d``.
         dropout: dropout rate before each of the two output FC layers.
         causal_mask: temporal attention sees only current and earlier steps.
+        day_of_week: the time embedding includes the day-of-week one-hot (the
+            authors' model); ``False`` uses the time of day only (see
+            :class:`~gman.model.layers.SpatioTemporalEmbedding`: for data whose
+            training part does not contain every day of the week).
         learnable_spatial_embedding: ``spatial_embedding`` is an ``nn.Parameter``
             (initialised ``N(0, 0.1²)``) rather than a buffer of zeros to be filled
             by :meth:`set_spatial_embedding` (e.g. from node2vec).
@@ -160,6 +164,7 @@ class GMAN(nn.Module):
         partition_method: str = "random",
         partition_seed: int = 0,
         last_value_residual: bool = False,
+        day_of_week: bool = True,
     ) -> None:
         super().__init__()
         self.num_nodes = _positive_int("num_nodes", num_nodes)
@@ -178,6 +183,7 @@ class GMAN(nn.Module):
             ("attention_output_fc", attention_output_fc),
             ("fusion_output_fc", fusion_output_fc),
             ("last_value_residual", last_value_residual),
+            ("day_of_week", day_of_week),
         ):
             _flag(name, value)
         if batch_norm not in BATCH_NORM_MODES:
@@ -212,6 +218,7 @@ class GMAN(nn.Module):
             spatial_attention=spatial_attention, spatial_attention_options=options,
             num_groups=num_groups, partition_method=partition_method, partition_seed=partition_seed,
             last_value_residual=last_value_residual,
+            day_of_week=day_of_week,
         )
         dim = self.num_heads * self.head_dim
         self.dim = dim
@@ -223,7 +230,7 @@ class GMAN(nn.Module):
 
         bn = dict(batch_norm=batch_norm, bn_momentum=bn_momentum)
         self.input_fc = FC(1, [dim, dim], [True, False], **bn)
-        self.ste = SpatioTemporalEmbedding(se_dim, steps_per_day, dim, **bn)
+        self.ste = SpatioTemporalEmbedding(se_dim, steps_per_day, dim, day_of_week=day_of_week, **bn)
 
         if group:
             # every block starts from the same partition; a "bfs" one is filled in by

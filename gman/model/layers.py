@@ -836,6 +836,12 @@ class SpatioTemporalEmbedding(nn.Module):
     Temporal: ``e_T = FC[D, D](onehot(dow, 7) ‖ onehot(tod, T_day))`` time [B, T, 2] -> [B, T, D]
     STE = e_S + e_T broadcast to [B, T, N, D]; returned factored as :class:`STE`.
 
+    ``day_of_week=False`` drops the ``onehot(dow, 7)`` part (the first layer is then
+    ``nn.Linear(T_day, D)``).  A day of the week that never occurs in the training
+    steps keeps its randomly initialised weight column, which then adds an
+    arbitrary offset to every validation / test step on that day: data of less
+    than two weeks (Los-loop: one week, split 70/10/20) should leave it out.
+
     ``T_day = steps_per_day = 86400 / interval seconds``.  A one-hot row times a
     weight matrix selects one column of it, so the first temporal layer is
     computed as ``W[:, dow] + W[:, 7 + tod] + b`` (an index lookup of the
@@ -845,18 +851,23 @@ class SpatioTemporalEmbedding(nn.Module):
     forward(se [N, D_se], time [B, T, 2] long) -> STE(spatial [N, D], temporal [B, T, D])
     """
 
-    def __init__(self, se_dim: int, steps_per_day: int, dim: int, batch_norm: str = "activation", bn_momentum: float = 0.5):
+    def __init__(self, se_dim: int, steps_per_day: int, dim: int, batch_norm: str = "activation", bn_momentum: float = 0.5,
+                 day_of_week: bool = True):
         super().__init__()
         self.steps_per_day = steps_per_day
+        self.day_of_week = day_of_week
+        self.tod_offset = 7 if day_of_week else 0  # row of time-of-day 0 in the first temporal layer's input
         self.spatial = FC(se_dim, [dim, dim], [True, False], batch_norm, bn_momentum)
-        self.temporal = FC(7 + steps_per_day, [dim, dim], [True, False], batch_norm, bn_momentum)
+        self.temporal = FC(self.tod_offset + steps_per_day, [dim, dim], [True, False], batch_norm, bn_momentum)
 
     def forward(self, se: Tensor, time: Tensor) -> STE:  # noqa: D102
         e_s = self.spatial(se)
         lin = self.temporal.linears[0]
-        table = lin.weight.t()  # [7 + T_day, D]: row i = W · onehot_i
+        table = lin.weight.t()  # [7 + T_day, D] (or [T_day, D]): row i = W · onehot_i
         dow, tod = time[..., 0], time[..., 1]
-        pre = F.embedding(dow, table) + F.embedding(tod + 7, table)
+        pre = F.embedding(tod + self.tod_offset, table)
+        if self.day_of_week:
+            pre = pre + F.embedding(dow, table)
         if lin.bias is not None:
             pre = pre + lin.bias
         e_t = self.temporal.layer(0, None, pre)  # type: ignore[arg-type]

@@ -56,7 +56,7 @@ class GMANLightningModule(L.LightningModule):
     """Trains, validates and tests a :class:`gman.model.GMAN`.
 
     Args (model): ``num_layers`` L, ``num_heads`` K, ``head_dim`` d, ``se_dim``,
-        ``dropout``, ``causal_mask``, ``attention_output_fc``, ``fusion_output_fc``,
+        ``dropout``, ``causal_mask``, ``day_of_week``, ``attention_output_fc``, ``fusion_output_fc``,
         ``batch_norm``, ``bn_momentum``, ``spatial_attention(_options)``, ``num_groups``,
         ``partition_method`` (``random`` | ``bfs``: from the data's graph), ``partition_seed``,
         ``last_value_residual`` (not in the paper; off by default): see GMAN.
@@ -80,6 +80,7 @@ class GMANLightningModule(L.LightningModule):
         se_dim: int = 64,
         dropout: float = 0.1,
         causal_mask: bool = True,
+        day_of_week: bool = True,
         attention_output_fc: bool = True,
         fusion_output_fc: bool = True,
         batch_norm: str = "activation",
@@ -131,7 +132,7 @@ class GMANLightningModule(L.LightningModule):
                 num_nodes=hp.num_nodes, steps_per_day=hp.steps_per_day, se_dim=hp.se_dim,
                 history_steps=hp.history_steps, horizon_steps=hp.horizon_steps,
                 num_layers=hp.num_layers, num_heads=hp.num_heads, head_dim=hp.head_dim,
-                dropout=hp.dropout, causal_mask=hp.causal_mask,
+                dropout=hp.dropout, causal_mask=hp.causal_mask, day_of_week=hp.day_of_week,
                 learnable_spatial_embedding=hp.learnable_spatial_embedding,
                 attention_output_fc=hp.attention_output_fc, fusion_output_fc=hp.fusion_output_fc,
                 batch_norm=hp.batch_norm, bn_momentum=hp.bn_momentum,
@@ -157,6 +158,8 @@ class GMANLightningModule(L.LightningModule):
         """Build the network for a set-up ``GMANDataModule``: its sizes into hparams, its embedding into the net."""
         self.hparams.update(data_hparams(datamodule, se_dim=self.hparams.se_dim))
         self._build()
+        if self.hparams.day_of_week:
+            _warn_unseen_days(datamodule)
         if datamodule.spatial_embedding is not None:
             self.net.set_spatial_embedding(torch.as_tensor(datamodule.spatial_embedding, dtype=torch.float32))
         if self.hparams.spatial_attention == "group" and self.hparams.partition_method == "bfs":
@@ -265,6 +268,33 @@ class GMANLightningModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, staircase)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+DAY_NAMES = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+
+
+def unseen_days(datamodule) -> list[str]:
+    """Days of the week in the validation / test steps of a set-up data module that no training step has."""
+    ranges = getattr(datamodule, "split_ranges", None)
+    if getattr(datamodule, "dataset", None) is None or not ranges:
+        return []
+    day = datamodule.dataset.time_features()[:, 0]
+    seen = set(day[slice(*ranges[0])].tolist())
+    later = set().union(*(day[slice(*r)].tolist() for r in ranges[1:]))
+    return [DAY_NAMES[d] for d in sorted(later - seen)]
+
+
+def _warn_unseen_days(datamodule) -> None:
+    days = unseen_days(datamodule)
+    if days:
+        import warnings
+
+        warnings.warn(
+            f"{', '.join(days)} occur(s) in the validation/test steps but not in the training steps: their "
+            "day-of-week embedding keeps its random initial weights and shifts every forecast on those days; "
+            "set model.day_of_week false (time of day only) for data shorter than two weeks",
+            stacklevel=3,
+        )
 
 
 def data_hparams(datamodule, se_dim: int) -> dict[str, Any]:
