@@ -181,7 +181,7 @@ def time_features(index: pd.DatetimeIndex, interval: pd.Timedelta) -> np.ndarray
     """
     interval_seconds = int(pd.Timedelta(interval).total_seconds())
     seconds = index.hour.to_numpy() * 3600 + index.minute.to_numpy() * 60 + index.second.to_numpy()
-    day_of_week = index.dayofweek.to_numpy().astype(np.int64)
+    day_of_week = index.day_of_week.to_numpy().astype(np.int64)
     time_of_day = (seconds // interval_seconds).astype(np.int64)
     return np.stack([day_of_week, time_of_day], axis=1)
 

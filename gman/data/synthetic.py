@@ -418,14 +418,14 @@ def make_synthetic(
     demand = np.empty((num_steps, num_nodes))
     sensor_system = network.system_of_cell[network.sensor_cell]
     for d in range(days):
-        dow = (start.dayofweek + d) % 7
+        dow = (start.day_of_week + d) % 7
         for system in (0, 1):
             demand[d * steps_per_day : (d + 1) * steps_per_day, sensor_system == system] = (
                 demand_profile(hours, dow, system)[:, None]
             )
     free = network.free_speed_mph[None, :] * (1.0 - 0.05 * np.clip(demand, 0.0, 1.2) ** 2)
 
-    events = recurrent_events(recurrent_rng, network, days, start.dayofweek)
+    events = recurrent_events(recurrent_rng, network, days, start.day_of_week)
     events += incident_events(incident_rng, network, days)
     keep = congestion_keep(ripple_rng, network, events, num_steps, interval_minutes)
 
