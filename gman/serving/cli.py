@@ -4,7 +4,7 @@
     gman predict --model SOURCE --dataset NAME [--split test] --output forecast.parquet [--sensors ID,ID]
                  [--data-option num_sensors=10 ...]
     gman serve MODEL [--host 127.0.0.1] [--port 5000] [--workers 1]
-    gman export --model SOURCE --format onnx|torch-export [--output PATH]
+    gman export --model SOURCE --format onnx|torch-export [--output PATH | --into-package]
 
 SOURCE is anything ``Forecaster.load`` takes: a package folder, a Lightning
 checkpoint, an MLflow model folder or URI (``runs:/<id>/model``,
@@ -26,12 +26,16 @@ table is written as ``<output stem>_errors_by_sensor.csv``.
 on loopback by default. A package folder or checkpoint is first wrapped as an
 MLflow pyfunc model in a temporary folder; MLflow URIs are served as they are.
 
-*export*: the network with its scaling (:class:`gman.serving.forecaster.ScaledGMAN`:
+*export*: the network with its scaling (:class:`gman.serving.scaled.ScaledGMAN`:
 raw readings with NaN for missing + time features in, data units out; batch
 size dynamic) to ONNX (checked against PyTorch with onnxruntime: max abs
 difference <= 1e-4) or to a ``torch.export`` program (``.pt2``). The package
 metadata (sensor order, interval, P, Q...) travels inside the file: ONNX
-metadata property / ``.pt2`` extra file ``gman.json``.
+metadata property / ``.pt2`` extra file ``gman.json``. ONNX graphs are traced
+from the inference copy of the network (batch-norm folded into the linear
+maps). ``--into-package`` adds the graph to a package folder as ``model.onnx``;
+``Forecaster`` (and so ``gman predict`` / ``gman serve``) then runs it with ONNX
+Runtime when that is installed (``GMAN_BACKEND=torch`` forces PyTorch).
 
 Every file is written under a temporary name and renamed when complete.
 """
@@ -490,6 +494,7 @@ def serving_environment() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see gman.serving.forecaster._import_torch
     return env
 
 
@@ -542,13 +547,23 @@ def export_command(argv: list[str]) -> int:
     parser.add_argument("--format", required=True, choices=("onnx", "torch-export"))
     parser.add_argument("--output", default=None, help="output file (default gman-model.onnx / gman-model.pt2)")
     parser.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
+    parser.add_argument("--into-package", action="store_true",
+                        help="(onnx, --model a package folder) add the graph to the package as model.onnx, "
+                             "which Forecaster then runs with ONNX Runtime")
     args = parser.parse_args(argv)
+    from gman.serving import package as pkg
     from gman.serving.forecaster import Forecaster
 
-    forecaster = Forecaster.load(args.model)
+    if args.into_package and (args.format != "onnx" or not pkg.is_package(args.model) or args.output):
+        parser.error("--into-package needs --format onnx, --model a package folder, and no --output")
+    forecaster = Forecaster.load(args.model, backend="torch")
     default = "gman-model.onnx" if args.format == "onnx" else "gman-model.pt2"
     output = Path(args.output or default)
-    if args.format == "onnx":
+    if args.into_package:
+        with tempfile.TemporaryDirectory(prefix="gman-export-") as tmp:
+            difference = export_onnx(forecaster, Path(tmp) / pkg.ONNX_FILE, check=not args.no_check)
+            output = pkg.attach_onnx(args.model, Path(tmp) / pkg.ONNX_FILE)
+    elif args.format == "onnx":
         difference = export_onnx(forecaster, output, check=not args.no_check)
     else:
         difference = export_torch(forecaster, output, check=not args.no_check)
@@ -596,7 +611,7 @@ def export_onnx(forecaster: "Forecaster", path: Path, *, check: bool = True) -> 
         raise ConfigError("gman export --format onnx needs the optional extra: pip install 'gman[onnx]'") from None
     # The exporter logs a warning per torchvision operator it cannot register (torchvision is not a dependency).
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    module = forecaster.as_module()
+    module = forecaster.as_module(fold=True)  # batch-norm folded: fewer nodes; checked against the plain network
     values, time = example_inputs(forecaster, batch=2)
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")  # the exporter's progress and deprecation chatter

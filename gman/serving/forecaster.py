@@ -24,11 +24,25 @@ Preparing the model input repeats the data pipeline exactly (``WindowDataset``):
 
 Loading needs torch, numpy and pandas only: no Lightning, PyG, or (except for
 MLflow URIs) MLflow is imported, and no pickled code runs.
+
+Backends. A package may also carry ``model.onnx`` (``gman export --format onnx
+--into-package``): the same computation as one ONNX graph. With the default
+``backend="auto"`` (or the ``GMAN_BACKEND`` environment variable) a Forecaster
+runs that graph with ONNX Runtime when ``onnxruntime`` is importable — then
+torch is not even imported (it is, lazily, if ``forecaster.model`` is asked
+for) — and otherwise the PyTorch network. ``backend="torch"`` forces PyTorch,
+``backend="onnx"`` requires ONNX Runtime. The PyTorch backend predicts with an
+inference copy of the network whose batch-norm layers are folded into the
+preceding linear maps (:func:`gman.serving.inference.fold_batch_norm`; equal up
+to float rounding). ``threads`` sets ONNX Runtime's intra-op threads (default
+1, or ``GMAN_THREADS``); for PyTorch it calls ``torch.set_num_threads`` (a
+process-wide setting) only when given.
 """
 from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,21 +50,31 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
 
 from gman.data.dataset import time_features
 from gman.errors import DataError, ForecastInputError
 from gman.serving import package as pkg
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from gman.model import GMAN
+    from gman.serving.scaled import ScaledGMAN
 
 History = Union[pd.DataFrame, Sequence[pd.DataFrame], Mapping[Any, pd.DataFrame]]
 
 # "runs:/...", "models:/...", "s3://...", "mlflow-artifacts:/..." — a URI scheme, not a Windows drive letter.
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 TIDY_COLUMNS = ["sensor_id", "issued_at", "target_time", "step", "minutes_ahead", "prediction"]
+BACKENDS = ("auto", "torch", "onnx")
+
+
+def __getattr__(name: str):
+    if name == "ScaledGMAN":  # moved to gman.serving.scaled (it needs torch at import)
+        from gman.serving.scaled import ScaledGMAN
+
+        return ScaledGMAN
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Forecaster:
@@ -60,9 +84,15 @@ class Forecaster:
     the network and the package metadata (``gman.json`` content).
     """
 
-    def __init__(self, model: "GMAN", metadata: dict[str, Any]):
+    def __init__(self, model: "GMAN | None", metadata: dict[str, Any], *, session: Any = None,
+                 package_path: str | os.PathLike | None = None):
         pkg.check_metadata(metadata, "metadata")
-        self.model = model.eval()
+        if model is None and (session is None or package_path is None):
+            raise ValueError("Forecaster: needs a model, or an ONNX Runtime session and the package path")
+        self._model = None if model is None else model.eval()
+        self._net: Any = None  # the inference copy of the model (batch-norm folded), built on first use
+        self._session = session
+        self._package_path = None if package_path is None else Path(package_path)
         self.metadata = metadata
         self._sensor_ids = [str(s) for s in metadata["sensor_ids"]]
         self._sensor_array = np.array(self._sensor_ids, dtype=object)
@@ -76,27 +106,47 @@ class Forecaster:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, source: str | os.PathLike) -> "Forecaster":
-        """Load from a package folder, a Lightning checkpoint file, an MLflow model folder, or an MLflow URI."""
+    def load(cls, source: str | os.PathLike, *, backend: str | None = None, threads: int | None = None) -> "Forecaster":
+        """Load from a package folder, a Lightning checkpoint file, an MLflow model folder, or an MLflow URI.
+
+        ``backend``: "auto" (default, or ``GMAN_BACKEND``), "torch" or "onnx" (see the module docstring);
+        ``threads``: intra-op threads of the backend.
+        """
         text = os.fspath(source)
+        options = dict(backend=backend, threads=threads)
         if _URI_SCHEME.match(text) and not Path(text).exists():
-            return cls.from_mlflow(text)
+            return cls.from_mlflow(text, **options)
         path = Path(text)
         if path.is_dir():
             if pkg.is_package(path):
-                return cls.from_package(path)
+                return cls.from_package(path, **options)
             found = _find_package(path)
             if found is not None:  # an MLflow model folder (MLmodel + artifacts/package)
-                return cls.from_package(found)
+                return cls.from_package(found, **options)
             raise DataError(f"{path}: neither a gman model package (gman.json) nor an MLflow model holding one")
         if path.is_file():
+            if _backend(backend) == "onnx":
+                raise DataError(f"{path}: a checkpoint has no ONNX graph; load a package with model.onnx for backend 'onnx'")
+            _set_torch_threads(threads)
             return cls.from_checkpoint(path)
         raise DataError(f"model source {text!r}: no such file or folder, and not an MLflow URI")
 
     @classmethod
-    def from_package(cls, path: str | os.PathLike) -> "Forecaster":
+    def from_package(cls, path: str | os.PathLike, *, backend: str | None = None, threads: int | None = None) -> "Forecaster":
         """Load the package folder written by :func:`gman.serving.package.save_package`."""
         metadata = pkg.read_metadata(path)
+        choice = _backend(backend)
+        if choice != "torch":
+            onnx_file = pkg.onnx_file(path, metadata)
+            if onnx_file is None and choice == "onnx":
+                raise DataError(f"{path}: the package holds no ONNX graph (add one: gman export --format onnx --into-package)")
+            runtime = _onnxruntime() if onnx_file is not None else None
+            if runtime is None and choice == "onnx":
+                raise DataError("backend 'onnx' needs onnxruntime: pip install 'gman[onnx]'")
+            if runtime is not None and onnx_file is not None:
+                return cls(None, metadata, session=_ort_session(runtime, onnx_file, threads), package_path=path)
+        _set_torch_threads(threads)
+        _import_torch()
         state = pkg.load_state_dict(path, metadata)
         return cls(pkg.build_model(metadata, state, str(path)), metadata)
 
@@ -114,6 +164,7 @@ class Forecaster:
            beside the checkpoint folder (``<run>/model/gman.json`` for
            ``<run>/checkpoints/<name>.ckpt``): the checkpoint holds no sensor ids.
         """
+        torch = _import_torch()
         path = Path(path)
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -136,7 +187,7 @@ class Forecaster:
         return cls(pkg.build_model(metadata, state, str(path)), metadata)
 
     @classmethod
-    def from_mlflow(cls, uri: str) -> "Forecaster":
+    def from_mlflow(cls, uri: str, *, backend: str | None = None, threads: int | None = None) -> "Forecaster":
         """Download an MLflow model (``runs:/<id>/model``, ``models:/<name>/<version>``...) and load its package."""
         import mlflow.artifacts
         from mlflow.exceptions import MlflowException
@@ -149,9 +200,24 @@ class Forecaster:
         found = _find_package(Path(local))
         if found is None:
             raise DataError(f"model source {uri!r}: the MLflow model holds no gman package (gman.json)")
-        return cls.from_package(found)
+        return cls.from_package(found, backend=backend, threads=threads)
 
     # --------------------------------------------------------------- properties
+    @property
+    def model(self) -> "GMAN":
+        """The PyTorch network (eval mode); with the ONNX backend it is read from the package on first use."""
+        if self._model is None:
+            assert self._package_path is not None
+            _import_torch()
+            state = pkg.load_state_dict(self._package_path, self.metadata)
+            self._model = pkg.build_model(self.metadata, state, str(self._package_path))
+        return self._model
+
+    @property
+    def backend(self) -> str:
+        """What :meth:`predict` runs: "onnxruntime" or "torch"."""
+        return "onnxruntime" if self._session is not None else "torch"
+
     @property
     def sensor_ids(self) -> list[str]:
         """The N sensor ids, in the model's column order."""
@@ -188,7 +254,7 @@ class Forecaster:
     def __repr__(self) -> str:
         return (
             f"Forecaster(dataset={self.metadata.get('dataset_name')!r}, N={len(self._sensor_ids)}, "
-            f"P={self.history_steps}, Q={self.horizon_steps}, interval={self.interval})"
+            f"P={self.history_steps}, Q={self.horizon_steps}, interval={self.interval}, backend={self.backend!r})"
         )
 
     # --------------------------------------------------------------- prediction
@@ -335,20 +401,43 @@ class Forecaster:
 
     def predict_arrays(self, values: np.ndarray, mask: np.ndarray, time: np.ndarray) -> np.ndarray:
         """Forecasts [B, Q, N] float32 in data units from values/mask [B, P, N] and time [B, P+Q, 2]."""
-        x = torch.from_numpy(self.normalise(np.asarray(values, dtype=np.float32), np.asarray(mask, dtype=bool)))
-        time_tensor = torch.as_tensor(np.asarray(time), dtype=torch.int64)
+        values = np.asarray(values, dtype=np.float32)
+        mask = np.asarray(mask, dtype=bool)
+        time = np.ascontiguousarray(time, dtype=np.int64)
+        if self._session is not None:  # the graph reads raw values: NaN = missing
+            raw = np.where(mask, values, np.float32(np.nan)).astype(np.float32, copy=False)
+            (out,) = self._session.run(None, {"values": raw, "time": time})
+            return out
+        torch = _import_torch()
+        if self._net is None:
+            from gman.serving.inference import fold_batch_norm
+
+            self._net = fold_batch_norm(self.model)
+        x = torch.from_numpy(self.normalise(values, mask))
         with torch.inference_mode():
-            out = self.model(x, time_tensor)
+            out = self._net(x, torch.from_numpy(time))
         return (out.numpy() * self._std + self._mean).astype(np.float32)
 
     def predict_normalised(self, x: "torch.Tensor", time: "torch.Tensor") -> "torch.Tensor":
         """The network alone: normalised x [B, P, N], time [B, P+Q, 2] -> normalised forecast [B, Q, N]."""
+        import torch
+
         with torch.inference_mode():
             return self.model(x, time)
 
-    def as_module(self) -> "ScaledGMAN":
-        """The numeric part of :meth:`predict` as one torch module (raw readings in, data units out), for export."""
-        return ScaledGMAN(self.model, self._mean, self._std, self._missing_value).eval()
+    def as_module(self, *, fold: bool = False) -> "ScaledGMAN":
+        """The numeric part of :meth:`predict` as one torch module (raw readings in, data units out), for export.
+
+        ``fold=True`` wraps the inference copy (batch-norm folded) instead of the network itself.
+        """
+        from gman.serving.scaled import ScaledGMAN
+
+        model = self.model
+        if fold:
+            from gman.serving.inference import fold_batch_norm
+
+            model = fold_batch_norm(model)
+        return ScaledGMAN(model, self._mean, self._std, self._missing_value).eval()
 
     def _tidy(self, prediction: np.ndarray, future: pd.DatetimeIndex) -> pd.DataFrame:
         """[Q, N] forecast at the Q ``future`` timestamps -> Q*N tidy rows, step-major, sensors in model order."""
@@ -381,32 +470,6 @@ class Forecaster:
         wide = wide[order]
         wide.columns.name = "sensor_id"
         return wide
-
-
-class ScaledGMAN(nn.Module):
-    """GMAN with the package's scaling around it: raw readings [B, P, N] + time [B, P+Q, 2] -> [B, Q, N] data units.
-
-        mask = v is not NaN and v != missing_value
-        x    = (v - mean) / std where mask, else 0
-        out  = GMAN(x, time) * std + mean
-
-    Exported graphs (ONNX, torch.export) take this module, so a deployed graph
-    needs no gman code around it: only the sensor order and time features.
-    """
-
-    def __init__(self, model: "GMAN", mean: float, std: float, missing_value: float | None):
-        super().__init__()
-        self.model = model
-        self.mean = float(mean)
-        self.std = float(std)
-        self.missing_value = missing_value
-
-    def forward(self, values: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        mask = ~torch.isnan(values)
-        if self.missing_value is not None:
-            mask = mask & (values != self.missing_value)
-        x = torch.where(mask, (values - self.mean) / self.std, torch.zeros_like(values))
-        return self.model(x, time) * self.std + self.mean
 
 
 def _metadata_from_hparams(path: Path, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -460,3 +523,69 @@ def _find_package(folder: Path) -> Path | None:
     for candidate in sorted(folder.glob(f"artifacts/*/{pkg.METADATA_FILE}")):
         return candidate.parent
     return None
+
+
+def _backend(backend: str | None) -> str:
+    choice = backend if backend is not None else os.environ.get("GMAN_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise DataError(f"backend: {choice!r} is not one of {', '.join(BACKENDS)}")
+    return choice
+
+
+def _threads(threads: int | None) -> int | None:
+    if threads is None and os.environ.get("GMAN_THREADS"):
+        threads = int(os.environ["GMAN_THREADS"])
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise DataError(f"threads: expected a positive integer, got {threads!r}")
+    return threads
+
+
+def _import_torch():
+    """``import torch``; when this is the process's first import of it, OpenMP threads default to
+    ``OMP_WAIT_POLICY=PASSIVE`` (sleep, not spin, between operators).
+
+    Measured on the 2-core machine with other work running: with spinning
+    threads one B = 1 forward cost 550 ms of CPU time with 2 threads against
+    120 ms with passive ones (113 ms with 1 thread). An explicit
+    ``OMP_WAIT_POLICY`` in the environment is left alone.
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    return torch
+
+
+def _set_torch_threads(threads: int | None) -> None:
+    threads = _threads(threads)
+    if threads is not None:
+        _import_torch().set_num_threads(threads)
+
+
+def _onnxruntime():
+    """The onnxruntime module, or None when it is not installed (it is an optional extra)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime
+
+
+def _ort_session(runtime, path: Path, threads: int | None):
+    """An ONNX Runtime CPU session: ``threads`` intra-op threads (default 1), no busy-waiting between ops.
+
+    Spinning threads help an idle machine by microseconds and cost a loaded one
+    (other processes on the same cores) whole time slices per operator.
+    """
+    options = runtime.SessionOptions()
+    options.intra_op_num_threads = _threads(threads) or 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = runtime.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = runtime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    try:
+        return runtime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
+        detail = " ".join(str(err).split())[:300]
+        raise DataError(f"{path}: ONNX Runtime cannot load the graph ({detail})") from None

@@ -6,6 +6,9 @@ Layout (format version 1)::
         gman.json            everything but the weights (see ``package_metadata``)
         weights.safetensors  the GMAN state dict, when the ``safetensors`` package is installed
         weights.pt           ... otherwise; read back with ``torch.load(weights_only=True)``
+        model.onnx           optional: the same model with its scaling as an ONNX graph, which
+                             ``Forecaster`` runs with ONNX Runtime when that is installed
+                             (``gman export --format onnx --into-package``)
 
 The state dict includes the spatial embedding (a buffer, or a parameter when
 learnable), so SE files are not needed at load time. Nothing in the folder is
@@ -23,6 +26,7 @@ only. ``gman.json`` also records the SHA-256 of the weights file, checked at loa
     missing_value                    reading that means "no data" (e.g. 0.0), or null
     dataset_name, units
     weights: {file, sha256}
+    onnx: {file, sha256}             only when the package carries model.onnx
 
 Writing is atomic: the folder is built under a temporary name beside the
 target and renamed into place, so a failure never leaves half a package.
@@ -51,6 +55,7 @@ FORMAT_VERSION = 1
 METADATA_FILE = "gman.json"
 SAFETENSORS_FILE = "weights.safetensors"
 TORCH_FILE = "weights.pt"
+ONNX_FILE = "model.onnx"
 SECONDS_PER_DAY = 86_400
 
 
@@ -311,6 +316,43 @@ def load_state_dict(path: str | os.PathLike, metadata: dict[str, Any]) -> dict[s
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DataError(f"{file}: expected a dict of tensors")
     return state
+
+
+def onnx_file(path: str | os.PathLike, metadata: dict[str, Any]) -> Path | None:
+    """The package's ONNX graph (``metadata["onnx"]``), its SHA-256 checked; None when it has none."""
+    entry = metadata.get("onnx")
+    if not entry:
+        return None
+    folder = Path(path)
+    name = entry.get("file", ONNX_FILE) if isinstance(entry, dict) else None
+    if not isinstance(name, str) or Path(name).name != name or not (folder / name).is_file():
+        raise DataError(f"{folder}: ONNX file {name!r} named in {METADATA_FILE} not found")
+    file = folder / name
+    expected = entry.get("sha256")
+    if expected and _sha256(file) != expected:
+        raise DataError(f"{file}: SHA-256 differs from gman.json (corrupted or replaced graph)")
+    return file
+
+
+def attach_onnx(path: str | os.PathLike, graph: str | os.PathLike) -> Path:
+    """Copy the ONNX file ``graph`` into the package at ``path`` as ``model.onnx`` and record it in gman.json.
+
+    The graph must compute the package's model with its scaling (what
+    ``gman export --format onnx`` writes: raw readings ``values [B, P, N]`` and
+    ``time [B, P+Q, 2]`` in, ``forecast [B, Q, N]`` out); it is not checked here.
+    """
+    folder = Path(path)
+    metadata = read_metadata(folder)
+    target = folder / ONNX_FILE
+    staging = folder / f".{ONNX_FILE}.tmp"
+    shutil.copyfile(graph, staging)
+    os.replace(staging, target)
+    metadata["onnx"] = {"file": ONNX_FILE, "sha256": _sha256(target)}
+    text = json.dumps(metadata, indent=2) + "\n"
+    staging = folder / f".{METADATA_FILE}.tmp"
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, folder / METADATA_FILE)
+    return target
 
 
 def build_model(metadata: dict[str, Any], state_dict: dict[str, "torch.Tensor"], where: str) -> "GMAN":

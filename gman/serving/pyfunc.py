@@ -27,6 +27,13 @@ The model is logged with an explicit signature, an input example and explicit
 pip requirements (so MLflow does not spend seconds inferring them). The gman
 package itself must be installed where the model is served
 (``mlflow models serve --env-manager local``).
+
+The server's Forecaster picks its backend as ``Forecaster.load`` does: ONNX
+Runtime when the package carries ``model.onnx`` and onnxruntime is installed,
+else PyTorch; the server's environment can set ``GMAN_BACKEND`` and
+``GMAN_THREADS``. Per request, beside the model (about 105 ms of CPU for
+N = 207, L = 3 with ONNX Runtime), MLflow spends about 25 ms enforcing the
+input schema and 25 ms writing the 2,484-row JSON answer (measured in-process).
 """
 from __future__ import annotations
 
@@ -147,9 +154,17 @@ def input_example(metadata: dict[str, Any]) -> pd.DataFrame:
     return frame
 
 
-def pip_requirements() -> list[str]:
-    """Pinned versions of what the wrapper imports (gman itself must be installed where it is served)."""
+def pip_requirements(metadata: dict[str, Any] | None = None) -> list[str]:
+    """Pinned versions of what the wrapper imports (gman itself must be installed where it is served);
+    onnxruntime too when the package carries an ONNX graph and onnxruntime is installed here."""
     names = ["torch", "numpy", "pandas", "mlflow"]
+    if metadata is not None and metadata.get("onnx"):
+        try:
+            importlib.metadata.version("onnxruntime")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+        else:
+            names.append("onnxruntime")
     return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in names]
 
 
@@ -177,7 +192,7 @@ def _model_kwargs(package_dir: str | os.PathLike):
             "artifacts": {PACKAGE_ARTIFACT: str(Path(package_dir).resolve())},
             "signature": signature_for(metadata),
             "input_example": input_example(metadata),
-            "pip_requirements": pip_requirements(),
+            "pip_requirements": pip_requirements(metadata),
         }
 
 
