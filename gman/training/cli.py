@@ -83,6 +83,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "data.dataset": "synthetic",
     "data.batch_size": 16,
     "data.eval_batch_size": 64,
+    "data.spatial_embedding": "node2vec",  # of the built-in road graph (16 dims = model.se_dim, ~1 s, cached)
     "trainer.max_epochs": 6,
     "trainer.limit_train_batches": 100,  # an "epoch" = 100 random batches (1,600 of the 5,622 windows)
     # One intra-op thread: a model this small gains little from a second one, and on a busy
