@@ -30,3 +30,14 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def _quiet_mlflow(monkeypatch):
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test with one torch intra-op thread, restoring the count afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

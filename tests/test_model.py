@@ -194,12 +194,8 @@ def test_same_seed_same_output():
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def _one_thread(one_torch_thread):
     """These tiny models run fastest (and steadiest on a busy machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_learns_a_tiny_signal():

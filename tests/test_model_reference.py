@@ -25,12 +25,8 @@ DIM = K * D_HEAD
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny computations run fastest (and steadiest on a busy machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """These tiny models run fastest (and steadiest on a busy machine) on one thread."""
 
 
 # ------------------------------------------------------------------ reference
