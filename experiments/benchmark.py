@@ -122,6 +122,7 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
 
     sys.path.insert(0, str(ROOT))
     from gman.model import GMAN
+    from gman.training.metrics import masked_mae  # torch only: no Lightning, no MLflow
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,8 +156,7 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
         opt.zero_grad(set_to_none=True)
         with amp:
             pred = step_model(x, time_)
-        mask = (y != 0).float()
-        loss = ((pred.float() - y).abs() * mask).sum() / mask.sum().clamp_min(1.0)  # masked MAE
+        loss = masked_mae(pred.float(), y, y != 0)
         loss.backward()
         opt.step()
         return loss

@@ -250,6 +250,8 @@ def run_variant(args, variant: str, data: PinnedWindows, adjacency, mean: float,
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from gman.training.metrics import masked_mae
+
     model = build_model(args, data.x_series.shape[1], adjacency, device).train()
     cuda = device.type == "cuda"
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, **({"fused": True} if cuda else {"foreach": True}))
@@ -258,9 +260,7 @@ def run_variant(args, variant: str, data: PinnedWindows, adjacency, mean: float,
     def forward_loss(x, time_, y):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_enabled):
             pred = model(x, time_)
-        pred = pred.float() * std + mean
-        mask = (y != 0).float()
-        return ((pred - y).abs() * mask).sum() / mask.sum().clamp_min(1.0)  # masked MAE, on the device
+        return masked_mae(pred.float() * std + mean, y, y != 0)  # on the device
 
     mode = "reduce-overhead" if variant == "compile-ro" else args.compile_mode
     loss_fn = torch.compile(forward_loss, mode=mode) if variant.startswith("compile") else forward_loss
