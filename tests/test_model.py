@@ -233,10 +233,12 @@ def test_learns_a_tiny_signal():
     assert after < 0.2
 
 
-@pytest.mark.parametrize("causal_mask", [True, False])
-def test_lean_training_path_matches_plain_autograd(monkeypatch, causal_mask):
+@pytest.mark.parametrize("causal_mask,blocked", [(True, False), (False, False), (False, True)])
+def test_lean_training_path_matches_plain_autograd(monkeypatch, causal_mask, blocked):
     """The memory-lean CPU training functions give the stock operators' outputs,
-    gradients and running statistics (float64)."""
+    gradients and running statistics (float64).  With ``blocked`` the lean path's
+    attention over sensors (and over steps, being unmasked) is the blocked one,
+    while the plain path keeps PyTorch's fused kernel."""
     from gman.model import layers
 
     def run(fused: bool):
@@ -244,6 +246,7 @@ def test_lean_training_path_matches_plain_autograd(monkeypatch, causal_mask):
         model = small_model(num_layers=2, num_heads=3, head_dim=2, dropout=0.0, causal_mask=causal_mask,
                             learnable_spatial_embedding=True).double()
         x = torch.randn(3, 4, 6, dtype=torch.float64)
+        monkeypatch.setattr(layers, "BLOCKED_MIN_KEYS", 1 if fused and blocked else 10**9)
         if not fused:
             monkeypatch.setattr(layers.BatchNorm, "fused_training", lambda self, x: False)
         y = model(x, make_time(3, 7))
@@ -263,11 +266,39 @@ def test_lean_training_path_matches_plain_autograd(monkeypatch, causal_mask):
         torch.testing.assert_close(s1[name], s2[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("lq,lk", [(70, 70), (5, 9)])
+def test_blocked_attention_matches_explicit_softmax(monkeypatch, lq, lk):
+    """blocked_attention and its backward against softmax(QKᵀ/√d)·V by autograd
+    (float64), over several blocks with a partial last one, on strided inputs."""
+    from gman.model import layers
+
+    monkeypatch.setattr(layers, "_BLOCK_SCORES", 2 * lq * lk)  # blocks of 2 (group, head) pairs
+    monkeypatch.setattr(layers, "BLOCKED_MIN_KEYS", 1)
+    torch.manual_seed(0)
+    g, heads, d = 3, 3, 4  # 9 pairs: blocks of 2, 2, 2, 2, 1
+    q = torch.randn(g, heads, lq, d, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    kv = torch.randn(g, lk, 2, heads, d, dtype=torch.float64, requires_grad=True)
+    k, v = kv.unbind(2)
+    grad_out = torch.randn(g, lq, heads, d, dtype=torch.float64)
+
+    scores = torch.einsum("gqhe,gkhe->ghqk", q, k) / d**0.5
+    expected = torch.einsum("ghqk,gkhe->gqhe", scores.softmax(-1), v)
+    expected_grads = torch.autograd.grad(expected, (q, kv), grad_out)
+
+    out = layers.attention(q, k, v)  # dispatches to the blocked path on the CPU
+    assert out.is_contiguous() and out.shape == (g, lq, heads, d)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(out, (q, kv), grad_out), expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    monkeypatch.setattr(layers, "BLOCKED_MIN_KEYS", 10**9)  # the fused kernel agrees too
+    torch.testing.assert_close(layers.attention(q, k, v), expected, rtol=1e-10, atol=1e-12)
+
+
 def test_lean_training_path_is_used_on_cpu_training(monkeypatch):
     from gman.model import layers
 
     calls = {"attn": 0, "pair": 0, "transform": 0}
-    orig_attn, orig_pair = layers._ProjBNReLUFlashAttention.apply, layers._BNReLULinear.apply
+    orig_attn, orig_pair = layers._ProjBNReLUAttention.apply, layers._BNReLULinear.apply
     orig_transform = layers._TransformFlashAttention.apply
 
     def transform(*a):
@@ -282,7 +313,7 @@ def test_lean_training_path_is_used_on_cpu_training(monkeypatch):
         calls["pair"] += 1
         return orig_pair(*a)
 
-    monkeypatch.setattr(layers._ProjBNReLUFlashAttention, "apply", attn)
+    monkeypatch.setattr(layers._ProjBNReLUAttention, "apply", attn)
     monkeypatch.setattr(layers._BNReLULinear, "apply", pair)
     monkeypatch.setattr(layers._TransformFlashAttention, "apply", transform)
     model = small_model(num_layers=1)

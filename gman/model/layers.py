@@ -29,10 +29,11 @@ removes it.  The authors' EMA decay ``δ`` corresponds to PyTorch's
 
 Attention runs in the fused ``F.scaled_dot_product_attention`` on
 ``[G, K, L, d]`` views of channels-last tensors (the CPU flash kernel reads
-them without copies).  Training on the CPU (float32/float64, autograd on, not
+them without copies), except unmasked attention over many keys on the CPU
+(spatial attention), which runs in :func:`blocked_attention`.  Training on the CPU (float32/float64, autograd on, not
 under torch.compile or export) takes memory-lean paths with hand-written
-backward passes built from the stock kernels — :class:`_ProjBNReLUFlashAttention`
-(query/key/value projection + BN + ReLU + flash attention),
+backward passes built from the stock kernels — :class:`_ProjBNReLUAttention`
+(query/key/value projection + BN + ReLU + attention),
 :class:`_TransformFlashAttention` and :class:`_BNReLULinear` (the tail of each
 FC[D, D]) — that keep the layer inputs and batch statistics instead of the
 ``[B, T, N, 3D]`` projections and recompute those in backward.  They compute
@@ -133,7 +134,7 @@ class BatchNorm(nn.BatchNorm1d):
 
     def fused_training(self, x: Tensor) -> bool:
         """Whether the memory-lean training paths (``_BNReLULinear``,
-        ``_ProjBNReLUFlashAttention``) apply to ``x``: training on the CPU in
+        ``_ProjBNReLUAttention``) apply to ``x``: training on the CPU in
         float32/float64 with autograd recording, more than one row, and not
         inside torch.compile or export tracing (which see the plain operations).
         Counts the batch when they do."""
@@ -207,7 +208,7 @@ class _BNReLULinear(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, grad_weight, grad_bias
 
 
-class _ProjBNReLUFlashAttention(torch.autograd.Function):
+class _ProjBNReLUAttention(torch.autograd.Function):
     """Multi-head attention on ``split(ReLU(BN(X·W_xᵀ + t + s)))`` (training mode)
     that keeps only ``X``, the attention output and the batch statistics.
 
@@ -215,11 +216,12 @@ class _ProjBNReLUFlashAttention(torch.autograd.Function):
     embedding's terms ``t``, ``s`` broadcast (see :func:`ste_terms`); its rows are
     ``G`` independent sequences of equal length ``L``.  Q, K, V are the three
     thirds of ``ReLU(BN(·))``, each split into ``K`` heads of ``d``; the
-    attention runs in PyTorch's CPU flash kernel.  Backward recomputes the
-    projection (one matrix product) and Q, K, V (one pass) and calls the flash
-    kernel's own backward, so none of the ``[G·L, 3·K·d]`` tensors outlives the
-    forward pass.  Gradients are those of the stock linear, batch-norm, ReLU and
-    attention kernels.
+    attention runs in :func:`blocked_attention` for long sequences without a
+    mask (spatial attention, see :func:`_use_blocked`) and in PyTorch's CPU
+    flash kernel otherwise.  Backward recomputes the projection (one matrix
+    product) and Q, K, V (one pass) and calls the attention's own backward, so
+    none of the ``[G·L, 3·K·d]`` tensors outlives the forward pass.  Gradients
+    are those of the stock linear, batch-norm, ReLU and attention kernels.
 
     x [..., D], w_x [3Kd, D], t, s broadcastable to [..., 3Kd]
     -> [G, K, L, d] (a transposed view of a contiguous [G, L, K, d])
@@ -235,7 +237,12 @@ class _ProjBNReLUFlashAttention(torch.autograd.Function):
         )
         y.relu_()
         q, k, v = _split_heads(y, groups, heads)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal)
+        ctx.blocked = _use_blocked(k.shape[2], is_causal)
+        if ctx.blocked:
+            out = blocked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+            lse = None
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal)
         ctx.eps, ctx.groups, ctx.heads, ctx.is_causal = eps, groups, heads, is_causal
         ctx.save_for_backward(x, w_x, t, s, bn_weight, bn_bias, mean, invstd, out, lse)
         return out
@@ -248,12 +255,18 @@ class _ProjBNReLUFlashAttention(torch.autograd.Function):
         flat = pre.view(-1, pre.shape[-1])
         y = _bn_relu_recompute(flat, bn_weight, bn_bias, mean, invstd)
         q, k, v = _split_heads(y, ctx.groups, ctx.heads)
-        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, out, lse, 0.0, ctx.is_causal
-        )
+        if ctx.blocked:  # gradients as [G, L, K, d] views
+            grads = blocked_attention_backward(
+                grad_out.transpose(1, 2), *(z.transpose(1, 2) for z in (q, k, v, out))
+            )
+        else:
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out, q, k, v, out, lse, 0.0, ctx.is_causal
+            )
+            grads = [g.transpose(1, 2) for g in grads]
         del q, k, v
-        grad_y = torch.stack((gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2)), dim=2).view(y.shape)
-        del gq, gk, gv
+        grad_y = torch.stack(grads, dim=2, out=y.new_empty(*grads[0].shape[:2], 3, *grads[0].shape[2:])).view(y.shape)
+        del grads
         need = ctx.needs_input_grad
         grad_pre, grad_bn_w, grad_bn_b = _bn_relu_backward(
             grad_y, flat, y, bn_weight, mean, invstd, ctx.eps, [True, need[4], need[5]]
@@ -504,6 +517,132 @@ SHORT_SEQUENCE = 32
 instead of calling a fused kernel (see there)."""
 
 
+BLOCKED_MIN_KEYS = 64
+"""Key length from which unmasked attention on the CPU runs :func:`blocked_attention`
+instead of PyTorch's flash kernel (see there)."""
+
+_BLOCK_SCORES = 1 << 19
+"""Score entries per block of :func:`blocked_attention` (2 MiB in float32, so a block
+and its gradient stay in a core's L2 cache)."""
+
+
+def _use_blocked(keys: int, is_causal: bool) -> bool:
+    return not is_causal and keys >= BLOCKED_MIN_KEYS
+
+
+def _heads_last(x: Tensor) -> Tensor:
+    """[G, L, K, d] (any strides) -> [G·K, d, L] contiguous (one copy)."""
+    g, length, heads, d = x.shape
+    return x.permute(0, 2, 3, 1).reshape(g * heads, d, length)
+
+
+def _from_heads_last(x: Tensor, groups: int) -> Tensor:
+    """[G·K, d, L] -> [G, L, K, d] (a permuted view)."""
+    gk, d, length = x.shape
+    return x.view(groups, gk // groups, d, length).permute(0, 3, 1, 2)
+
+
+def _softmax_scores(scores: Tensor, q_t: Tensor, k_t: Tensor, scale: float) -> Tensor:
+    """``scores ← softmax(scale · Qᵀᵀ·Kᵀ)`` in place; q_t [c, d, Lq], k_t [c, d, Lk] -> [c, Lq, Lk]."""
+    torch.baddbmm(scores, q_t.transpose(1, 2), k_t, beta=0.0, alpha=scale, out=scores)
+    return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+
+
+def blocked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Unmasked multi-head attention ``softmax(QKᵀ/√d)·V`` computed a block of heads at a time.
+
+    q: [G, Lq, K, d], k, v: [G, Lk, K, d] (any strides) -> [G, Lq, K, d] contiguous
+
+    Why not the fused kernel: for GMAN's spatial attention (hundreds of keys,
+    d = 8) PyTorch's CPU flash kernel multiplies ``[·, Lk] × [Lk, d]`` tiles
+    whose 8-column outputs run at a fraction of the machine's speed.  Here
+    Q, K, V are laid out heads-last ``[G·K, d, L]`` (one copy each) so that every
+    product with the scores is ``[d, L] × [L, L]`` — 8 long rows, which the
+    BLAS runs 3–4× faster — and the ``[c, Lq, Lk]`` scores of a block of ``c``
+    (group, head) pairs are made, soft-maxed in place and used while they sit
+    in cache (c·Lq·Lk ≈ :data:`_BLOCK_SCORES`).  Measured on 2 cores (AVX-512),
+    float32, G = 192, L = 207, K = d = 8: 60 ms forward and 111 ms backward
+    against 94 ms and 217 ms for the flash kernel.  The loop runs over blocks
+    of (group, head) pairs, never over time steps or sensors, and keeps at most
+    two blocks of scores, so memory stays O(G·L·K·d) like a fused kernel's.
+    """
+    g, lq, heads, d = q.shape
+    q_t, k_t, v_t = _heads_last(q), _heads_last(k), _heads_last(v)
+    out_t = q.new_empty(g * heads, d, lq)
+    block = max(1, _BLOCK_SCORES // (lq * k.shape[1]))
+    scores = q.new_empty(min(block, g * heads), lq, k.shape[1])
+    for i in range(0, g * heads, block):
+        j = min(i + block, g * heads)
+        p = _softmax_scores(scores[: j - i], q_t[i:j], k_t[i:j], d**-0.5)
+        torch.bmm(v_t[i:j], p.transpose(1, 2), out=out_t[i:j])  # Oᵀ = Vᵀ·Pᵀ
+    return _from_heads_last(out_t, g).contiguous()
+
+
+def blocked_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`blocked_attention` w.r.t. q, k, v; the scores are recomputed.
+
+    grad_out, out: [G, Lq, K, d]; q: [G, Lq, K, d]; k, v: [G, Lk, K, d] (any strides)
+    -> dq [G, Lq, K, d], dk, dv [G, Lk, K, d] (permuted views of contiguous
+    ``[G·K, d, L]`` tensors)
+
+    With P = softmax(S), S = QKᵀ/√d and Δ_i = Σ_e dO_ie·O_ie (= Σ_j P_ij·dP_ij):
+    dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − Δ), dQ = dS·K/√d, dK = dSᵀ·Q/√d,
+    all computed transposed (``dVᵀ = dOᵀ·P`` etc.) for the reason given in
+    :func:`blocked_attention`.
+    """
+    g, lq, heads, d = q.shape
+    lk = k.shape[1]
+    scale = d**-0.5
+    q_t, k_t, v_t, grad_t = _heads_last(q), _heads_last(k), _heads_last(v), _heads_last(grad_out)
+    delta = (grad_out * out).sum(-1).transpose(1, 2).reshape(g * heads, lq, 1)
+    dq_t, dk_t, dv_t = torch.empty_like(q_t), torch.empty_like(k_t), torch.empty_like(v_t)
+    block = max(1, _BLOCK_SCORES // (lq * lk))
+    scores = q.new_empty(min(block, g * heads), lq, lk)
+    grad_scores = torch.empty_like(scores)
+    for i in range(0, g * heads, block):
+        j = min(i + block, g * heads)
+        p = _softmax_scores(scores[: j - i], q_t[i:j], k_t[i:j], scale)
+        torch.bmm(grad_t[i:j], p, out=dv_t[i:j])  # dVᵀ = dOᵀ·P
+        ds = torch.bmm(grad_t[i:j].transpose(1, 2), v_t[i:j], out=grad_scores[: j - i])  # dP = dO·Vᵀ
+        ds.sub_(delta[i:j]).mul_(p)  # dS
+        torch.baddbmm(dq_t[i:j], k_t[i:j], ds.transpose(1, 2), beta=0.0, alpha=scale, out=dq_t[i:j])
+        torch.baddbmm(dk_t[i:j], q_t[i:j], ds, beta=0.0, alpha=scale, out=dk_t[i:j])
+    return _from_heads_last(dq_t, g), _from_heads_last(dk_t, g), _from_heads_last(dv_t, g)
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """:func:`blocked_attention` with :func:`blocked_attention_backward` as its gradient.
+
+    q: [G, Lq, K, d], k, v: [G, Lk, K, d] -> [G, Lq, K, d] contiguous
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v):  # noqa: D102
+        out = blocked_attention(q, k, v)
+        ctx.save_for_backward(q, k, v, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102
+        return blocked_attention_backward(grad_out, *ctx.saved_tensors)
+
+
+def _cpu_blocked_ok(q: Tensor, keys: int, is_causal: bool) -> bool:
+    """Whether :func:`attention` takes the blocked path: CPU, float32/float64, unmasked,
+    long, and not traced (compile, export and TorchScript see the fused operator)."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.float64)
+        and _use_blocked(keys, is_causal)
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+    )
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False) -> Tensor:
     """Multi-head scaled dot-product attention, ``softmax(QKᵀ/√d)·V`` per head.
 
@@ -515,6 +654,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False) -> Tenso
     and writes its output in ``[G, Lq, K, d]`` order).  ``is_causal`` keeps
     query ``i`` from attending to keys ``j > i``.
 
+    On the CPU, unmasked attention over at least :data:`BLOCKED_MIN_KEYS` keys
+    (spatial attention) runs in :func:`blocked_attention`, which is faster
+    there than the flash kernel for GMAN's small head size.
+
     On a GPU, sequences of at most :data:`SHORT_SEQUENCE` keys (temporal and
     transform attention: P, Q ≈ 12 steps; the intra-group attention of group
     spatial attention) go through :func:`short_attention` instead: the fused
@@ -525,6 +668,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False) -> Tenso
     """
     if q.device.type != "cpu" and k.shape[1] <= SHORT_SEQUENCE:
         return short_attention(q, k, v, is_causal)
+    if _cpu_blocked_ok(q, k.shape[1], is_causal):
+        return _BlockedAttention.apply(q, k, v)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=is_causal
     )
@@ -567,7 +712,7 @@ def qkv_attention(
         and norm.fused_training(x)
     ):
         w_x, t, s = ste_terms(fc.linears[0], ste, temporal_major)
-        out = _ProjBNReLUFlashAttention.apply(x, w_x, t, s, *norm.fused_args(), groups, heads, is_causal)
+        out = _ProjBNReLUAttention.apply(x, w_x, t, s, *norm.fused_args(), groups, heads, is_causal)
         return out.transpose(1, 2).contiguous()
     qkv = fc.layer(0, x, project_concat(fc.linears[0], x, ste, temporal_major))
     length = qkv.numel() // (groups * qkv.shape[-1])
