@@ -266,12 +266,13 @@ def test_lean_training_path_matches_plain_autograd(monkeypatch, causal_mask, blo
         torch.testing.assert_close(s1[name], s2[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("lq,lk", [(70, 70), (5, 9)])
+@pytest.mark.parametrize("lq,lk", [(70, 70), (9, 9), (5, 9)])
 def test_blocked_attention_matches_explicit_softmax(monkeypatch, lq, lk):
     """blocked_attention and its backward against softmax(QKᵀ/√d)·V by autograd
     (float64), over several blocks with a partial last one, on strided inputs."""
     from gman.model import layers
 
+    orig_apply = layers._BlockedAttention.apply
     monkeypatch.setattr(layers, "_BLOCK_SCORES", 2 * lq * lk)  # blocks of 2 (group, head) pairs
     monkeypatch.setattr(layers, "BLOCKED_MIN_KEYS", 1)
     torch.manual_seed(0)
@@ -285,7 +286,10 @@ def test_blocked_attention_matches_explicit_softmax(monkeypatch, lq, lk):
     expected = torch.einsum("ghqk,gkhe->gqhe", scores.softmax(-1), v)
     expected_grads = torch.autograd.grad(expected, (q, kv), grad_out)
 
-    out = layers.attention(q, k, v)  # dispatches to the blocked path on the CPU
+    blocked_calls = []
+    monkeypatch.setattr(layers._BlockedAttention, "apply", lambda *a: blocked_calls.append(1) or orig_apply(*a))
+    out = layers.attention(q, k, v)  # self-attention: the blocked path on the CPU
+    assert len(blocked_calls) == (lq == lk)
     assert out.is_contiguous() and out.shape == (g, lq, heads, d)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     for got, want in zip(torch.autograd.grad(out, (q, kv), grad_out), expected_grads):

@@ -237,7 +237,7 @@ class _ProjBNReLUAttention(torch.autograd.Function):
         )
         y.relu_()
         q, k, v = _split_heads(y, groups, heads)
-        ctx.blocked = _use_blocked(k.shape[2], is_causal)
+        ctx.blocked = _use_blocked(q.shape[2], k.shape[2], is_causal)
         if ctx.blocked:
             out = blocked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
             lse = None
@@ -255,17 +255,19 @@ class _ProjBNReLUAttention(torch.autograd.Function):
         flat = pre.view(-1, pre.shape[-1])
         y = _bn_relu_recompute(flat, bn_weight, bn_bias, mean, invstd)
         q, k, v = _split_heads(y, ctx.groups, ctx.heads)
-        if ctx.blocked:  # gradients as [G, L, K, d] views
+        g, heads, length, d = q.shape
+        if ctx.blocked:  # [3, G·K, d, L] -> [G, L, 3, K, d] in one permuted copy
             grads = blocked_attention_backward(
                 grad_out.transpose(1, 2), *(z.transpose(1, 2) for z in (q, k, v, out))
-            )
+            ).view(3, g, heads, d, length).permute(1, 4, 0, 2, 3)
         else:
-            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad_out, q, k, v, out, lse, 0.0, ctx.is_causal
             )
-            grads = [g.transpose(1, 2) for g in grads]
+            grads = torch.stack((gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2)), dim=2)
+            del gq, gk, gv
         del q, k, v
-        grad_y = torch.stack(grads, dim=2, out=y.new_empty(*grads[0].shape[:2], 3, *grads[0].shape[2:])).view(y.shape)
+        grad_y = y.new_empty(g, length, 3, heads, d).copy_(grads).view(y.shape)
         del grads
         need = ctx.needs_input_grad
         grad_pre, grad_bn_w, grad_bn_b = _bn_relu_backward(
@@ -526,8 +528,9 @@ _BLOCK_SCORES = 1 << 19
 and its gradient stay in a core's L2 cache)."""
 
 
-def _use_blocked(keys: int, is_causal: bool) -> bool:
-    return not is_causal and keys >= BLOCKED_MIN_KEYS
+def _use_blocked(queries: int, keys: int, is_causal: bool) -> bool:
+    """Self-attention (as many queries as keys), unmasked, over many keys."""
+    return not is_causal and queries == keys >= BLOCKED_MIN_KEYS
 
 
 def _heads_last(x: Tensor) -> Tensor:
@@ -549,28 +552,28 @@ def _softmax_scores(scores: Tensor, q_t: Tensor, k_t: Tensor, scale: float) -> T
 
 
 def blocked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Unmasked multi-head attention ``softmax(QKᵀ/√d)·V`` computed a block of heads at a time.
+    """Unmasked multi-head self-attention ``softmax(QKᵀ/√d)·V``, a block of heads at a time.
 
-    q: [G, Lq, K, d], k, v: [G, Lk, K, d] (any strides) -> [G, Lq, K, d] contiguous
+    q, k, v: [G, L, K, d] (any strides) -> [G, L, K, d] contiguous
 
     Why not the fused kernel: for GMAN's spatial attention (hundreds of keys,
-    d = 8) PyTorch's CPU flash kernel multiplies ``[·, Lk] × [Lk, d]`` tiles
+    d = 8) PyTorch's CPU flash kernel multiplies ``[·, L] × [L, d]`` tiles
     whose 8-column outputs run at a fraction of the machine's speed.  Here
     Q, K, V are laid out heads-last ``[G·K, d, L]`` (one copy each) so that every
     product with the scores is ``[d, L] × [L, L]`` — 8 long rows, which the
-    BLAS runs 3–4× faster — and the ``[c, Lq, Lk]`` scores of a block of ``c``
+    BLAS runs 3–4× faster — and the ``[c, L, L]`` scores of a block of ``c``
     (group, head) pairs are made, soft-maxed in place and used while they sit
-    in cache (c·Lq·Lk ≈ :data:`_BLOCK_SCORES`).  Measured on 2 cores (AVX-512),
+    in cache (c·L² ≈ :data:`_BLOCK_SCORES`).  Measured on 2 cores (AVX-512),
     float32, G = 192, L = 207, K = d = 8: 60 ms forward and 111 ms backward
     against 94 ms and 217 ms for the flash kernel.  The loop runs over blocks
     of (group, head) pairs, never over time steps or sensors, and keeps at most
     two blocks of scores, so memory stays O(G·L·K·d) like a fused kernel's.
     """
-    g, lq, heads, d = q.shape
+    g, length, heads, d = q.shape
     q_t, k_t, v_t = _heads_last(q), _heads_last(k), _heads_last(v)
-    out_t = q.new_empty(g * heads, d, lq)
-    block = max(1, _BLOCK_SCORES // (lq * k.shape[1]))
-    scores = q.new_empty(min(block, g * heads), lq, k.shape[1])
+    out_t = q.new_empty(g * heads, d, length)
+    block = max(1, _BLOCK_SCORES // length**2)
+    scores = q.new_empty(min(block, g * heads), length, length)
     for i in range(0, g * heads, block):
         j = min(i + block, g * heads)
         p = _softmax_scores(scores[: j - i], q_t[i:j], k_t[i:j], d**-0.5)
@@ -578,28 +581,27 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return _from_heads_last(out_t, g).contiguous()
 
 
-def blocked_attention_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+def blocked_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> Tensor:
     """Gradients of :func:`blocked_attention` w.r.t. q, k, v; the scores are recomputed.
 
-    grad_out, out: [G, Lq, K, d]; q: [G, Lq, K, d]; k, v: [G, Lk, K, d] (any strides)
-    -> dq [G, Lq, K, d], dk, dv [G, Lk, K, d] (permuted views of contiguous
-    ``[G·K, d, L]`` tensors)
+    grad_out, out, q, k, v: [G, L, K, d] (any strides)
+    -> [3, G·K, d, L]: dq, dk, dv heads-last (``_from_heads_last(·[i], G)`` gives
+    each as [G, L, K, d]; one permuted copy gives the ``[G, L, 3, K, d]`` layout
+    of a fused projection)
 
     With P = softmax(S), S = QKᵀ/√d and Δ_i = Σ_e dO_ie·O_ie (= Σ_j P_ij·dP_ij):
     dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − Δ), dQ = dS·K/√d, dK = dSᵀ·Q/√d,
     all computed transposed (``dVᵀ = dOᵀ·P`` etc.) for the reason given in
     :func:`blocked_attention`.
     """
-    g, lq, heads, d = q.shape
-    lk = k.shape[1]
+    g, length, heads, d = q.shape
     scale = d**-0.5
     q_t, k_t, v_t, grad_t = _heads_last(q), _heads_last(k), _heads_last(v), _heads_last(grad_out)
-    delta = (grad_out * out).sum(-1).transpose(1, 2).reshape(g * heads, lq, 1)
-    dq_t, dk_t, dv_t = torch.empty_like(q_t), torch.empty_like(k_t), torch.empty_like(v_t)
-    block = max(1, _BLOCK_SCORES // (lq * lk))
-    scores = q.new_empty(min(block, g * heads), lq, lk)
+    delta = (grad_out * out).sum(-1).transpose(1, 2).reshape(g * heads, length, 1)
+    grads = q.new_empty(3, g * heads, d, length)
+    dq_t, dk_t, dv_t = grads.unbind(0)
+    block = max(1, _BLOCK_SCORES // length**2)
+    scores = q.new_empty(min(block, g * heads), length, length)
     grad_scores = torch.empty_like(scores)
     for i in range(0, g * heads, block):
         j = min(i + block, g * heads)
@@ -609,13 +611,13 @@ def blocked_attention_backward(
         ds.sub_(delta[i:j]).mul_(p)  # dS
         torch.baddbmm(dq_t[i:j], k_t[i:j], ds.transpose(1, 2), beta=0.0, alpha=scale, out=dq_t[i:j])
         torch.baddbmm(dk_t[i:j], q_t[i:j], ds, beta=0.0, alpha=scale, out=dk_t[i:j])
-    return _from_heads_last(dq_t, g), _from_heads_last(dk_t, g), _from_heads_last(dv_t, g)
+    return grads
 
 
 class _BlockedAttention(torch.autograd.Function):
     """:func:`blocked_attention` with :func:`blocked_attention_backward` as its gradient.
 
-    q: [G, Lq, K, d], k, v: [G, Lk, K, d] -> [G, Lq, K, d] contiguous
+    q, k, v: [G, L, K, d] -> [G, L, K, d] contiguous
     """
 
     @staticmethod
@@ -627,16 +629,17 @@ class _BlockedAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
-        return blocked_attention_backward(grad_out, *ctx.saved_tensors)
+        grads = blocked_attention_backward(grad_out, *ctx.saved_tensors)
+        return tuple(_from_heads_last(g, grad_out.shape[0]) for g in grads)
 
 
-def _cpu_blocked_ok(q: Tensor, keys: int, is_causal: bool) -> bool:
+def _cpu_blocked_ok(q: Tensor, queries: int, keys: int, is_causal: bool) -> bool:
     """Whether :func:`attention` takes the blocked path: CPU, float32/float64, unmasked,
     long, and not traced (compile, export and TorchScript see the fused operator)."""
     return (
         q.device.type == "cpu"
         and q.dtype in (torch.float32, torch.float64)
-        and _use_blocked(keys, is_causal)
+        and _use_blocked(queries, keys, is_causal)
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and not torch.jit.is_scripting()
@@ -668,7 +671,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False) -> Tenso
     """
     if q.device.type != "cpu" and k.shape[1] <= SHORT_SEQUENCE:
         return short_attention(q, k, v, is_causal)
-    if _cpu_blocked_ok(q, k.shape[1], is_causal):
+    if _cpu_blocked_ok(q, q.shape[1], k.shape[1], is_causal):
         return _BlockedAttention.apply(q, k, v)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=is_causal
