@@ -70,6 +70,28 @@ def test_day_of_week_can_be_left_out_of_the_time_embedding():
     torch.testing.assert_close(rebuilt.eval()(x, time), without(x, time), rtol=0, atol=0)
     with pytest.raises(ValueError, match="day_of_week"):
         small_model(day_of_week="no")
+    with pytest.raises(ValueError, match="day_of_week"):
+        small_model(day_of_week=1)
+
+
+def test_weekend_time_embedding_tells_working_days_from_weekend_days_only():
+    torch.manual_seed(0)
+    model = small_model(day_of_week="weekend").eval()
+    assert model.ste.temporal.linears[0].in_features == 2 + STEPS_PER_DAY
+    x, time = torch.randn(2, 4, 6), make_time(2, 7)
+
+    def on(day: int):
+        t = time.clone()
+        t[..., 0] = day
+        with torch.no_grad():
+            return model(x, t)
+
+    monday, friday, saturday, sunday = on(0), on(4), on(5), on(6)
+    torch.testing.assert_close(monday, friday, rtol=0, atol=0)
+    torch.testing.assert_close(saturday, sunday, rtol=0, atol=0)
+    assert not torch.allclose(monday, saturday)
+    rebuilt = GMAN(**model.config)
+    assert rebuilt.config["day_of_week"] == "weekend"
 
 
 def test_heads_are_k_heads_of_d_dims():

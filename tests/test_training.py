@@ -177,3 +177,30 @@ def test_days_of_week_absent_from_training_are_reported(recwarn):
     module.build_for(datamodule)
     assert not [w for w in recwarn if "model.day_of_week false" in str(w.message)]
     assert module.net.config["day_of_week"] is False
+    weekend = GMANLightningModule(**TINY, day_of_week="weekend")
+    weekend.build_for(datamodule)  # the last day is a working day like the trained ones
+    assert not [w for w in recwarn if "model.day_of_week false" in str(w.message)]
+    assert weekend.net.config["day_of_week"] == "weekend"
+
+
+def test_weekend_embedding_reports_a_kind_of_day_absent_from_training():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from gman.training.module import _warn_unseen_days, unseen_days
+
+    def days_split(*days: int):
+        """A stand-in data module: one step per day; the last two are validation and test."""
+        features = np.stack([np.array(days), np.zeros(len(days), dtype=int)], axis=1)
+        n = len(days)
+        return SimpleNamespace(dataset=SimpleNamespace(time_features=lambda: features),
+                               split_ranges=[(0, n - 2), (n - 2, n - 1), (n - 1, n)])
+
+    thu_to_wed = days_split(3, 4, 5, 6, 0, 1, 2)  # Los-loop's week: Tuesday, Wednesday never trained
+    assert unseen_days(thu_to_wed, True) == ["Tuesday", "Wednesday"]
+    assert unseen_days(thu_to_wed, "weekend") == []
+    weekend_later = days_split(0, 1, 2, 5, 6)  # Monday-Wednesday train, the weekend is new
+    assert unseen_days(weekend_later, "weekend") == ["weekend"]
+    with pytest.warns(UserWarning, match="'weekend'"):
+        _warn_unseen_days(weekend_later, "weekend")

@@ -108,7 +108,8 @@ class GMAN(nn.Module):
         dropout: dropout rate before each of the two output FC layers.
         causal_mask: temporal attention sees only current and earlier steps.
         day_of_week: the time embedding includes the day-of-week one-hot (the
-            authors' model); ``False`` uses the time of day only (see
+            authors' model); ``False`` uses the time of day only, ``"weekend"``
+            adds a working-day / weekend one-hot instead (see
             :class:`~gman.model.layers.SpatioTemporalEmbedding`: for data whose
             training part does not contain every day of the week).
         learnable_spatial_embedding: ``spatial_embedding`` is an ``nn.Parameter``
@@ -164,7 +165,7 @@ class GMAN(nn.Module):
         partition_method: str = "random",
         partition_seed: int = 0,
         last_value_residual: bool = False,
-        day_of_week: bool = True,
+        day_of_week: bool | str = True,
     ) -> None:
         super().__init__()
         self.num_nodes = _positive_int("num_nodes", num_nodes)
@@ -183,9 +184,10 @@ class GMAN(nn.Module):
             ("attention_output_fc", attention_output_fc),
             ("fusion_output_fc", fusion_output_fc),
             ("last_value_residual", last_value_residual),
-            ("day_of_week", day_of_week),
         ):
             _flag(name, value)
+        if not (isinstance(day_of_week, bool) or day_of_week == "weekend"):
+            raise ValueError(f"GMAN: day_of_week must be true, false or 'weekend', got {day_of_week!r}")
         if batch_norm not in BATCH_NORM_MODES:
             raise ValueError(f"GMAN: batch_norm must be one of {', '.join(BATCH_NORM_MODES)}, got {batch_norm!r}")
         if spatial_attention not in SPATIAL_ATTENTIONS:

@@ -65,6 +65,8 @@ __all__ = [
 ]
 
 BATCH_NORM_MODES = ("activation", "all", "none")
+DAY_CATEGORIES = {True: 7, False: 0, "weekend": 2}
+"""``day_of_week`` settings of the time embedding and the one-hot width each gives."""
 BN_EPS = 1e-3
 
 
@@ -989,6 +991,10 @@ class SpatioTemporalEmbedding(nn.Module):
     steps keeps its randomly initialised weight column, which then adds an
     arbitrary offset to every validation / test step on that day: data of less
     than two weeks (Los-loop: one week, split 70/10/20) should leave it out.
+    ``day_of_week="weekend"`` (not in the paper) keeps a 2-way one-hot instead,
+    ``onehot(dow ≥ 5, 2)``: Monday–Friday vs Saturday–Sunday, so that short data
+    whose training part has both kinds of day still tells a working day's
+    profile from a weekend's (holidays count as the weekday they fall on).
 
     ``T_day = steps_per_day = 86400 / interval seconds``.  A one-hot row times a
     weight matrix selects one column of it, so the first temporal layer is
@@ -1000,11 +1006,13 @@ class SpatioTemporalEmbedding(nn.Module):
     """
 
     def __init__(self, se_dim: int, steps_per_day: int, dim: int, batch_norm: str = "activation", bn_momentum: float = 0.5,
-                 day_of_week: bool = True):
+                 day_of_week: bool | str = True):
         super().__init__()
         self.steps_per_day = steps_per_day
         self.day_of_week = day_of_week
-        self.tod_offset = 7 if day_of_week else 0  # row of time-of-day 0 in the first temporal layer's input
+        # day categories: 7 weekdays, 2 (working day / weekend) or none; also the row of
+        # time-of-day 0 in the first temporal layer's input
+        self.tod_offset = DAY_CATEGORIES[day_of_week]
         self.spatial = FC(se_dim, [dim, dim], [True, False], batch_norm, bn_momentum)
         self.temporal = FC(self.tod_offset + steps_per_day, [dim, dim], [True, False], batch_norm, bn_momentum)
 
@@ -1014,7 +1022,9 @@ class SpatioTemporalEmbedding(nn.Module):
         table = lin.weight.t()  # [7 + T_day, D] (or [T_day, D]): row i = W · onehot_i
         dow, tod = time[..., 0], time[..., 1]
         pre = F.embedding(tod + self.tod_offset, table)
-        if self.day_of_week:
+        if self.tod_offset == 2:
+            pre = pre + F.embedding((dow >= 5).long(), table)  # Saturday = 5, Sunday = 6
+        elif self.tod_offset:
             pre = pre + F.embedding(dow, table)
         if lin.bias is not None:
             pre = pre + lin.bias

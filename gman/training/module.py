@@ -28,7 +28,7 @@ run.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, Union
 
 import lightning as L
 import torch
@@ -80,7 +80,7 @@ class GMANLightningModule(L.LightningModule):
         se_dim: int = 64,
         dropout: float = 0.1,
         causal_mask: bool = True,
-        day_of_week: bool = True,
+        day_of_week: Union[bool, Literal["weekend"]] = True,
         attention_output_fc: bool = True,
         fusion_output_fc: bool = True,
         batch_norm: str = "activation",
@@ -158,8 +158,8 @@ class GMANLightningModule(L.LightningModule):
         """Build the network for a set-up ``GMANDataModule``: its sizes into hparams, its embedding into the net."""
         self.hparams.update(data_hparams(datamodule, se_dim=self.hparams.se_dim))
         self._build()
-        if self.hparams.day_of_week:
-            _warn_unseen_days(datamodule)
+        if self.hparams.day_of_week is not False:
+            _warn_unseen_days(datamodule, self.hparams.day_of_week)
         if datamodule.spatial_embedding is not None:
             self.net.set_spatial_embedding(torch.as_tensor(datamodule.spatial_embedding, dtype=torch.float32))
         if self.hparams.spatial_attention == "group" and self.hparams.partition_method == "bfs":
@@ -273,26 +273,33 @@ class GMANLightningModule(L.LightningModule):
 DAY_NAMES = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 
-def unseen_days(datamodule) -> list[str]:
-    """Days of the week in the validation / test steps of a set-up data module that no training step has."""
+def unseen_days(datamodule, day_of_week: bool | str = True) -> list[str]:
+    """Days of the week (kinds of day, ``working day`` / ``weekend``, when ``day_of_week`` is
+    ``"weekend"``) in the validation / test steps of a set-up data module that no training step has."""
     ranges = getattr(datamodule, "split_ranges", None)
     if getattr(datamodule, "dataset", None) is None or not ranges:
         return []
     day = datamodule.dataset.time_features()[:, 0]
+    if day_of_week == "weekend":
+        kind = (day >= 5).astype(int)
+        seen = set(kind[slice(*ranges[0])].tolist())
+        later = set().union(*(kind[slice(*r)].tolist() for r in ranges[1:]))
+        return [("working day", "weekend")[k] for k in sorted(later - seen)]
     seen = set(day[slice(*ranges[0])].tolist())
     later = set().union(*(day[slice(*r)].tolist() for r in ranges[1:]))
     return [DAY_NAMES[d] for d in sorted(later - seen)]
 
 
-def _warn_unseen_days(datamodule) -> None:
-    days = unseen_days(datamodule)
+def _warn_unseen_days(datamodule, day_of_week: bool | str) -> None:
+    days = unseen_days(datamodule, day_of_week)
     if days:
         import warnings
 
         warnings.warn(
             f"{', '.join(days)} occur(s) in the validation/test steps but not in the training steps: their "
             "day-of-week embedding keeps its random initial weights and shifts every forecast on those days; "
-            "set model.day_of_week false (time of day only) for data shorter than two weeks",
+            "set model.day_of_week false (time of day only) or 'weekend' (working day / weekend) for data "
+            "shorter than two weeks",
             stacklevel=3,
         )
 
