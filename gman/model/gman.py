@@ -41,8 +41,9 @@ learning-rate decay, floored at 0.01); ``bn_momentum`` sets the start and
 The forward pass has no data-dependent Python control flow (only checks of
 static shapes), builds the one-hot time encodings as weight-row lookups (the
 exact equivalent of one-hot × Linear, see ``SpatioTemporalEmbedding``) and, in
-``eval`` mode, uses only standard operators, so it can be exported with
-``torch.export`` / ``torch.onnx``.
+``eval`` mode under tracing (``torch.export`` / ``torch.onnx`` / ``torch.compile``),
+uses only standard operators (the CPU's blocked spatial attention steps aside
+for ``scaled_dot_product_attention`` there), so it can be exported.
 
 Unlike a popular PyTorch port, the ``D`` channels are split into ``K`` heads
 of ``d`` channels each (head ``k`` = channels ``k·d … k·d + d − 1``, as the
