@@ -204,3 +204,26 @@ def test_weekend_embedding_reports_a_kind_of_day_absent_from_training():
     assert unseen_days(weekend_later, "weekend") == ["weekend"]
     with pytest.warns(UserWarning, match="'weekend'"):
         _warn_unseen_days(weekend_later, "weekend")
+
+
+def test_ema_weight_averaging_is_what_gets_tested(tmp_path):
+    """With Lightning's EMAWeightAveraging in the callbacks, the test stage (and so horizons.csv and the
+    package) runs the best checkpoint's averaged weights, not the live weights stored beside them."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+
+    from gman.training.cli import run_test_on_best_checkpoint
+
+    L.seed_everything(0)
+    datamodule = GMANDataModule(**DATA)
+    module = GMANLightningModule(**TINY)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val_mae", mode="min")
+    trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=[checkpoint, EMAWeightAveraging(decay=0.5)])
+    trainer.fit(module, datamodule=datamodule)
+    saved = torch.load(checkpoint.best_model_path, weights_only=False)
+    averaged, live = saved["state_dict"], saved["current_model_state"]
+    name = next(k for k in live if k.endswith("output_fc.linears.0.weight"))
+    assert not torch.allclose(averaged[name], live[name])
+    run_test_on_best_checkpoint(trainer, module, datamodule)
+    tested = module.state_dict()
+    for key, value in averaged.items():
+        torch.testing.assert_close(tested[key], value, rtol=0, atol=0, msg=key)

@@ -379,7 +379,7 @@ def _fit_test_and_report(cli, logger, work_dir: Path, final_dir: Path, experimen
     ckpt_path = str(last) if resuming and last.is_file() else None
     if not writer:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
+        run_test_on_best_checkpoint(trainer, module, datamodule)
         return {"table": "", "run_id": None}
 
     work_dir.mkdir(parents=True, exist_ok=resuming)
@@ -410,8 +410,25 @@ def _fit_test_and_report(cli, logger, work_dir: Path, final_dir: Path, experimen
             os.environ.pop(RUN_DIR_ENV, None)
         else:
             os.environ[RUN_DIR_ENV] = previous
-    trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
+    run_test_on_best_checkpoint(trainer, module, datamodule)
     return _report(module, datamodule, checkpoint, logger, work_dir, final_dir, config.register)
+
+
+def run_test_on_best_checkpoint(trainer, module, datamodule) -> None:
+    """Test the best checkpoint's weights.
+
+    With a weight-averaging callback (Lightning's ``EMAWeightAveraging`` /
+    ``WeightAveraging`` in ``trainer.callbacks``) validation, and so the choice of
+    the best checkpoint, used the averaged weights, which the checkpoint holds as
+    its ``state_dict``; the callback would put the live weights (its
+    ``current_model_state``) back when the checkpoint is loaded, so it is detached
+    for the test stage.
+    """
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    for callback in [c for c in trainer.callbacks if isinstance(c, WeightAveraging)]:
+        trainer.callbacks.remove(callback)
+    trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
 
 
 def _rank_environment() -> str:

@@ -147,6 +147,11 @@ class GMANLightningModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Read the data-dependent sizes from the trainer's data module and build the network (once)."""
+        self.configure_model()
+
+    def configure_model(self) -> None:
+        """:meth:`setup`'s work, also under Lightning's name for it: callbacks that copy the
+        model when they are set up (``EMAWeightAveraging``) call it first."""
         if self.net is not None:
             return
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
