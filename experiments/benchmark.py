@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler table of one train step per config")
+    p.add_argument("--malloc", choices=["reuse", "default"], default="reuse",
+                   help="reuse: keep freed memory as gman train does (gman.allocator); default: glibc's own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT.json", help="write the list of records here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -121,6 +123,9 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
     import torch
 
     sys.path.insert(0, str(ROOT))
+    from gman.allocator import keep_freed_memory
+
+    malloc_tuned = keep_freed_memory() if args.malloc == "reuse" else False
     from gman.model import GMAN
     from gman.training.metrics import masked_mae  # torch only: no Lightning, no MLflow
 
@@ -229,7 +234,7 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
         "spatial_attention": args.spatial_attention,
         "groups": model.group_attentions()[0].num_groups if args.spatial_attention == "group" else None,
         "history": P, "horizon": Q, "threads": torch.get_num_threads(), "device": device.type,
-        "amp": args.amp, "compile": bool(args.compile),
+        "amp": args.amp, "compile": bool(args.compile), "malloc_reuse": malloc_tuned,
         "train_step_s": round(train_s, 4), "train_step_min_s": round(min(train_times), 4),
         "train_step_cpu_s": round(train_cpu, 4),
         "infer_s": round(statistics.median(infer_times), 4),

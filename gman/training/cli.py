@@ -641,6 +641,9 @@ def _evaluate(checkpoint: Path, args) -> int:
 
 
 def main(command: str, argv: list[str]) -> int:
+    from gman.allocator import keep_freed_memory
+
+    keep_freed_memory()
     if command == "train":
         return train(argv)
     if command == "evaluate":
