@@ -11,7 +11,7 @@ come from the first run; they do not depend on the seed.
         "node2vec=runs/ll-n2v-s0" "node2vec=runs/ll-n2v-s1" "published SE=runs/ll-pub-s0" \\
         --json experiments/results/los_loop.json
 
-Prints a Markdown table (masked MAE at 5, 15, 30, 60 min and over all steps, and
+Prints a Markdown table (masked MAE at 5 (three decimals), 15, 30, 60 min and over all steps, and
 at how many steps every seed is below both baselines) and writes the numbers to ``--json``.
 """
 from __future__ import annotations
@@ -36,6 +36,11 @@ def read_horizons(folder: Path) -> dict[str, dict[str, float]]:
         for row in csv.DictReader(handle):
             table[row["model"]][row["step"]] = float(row["mae"])
     return table
+
+
+def _mae(value: float, column: str) -> str:
+    """Two decimals; three at 5 minutes, where GMAN and last value differ by thousandths."""
+    return f"{value:.3f}" if column == "1" else f"{value:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         below = [s for s in steps if all(r["mae"][s] < min(b[s] for b in baselines.values()) for r in runs)]
         result["arms"][label] = {"folders": [r["folder"] for r in runs], "mean_mae": mean, "spread_mae": spread,
                                  "steps_below_both_baselines_every_seed": below}
-        cells = [f"{mean[c]:.2f}" + (f" ({spread[c]:.2f})" if len(runs) > 1 else "") for c in COLUMNS]
+        cells = [_mae(mean[c], c) + (f" ({_mae(spread[c], c)})" if len(runs) > 1 else "") for c in COLUMNS]
         lines.append(f"| GMAN, {label} | {len(runs)} | " + " | ".join(cells) + f" | {len(below)} of {len(steps)} |")
     for name, table in baselines.items():
-        lines.append(f"| {name} | – | " + " | ".join(f"{table[c]:.2f}" for c in COLUMNS) + " | |")
+        lines.append(f"| {name} | – | " + " | ".join(_mae(table[c], c) for c in COLUMNS) + " | |")
     print("\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -424,11 +424,17 @@ def run_test_on_best_checkpoint(trainer, module, datamodule) -> None:
     ``current_model_state``) back when the checkpoint is loaded, so it is detached
     for the test stage.
     """
+    import warnings
+
     from lightning.pytorch.callbacks import WeightAveraging
 
-    for callback in [c for c in trainer.callbacks if isinstance(c, WeightAveraging)]:
+    detached = [c for c in trainer.callbacks if isinstance(c, WeightAveraging)]
+    for callback in detached:
         trainer.callbacks.remove(callback)
-    trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
+    with warnings.catch_warnings():
+        if detached:  # Lightning's reminder to pass the checkpoint's callbacks: left out on purpose
+            warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint.*")
+        trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
 
 
 def _rank_environment() -> str:
