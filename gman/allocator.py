@@ -9,8 +9,10 @@ temporaries (N = 207, B = 16, L = 1), so by default every step paid 50–120
 thousand page faults, about 0.1 s of system time.  :func:`keep_freed_memory`
 raises both thresholds (mmap: 32 MiB, glibc's ceiling for the setting on
 64-bit; trim: 1 GiB), so freed blocks are reused.  Measured on the 2-core
-machine, one thread, N = 207, B = 16, L = 1: faults per step 82,000 → 2,500,
-median step 2.26 s → 1.98 s, peak RSS 1,255 → 1,261 MB.
+machine, N = 207, B = 16, L = 1: one thread, faults per step 82,000 → 2,500,
+median step 2.26 s → 1.98 s; two threads (``experiments/benchmark.py``), 1.20 s
+→ 1.06 s, peak RSS 1,334 → 1,361 MiB (the memory held for reuse; RSS varies
+by ±50 MiB from run to run either way).
 
 ``gman train`` / ``gman evaluate`` and ``experiments/benchmark.py`` call it; set
 ``GMAN_MALLOC_TUNING=0`` to leave the allocator alone.  Elsewhere than glibc

@@ -30,10 +30,11 @@ removes it.  The authors' EMA decay ``δ`` corresponds to PyTorch's
 Attention runs in the fused ``F.scaled_dot_product_attention`` on
 ``[G, K, L, d]`` views of channels-last tensors (the CPU flash kernel reads
 them without copies), except unmasked attention over many keys on the CPU
-(spatial attention), which runs in :func:`blocked_attention`.  Training on the CPU (float32/float64, autograd on, not
-under torch.compile or export) takes memory-lean paths with hand-written
-backward passes built from the stock kernels — :class:`_ProjBNReLUAttention`
-(query/key/value projection + BN + ReLU + attention),
+(spatial attention), which runs in :func:`blocked_attention`.  Training on the
+CPU (float32/float64, autograd on, not under torch.compile or export) takes
+memory-lean paths with hand-written backward passes built from the stock
+kernels — :class:`_ProjBNReLUAttention` (query/key/value projection + BN +
+ReLU + attention),
 :class:`_TransformFlashAttention` and :class:`_BNReLULinear` (the tail of each
 FC[D, D]) — that keep the layer inputs and batch statistics instead of the
 ``[B, T, N, 3D]`` projections and recompute those in backward.  They compute
@@ -554,7 +555,8 @@ def _from_heads_last(x: Tensor, groups: int) -> Tensor:
 
 
 def _softmax_scores(scores: Tensor, q_t: Tensor, k_t: Tensor, scale: float) -> Tensor:
-    """``scores ← softmax(scale · Qᵀᵀ·Kᵀ)`` in place; q_t [c, d, Lq], k_t [c, d, Lk] -> [c, Lq, Lk]."""
+    """``scores ← softmax(scale · q_tᵀ·k_t)`` in place (= softmax(QKᵀ/√d) for heads-last
+    Q, K); q_t [c, d, Lq], k_t [c, d, Lk], scores [c, Lq, Lk] -> scores."""
     torch.baddbmm(scores, q_t.transpose(1, 2), k_t, beta=0.0, alpha=scale, out=scores)
     return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
 

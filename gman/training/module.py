@@ -284,15 +284,12 @@ def unseen_days(datamodule, day_of_week: bool | str = True) -> list[str]:
     ranges = getattr(datamodule, "split_ranges", None)
     if getattr(datamodule, "dataset", None) is None or not ranges:
         return []
-    day = datamodule.dataset.time_features()[:, 0]
+    day, names = datamodule.dataset.time_features()[:, 0], DAY_NAMES
     if day_of_week == "weekend":
-        kind = (day >= 5).astype(int)
-        seen = set(kind[slice(*ranges[0])].tolist())
-        later = set().union(*(kind[slice(*r)].tolist() for r in ranges[1:]))
-        return [("working day", "weekend")[k] for k in sorted(later - seen)]
+        day, names = (day >= 5).astype(int), ("working day", "weekend")
     seen = set(day[slice(*ranges[0])].tolist())
     later = set().union(*(day[slice(*r)].tolist() for r in ranges[1:]))
-    return [DAY_NAMES[d] for d in sorted(later - seen)]
+    return [names[d] for d in sorted(later - seen)]
 
 
 def _warn_unseen_days(datamodule, day_of_week: bool | str) -> None:
