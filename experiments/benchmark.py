@@ -191,6 +191,20 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
     train_times = timed(train_step, args.steps)
     train_cpu = statistics.median(cpu_times)
 
+    model.eval()
+
+    def infer():
+        with torch.inference_mode(), amp:
+            step_model(x, time_)
+
+    timed(infer, max(1, args.warmup))
+    infer_times = timed(infer, args.steps)
+
+    # the step's own memory: the profiler and FLOP-counter passes below are instrumentation
+    peak_mem_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    gpu_peak_mem_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None
+    model.train()
+
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -215,18 +229,8 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
             opt.zero_grad(set_to_none=True)
             with amp:
                 pred = model(x, time_)  # eager: the counter does not see inside compiled graphs
-            mask = (y != 0).float()
-            (((pred.float() - y).abs() * mask).sum() / mask.sum()).backward()
+            masked_mae(pred.float(), y, y != 0).backward()
         flops = int(counter.get_total_flops())
-
-    model.eval()
-
-    def infer():
-        with torch.inference_mode(), amp:
-            step_model(x, time_)
-
-    timed(infer, max(1, args.warmup))
-    infer_times = timed(infer, args.steps)
 
     train_s = statistics.median(train_times)
     record = {
@@ -238,7 +242,7 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
         "train_step_s": round(train_s, 4), "train_step_min_s": round(min(train_times), 4),
         "train_step_cpu_s": round(train_cpu, 4),
         "infer_s": round(statistics.median(infer_times), 4),
-        "peak_mem_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_mem_mb": peak_mem_mb,
         "flops_per_step": flops,
         "achieved_gflops": round(flops / train_s / 1e9, 2) if flops else None,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -250,7 +254,7 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
         record["compile_first_step_s"] = round(compile_s, 2)
     if device.type == "cuda":
         record["gpu"] = torch.cuda.get_device_name()
-        record["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        record["gpu_peak_mem_mb"] = gpu_peak_mem_mb
     return record
 
 
