@@ -369,3 +369,50 @@ def test_last_value_residual_adds_the_last_history_step_to_every_horizon_step():
         torch.testing.assert_close(fresh(x, time), x[:, -1:, :].expand(2, 4, 5))
     with pytest.raises(ValueError, match="last_value_residual must be true or false"):
         GMAN(5, 24, last_value_residual="yes")
+
+
+def test_residual_step_gain_scales_each_horizon_steps_change():
+    torch.manual_seed(0)
+    base = GMAN(5, 24, se_dim=4, history_steps=3, horizon_steps=4, num_layers=1, num_heads=2, head_dim=2,
+                last_value_residual=True)
+    torch.nn.init.normal_(base.output_fc.linears[-1].weight)  # a non-zero change to scale
+    gained = GMAN(**{**base.config, "residual_step_gain": True})
+    gained.load_state_dict(base.state_dict(), strict=False)
+    gain = torch.tensor([[0.0], [0.5], [1.0], [2.0]])
+    with torch.no_grad():
+        gained.residual_gain.copy_(gain)
+    base.eval(), gained.eval()
+    x = torch.randn(2, 3, 5)
+    time = torch.randint(0, 7, (2, 7, 2))
+    with torch.no_grad():
+        last = x[:, -1:, :]
+        expected = (base(x, time) - last) * gain + last
+        out = gained(x, time)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out[:, 0], x[:, -1])  # gain 0 at step 1: exactly the last value
+    assert set(GMAN(**gained.config).state_dict()) == set(gained.state_dict())  # config rebuilds the gain
+    with pytest.raises(ValueError, match="residual_step_gain needs last_value_residual"):
+        GMAN(5, 24, residual_step_gain=True)
+
+
+def test_cpu_dropout_keeps_the_expectation_and_masks_the_gradient():
+    from gman.model.layers import dropout
+
+    torch.manual_seed(0)
+    x = torch.full((1_000_003,), 2.0, requires_grad=True)  # not a multiple of four 16-bit draws
+    y = dropout(x, 0.25)
+    dropped = (y == 0).double().mean().item()
+    assert abs(dropped - 0.25) < 0.002  # binomial sd 0.0004
+    kept = y[y != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 2.0 / 0.75))  # 1 - p' = round(0.75·2¹⁶)/2¹⁶ = 0.75
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, y.detach() == 0)
+    torch.manual_seed(1)
+    a = dropout(torch.ones(1000), 0.1)
+    torch.manual_seed(1)
+    assert torch.equal(a, dropout(torch.ones(1000), 0.1))  # seeded by torch's generator
+    assert not torch.equal(a, dropout(torch.ones(1000), 0.1))
+    z = torch.randn(5, 3)
+    assert dropout(z, 0.5, training=False) is z
+    assert torch.equal(dropout(z, 0.0), z)
+    assert torch.equal(dropout(z, 1.0), torch.zeros_like(z))

@@ -137,6 +137,13 @@ class GMAN(nn.Module):
             behind the last-value forecast at the first steps (measured on Los-loop,
             see the README); the skip connection, with the last output layer
             initialised to zero, starts it from exactly that forecast.
+        residual_step_gain: **not in the paper or the authors' code; off by
+            default; needs** ``last_value_residual``.  A learnable gain per horizon
+            step ``g [Q]`` (initialised to one) on the predicted change:
+            ``Ŷ_q = g_q · Y_net,q + x_{P−1}``.  The output layer is shared by all
+            horizon steps, and the decoder knows a step's horizon only through its
+            time of day, so the network has no direct way to trust the last reading
+            more at 5 minutes than at 60; the gain gives it one.
 
     forward(x [B, P, N] float, time [B, P+Q, 2] long) -> [B, Q, N]
         ``time[..., 0]`` day of week 0..6, ``time[..., 1]`` time-of-day index
@@ -167,6 +174,7 @@ class GMAN(nn.Module):
         partition_seed: int = 0,
         last_value_residual: bool = False,
         day_of_week: bool | str = True,
+        residual_step_gain: bool = False,
     ) -> None:
         super().__init__()
         self.num_nodes = _positive_int("num_nodes", num_nodes)
@@ -185,8 +193,11 @@ class GMAN(nn.Module):
             ("attention_output_fc", attention_output_fc),
             ("fusion_output_fc", fusion_output_fc),
             ("last_value_residual", last_value_residual),
+            ("residual_step_gain", residual_step_gain),
         ):
             _flag(name, value)
+        if residual_step_gain and not last_value_residual:
+            raise ValueError("GMAN: residual_step_gain needs last_value_residual true (it scales the predicted change)")
         if not (isinstance(day_of_week, bool) or day_of_week == "weekend"):
             raise ValueError(f"GMAN: day_of_week must be true, false or 'weekend', got {day_of_week!r}")
         if batch_norm not in BATCH_NORM_MODES:
@@ -221,7 +232,7 @@ class GMAN(nn.Module):
             spatial_attention=spatial_attention, spatial_attention_options=options,
             num_groups=num_groups, partition_method=partition_method, partition_seed=partition_seed,
             last_value_residual=last_value_residual,
-            day_of_week=day_of_week,
+            day_of_week=day_of_week, residual_step_gain=residual_step_gain,
         )
         dim = self.num_heads * self.head_dim
         self.dim = dim
@@ -258,6 +269,8 @@ class GMAN(nn.Module):
             # start from the last-value forecast exactly; the network learns the change
             nn.init.zeros_(self.output_fc.linears[-1].weight)
             nn.init.zeros_(self.output_fc.linears[-1].bias)
+        if residual_step_gain:
+            self.residual_gain = nn.Parameter(torch.ones(self.horizon_steps, 1))  # [Q, 1]: g_q per step
         self.register_load_state_dict_post_hook(_partition_loaded)
 
     # ------------------------------------------------------------------ config
@@ -328,6 +341,8 @@ class GMAN(nn.Module):
         for blk in self.decoder:
             h = blk(h, ste_q)
         out = self.output_fc(h).squeeze(-1)  # [B, Q, N]
+        if self._config.get("residual_step_gain"):
+            out = out * self.residual_gain
         if self._config["last_value_residual"]:
             out = out + x[:, -1:, :]
         return out

@@ -270,7 +270,7 @@ class _ProjBNReLUAttention(torch.autograd.Function):
             grads = torch.stack((gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2)), dim=2)
             del gq, gk, gv
         del q, k, v
-        grad_y = y.new_empty(g, length, 3, heads, d).copy_(grads).view(y.shape)
+        grad_y = grads.contiguous().view(y.shape)  # [G, L, 3, K, d]: the projection's rows
         del grads
         need = ctx.needs_input_grad
         grad_pre, grad_bn_w, grad_bn_b = _bn_relu_backward(
@@ -384,6 +384,32 @@ def _glorot_(weight: Tensor, chunks: int = 1) -> None:
             part.uniform_(-bound, bound)
 
 
+_DROPOUT_LEVELS = 1 << 16
+
+
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """``F.dropout`` (zero each element with probability ``p``, scale the rest by
+    ``1 / (1 − p)``), with a cheaper random mask on the CPU.
+
+    PyTorch's CPU ``bernoulli_`` draws one 32-bit number per element on one
+    thread (16 ms for GMAN's [16, 12, 207, 64] activations on the 2-core
+    machine, two of them per training step).  Here the mask compares 16-bit
+    uniform integers, four from every 64-bit draw, against ``round((1 − p)·2¹⁶)``
+    (3 ms); the kept fraction is then ``1 − p'`` with ``|p' − p| ≤ 2⁻¹⁷``, and the
+    kept elements are scaled by ``1 / (1 − p')``, so the expectation is ``x``
+    exactly.  Other devices, and autocast, use ``F.dropout``.
+    """
+    if not training or p == 0.0 or x.device.type != "cpu" or not x.is_floating_point():
+        return F.dropout(x, p, training)
+    keep = round((1.0 - p) * _DROPOUT_LEVELS)
+    if keep == 0:
+        return x * 0.0
+    n = x.numel()
+    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+    mask = bits.view(torch.int16)[:n].view(x.shape) < keep - _DROPOUT_LEVELS // 2
+    return x * mask.to(x.dtype).mul_(_DROPOUT_LEVELS / keep)
+
+
 class FC(nn.Module):
     """A stack of per-position fully connected layers (the authors' ``FC``).
 
@@ -441,7 +467,7 @@ class FC(nn.Module):
         pre-activation (the linear map's output), so only BN and ReLU remain."""
         if pre is None:
             if self.dropout > 0:
-                x = F.dropout(x, self.dropout, self.training)
+                x = dropout(x, self.dropout, self.training)
             pre = self.linears[i](x)
         norm, act = self.norms[i], self.activations[i]
         if isinstance(norm, BatchNorm):

@@ -59,7 +59,7 @@ class GMANLightningModule(L.LightningModule):
         ``dropout``, ``causal_mask``, ``day_of_week``, ``attention_output_fc``, ``fusion_output_fc``,
         ``batch_norm``, ``bn_momentum``, ``spatial_attention(_options)``, ``num_groups``,
         ``partition_method`` (``random`` | ``bfs``: from the data's graph), ``partition_seed``,
-        ``last_value_residual`` (not in the paper; off by default): see GMAN.
+        ``last_value_residual``, ``residual_step_gain`` (not in the paper; off by default): see GMAN.
     Args (optimisation): ``learning_rate``, ``weight_decay`` (Adam), ``lr_decay_factor``,
         ``lr_decay_every`` (epochs), ``min_learning_rate``, ``bn_momentum_schedule``.
     Args (from the data, normally left None): ``num_nodes``, ``steps_per_day``,
@@ -92,6 +92,7 @@ class GMANLightningModule(L.LightningModule):
         partition_method: str = "random",
         partition_seed: int = 0,
         last_value_residual: bool = False,
+        residual_step_gain: bool = False,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         lr_decay_factor: float = 0.7,
@@ -139,6 +140,7 @@ class GMANLightningModule(L.LightningModule):
                 spatial_attention=hp.spatial_attention, spatial_attention_options=hp.spatial_attention_options,
                 num_groups=hp.num_groups, partition_method=hp.partition_method, partition_seed=hp.partition_seed,
                 last_value_residual=hp.last_value_residual,
+                residual_step_gain=hp.get("residual_step_gain", False),
             )
         except ValueError as err:  # GMAN validates its arguments with one-line ValueErrors
             raise ConfigError(f"model: {str(err).removeprefix('GMAN: ')}") from None
