@@ -341,7 +341,7 @@ class GMAN(nn.Module):
         for blk in self.decoder:
             h = blk(h, ste_q)
         out = self.output_fc(h).squeeze(-1)  # [B, Q, N]
-        if self._config.get("residual_step_gain"):
+        if self._config["residual_step_gain"]:
             out = out * self.residual_gain
         if self._config["last_value_residual"]:
             out = out + x[:, -1:, :]

@@ -397,7 +397,7 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     uniform integers, four from every 64-bit draw, against ``round((1 − p)·2¹⁶)``
     (3 ms); the kept fraction is then ``1 − p'`` with ``|p' − p| ≤ 2⁻¹⁷``, and the
     kept elements are scaled by ``1 / (1 − p')``, so the expectation is ``x``
-    exactly.  Other devices, and autocast, use ``F.dropout``.
+    exactly.  Other devices use ``F.dropout``.
     """
     if not training or p == 0.0 or x.device.type != "cpu" or not x.is_floating_point():
         return F.dropout(x, p, training)

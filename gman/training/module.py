@@ -140,7 +140,7 @@ class GMANLightningModule(L.LightningModule):
                 spatial_attention=hp.spatial_attention, spatial_attention_options=hp.spatial_attention_options,
                 num_groups=hp.num_groups, partition_method=hp.partition_method, partition_seed=hp.partition_seed,
                 last_value_residual=hp.last_value_residual,
-                residual_step_gain=hp.get("residual_step_gain", False),
+                residual_step_gain=hp.residual_step_gain,
             )
         except ValueError as err:  # GMAN validates its arguments with one-line ValueErrors
             raise ConfigError(f"model: {str(err).removeprefix('GMAN: ')}") from None
