@@ -399,11 +399,9 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     kept elements are scaled by ``1 / (1 − p')``, so the expectation is ``x``
     exactly.  Other devices use ``F.dropout``.
     """
-    if not training or p == 0.0 or x.device.type != "cpu" or not x.is_floating_point():
-        return F.dropout(x, p, training)
     keep = round((1.0 - p) * _DROPOUT_LEVELS)
-    if keep == 0:
-        return x * 0.0
+    if not training or keep in (0, _DROPOUT_LEVELS) or x.device.type != "cpu" or not x.is_floating_point():
+        return F.dropout(x, p, training)  # also p = 0, and p too close to 1 for 16-bit levels
     n = x.numel()
     bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
     mask = bits.view(torch.int16)[:n].view(x.shape) < keep - _DROPOUT_LEVELS // 2
