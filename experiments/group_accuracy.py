@@ -13,19 +13,14 @@ the built-in synthetic network) with ``gman train`` once per variant
 and collects the GMAN rows of every run's ``horizons.csv`` into one CSV
 (``variant, seed, step, minutes, mae, rmse, mape``; ``--seeds`` repeats every
 variant with other ``seed_everything`` values) plus a printed table of the
-means over seeds at the reported horizons.
-
-The training module passes ``model.spatial_attention`` through to GMAN but not
-(yet) ``partition_method``; the ``group-bfs`` variant therefore builds the
-random-partition model and a callback (:class:`BfsPartition`) replaces every
-block's partition with the BFS one from the data's adjacency at the start of
-fit.  The partition is part of the state dict, so checkpoints, the test scores
-and the packaged model all use the BFS partition (the logged config still says
-``partition_method: random``).
+means over seeds at the reported horizons.  ``--existing VARIANT:SEED:FOLDER``
+adds the rows of a run that already finished with the same configuration (an
+output folder of ``gman train`` holding ``horizons.csv``) instead of training it
+again.
 
     python experiments/group_accuracy.py --out experiments/results/group_vs_dense_synthetic.csv
-    python experiments/group_accuracy.py --config experiments/los-loop.yaml --variants dense group \\
-        --out experiments/results/group_vs_dense_los_loop.csv
+    python experiments/group_accuracy.py --config experiments/los-loop.yaml --variants group group-bfs \\
+        --existing dense:0:runs/ll/final-s0 --out experiments/results/group_vs_dense_los_loop.csv
 """
 from __future__ import annotations
 
@@ -38,33 +33,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from lightning.pytorch.callbacks import Callback
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 VARIANTS = {
     "dense": ["--model.spatial_attention", "dense"],
     "group": ["--model.spatial_attention", "group"],
-    "group-bfs": ["--model.spatial_attention", "group"],
+    "group-bfs": ["--model.spatial_attention", "group", "--model.partition_method", "bfs"],
 }
-BFS_OVERLAY = "trainer:\n  callbacks:\n    - class_path: group_accuracy.BfsPartition\n"
-
-
-class BfsPartition(Callback):
-    """At the start of fit, give every group-attention block the BFS partition of the data's graph."""
-
-    def on_fit_start(self, trainer, pl_module) -> None:  # noqa: D102
-        from gman.model.group_attention import make_partition
-
-        adjacency = trainer.datamodule.dataset.adjacency
-        if adjacency is None:
-            raise RuntimeError("group-bfs: the data set has no adjacency")
-        blocks = pl_module.net.group_attentions()
-        partition = make_partition(pl_module.net.num_nodes, blocks[0].num_groups, "bfs", adjacency)
-        for block in blocks:
-            block.set_partition(partition.to(block.partition.device))
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=HERE / "demo.yaml")
@@ -72,22 +47,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seed_everything values: one run per variant and seed")
     p.add_argument("--out", type=Path, required=True, help="CSV of per-horizon errors of every variant")
     p.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--existing", nargs="+", default=[], metavar="VARIANT:SEED:FOLDER",
+                   help="rows of finished runs (gman train output folders) to include instead of training them")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `gman train` arguments (last)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.existing = [parse_existing(p, spec) for spec in args.existing]
+    return args
+
+
+def parse_existing(parser: argparse.ArgumentParser, spec: str) -> tuple[str, int, Path]:
+    """``VARIANT:SEED:FOLDER`` -> (variant, seed, folder); the folder must hold horizons.csv."""
+    parts = spec.split(":", 2)
+    if len(parts) != 3 or not parts[1].lstrip("-").isdigit():
+        parser.error(f"--existing {spec!r}: expected VARIANT:SEED:FOLDER, e.g. dense:0:runs/ll/final-s0")
+    folder = Path(parts[2])
+    if not (folder / "horizons.csv").is_file():
+        parser.error(f"--existing {spec!r}: {folder / 'horizons.csv'} does not exist")
+    return parts[0], int(parts[1]), folder
+
+
+def gman_rows(variant: str, seed: int, folder: Path) -> list[dict]:
+    """The GMAN rows of a run's horizons.csv, labelled with the variant and seed."""
+    with open(folder / "horizons.csv", newline="") as handle:
+        return [{"variant": variant, "seed": seed, **{k: row[k] for k in ("step", "minutes", "mae", "rmse", "mape")}}
+                for row in csv.DictReader(handle) if row["model"] == "GMAN"]
 
 
 def train(variant: str, seed: int, config: Path, workdir: Path, extra: list[str]) -> Path:
     out = workdir / "runs" / f"{variant}-seed{seed}"
-    args = ["--config", str(config.resolve())]
-    if variant == "group-bfs":
-        overlay = workdir / "bfs_overlay.yaml"
-        overlay.write_text(BFS_OVERLAY)
-        args += ["--config", str(overlay)]
-    cmd = [sys.executable, "-m", "gman.cli", "train", *args, *VARIANTS[variant], "--seed_everything", str(seed),
+    cmd = [sys.executable, "-m", "gman.cli", "train", "--config", str(config.resolve()), *VARIANTS[variant], "--seed_everything", str(seed),
            "--output-dir", str(out),
            "--experiment", "group-vs-dense", "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}", *extra]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     t0 = time.perf_counter()
     # from the repository root, where the configs' relative data paths (../shared/data) point
@@ -103,15 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = (args.workdir or Path(tmp)).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
-        rows = []
+        rows = [row for spec in args.existing for row in gman_rows(*spec)]
         for seed in args.seeds:
             for variant in args.variants:
-                folder = train(variant, seed, args.config, workdir, args.extra)
-                with open(folder / "horizons.csv", newline="") as handle:
-                    for row in csv.DictReader(handle):
-                        if row["model"] == "GMAN":
-                            rows.append({"variant": variant, "seed": seed,
-                                         **{k: row[k] for k in ("step", "minutes", "mae", "rmse", "mape")}})
+                rows += gman_rows(variant, seed, train(variant, seed, args.config, workdir, args.extra))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_name(args.out.name + ".tmp")
     with open(tmp_out, "w", newline="") as handle:
@@ -120,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         writer.writerows(rows)
     os.replace(tmp_out, args.out)
     # mean over seeds at the reported horizons
-    print(f"{'variant':>10} {'min':>4} {'MAE':>7} {'RMSE':>7} {'MAPE':>7}   (mean of {len(args.seeds)} seed(s))")
-    for variant in args.variants:
+    print(f"{'variant':>10} {'min':>4} {'MAE':>7} {'RMSE':>7} {'MAPE':>7}   (mean over seeds)")
+    variants = list(dict.fromkeys([spec[0] for spec in args.existing] + args.variants))
+    for variant in variants:
         for step in ("3", "6", "12", "all"):
             sel = [r for r in rows if r["variant"] == variant and r["step"] == step]
             if sel:
