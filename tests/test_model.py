@@ -288,6 +288,44 @@ def test_lean_training_path_matches_plain_autograd(monkeypatch, causal_mask, blo
         torch.testing.assert_close(s1[name], s2[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_lean_attention_gradients_do_not_alias_its_scratch_buffers():
+    """When an embedding term has the projection's own shape (one sensor), ``sum_to_size``
+    returns its input, the scratch buffer: the gradient handed back must be a copy."""
+    from gman.model import layers
+
+    torch.manual_seed(0)
+    g, length, heads, d = 2, 3, 2, 2
+    dim = heads * d
+    x = torch.randn(g, length, dim, dtype=torch.float64, requires_grad=True)
+    w_x = torch.randn(3 * dim, dim, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(g, length, 3 * dim, dtype=torch.float64, requires_grad=True)  # full shape
+    s = torch.randn(3 * dim, dtype=torch.float64, requires_grad=True)
+    bn = layers.BatchNorm(3 * dim).double()
+    out = layers._ProjBNReLUAttention.apply(x, w_x, t, s, *bn.fused_args(), g, heads, True)
+    out.sum().backward()
+    buffers = {b.untyped_storage().data_ptr() for b in layers._SCRATCH.buffers.values()}
+    assert buffers and t.grad.untyped_storage().data_ptr() not in buffers
+    torch.testing.assert_close(t.grad.sum(dim=(0, 1)), s.grad)  # the same gradient, summed
+
+
+def test_scratch_buffers_are_reused_grown_and_released():
+    from gman.model.layers import release_scratch, scratch
+
+    like = torch.zeros(1)
+    a = scratch(0, (4, 6), like)
+    b = scratch(0, (3, 5), like)  # smaller: a view of the same buffer
+    assert b.shape == (3, 5) and b.data_ptr() == a.data_ptr()
+    c = scratch(1, (4, 6), like)  # another slot: its own memory
+    assert c.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
+    d = scratch(0, (10, 10), like)  # larger: a new buffer
+    assert d.shape == (10, 10) and d.untyped_storage().nbytes() >= 400
+    assert scratch(0, (2, 2), like.double()).dtype == torch.float64  # per dtype
+    release_scratch()
+    from gman.model import layers
+
+    assert layers._SCRATCH.buffers == {}
+
+
 @pytest.mark.parametrize("lq,lk", [(70, 70), (9, 9), (5, 9)])
 def test_blocked_attention_matches_explicit_softmax(monkeypatch, lq, lk):
     """blocked_attention and its backward against softmax(QKᵀ/√d)·V by autograd

@@ -44,6 +44,7 @@ float64); evaluation, GPUs, autocast, compile and export use the plain path.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Callable, NamedTuple, Sequence, Union
 
 import torch
@@ -163,10 +164,13 @@ def _bn_relu_forward(x: Tensor, weight, bias, running_mean, running_var, momentu
     return y.relu_(), mean, invstd
 
 
-def _bn_relu_recompute(x: Tensor, weight, bias, mean, invstd) -> Tensor:
-    """``ReLU(γ·(x − μ)·s + β)`` from the saved statistics (one pass, no reduction)."""
+def _bn_relu_recompute(x: Tensor, weight, bias, mean, invstd, out: Tensor | None = None) -> Tensor:
+    """``ReLU(γ·(x − μ)·s + β)`` from the saved statistics (one pass, no reduction;
+    written into ``out`` when given)."""
     scale = weight * invstd
-    return torch.addcmul(bias - mean * scale, x, scale).relu_()
+    if out is None:
+        return torch.addcmul(bias - mean * scale, x, scale).relu_()
+    return torch.addcmul(bias - mean * scale, x, scale, out=out).relu_()
 
 
 def _bn_relu_backward(grad_y: Tensor, x: Tensor, y: Tensor, weight, mean, invstd, eps: float, mask: list):
@@ -177,6 +181,53 @@ def _bn_relu_backward(grad_y: Tensor, x: Tensor, y: Tensor, weight, mean, invstd
     return torch.ops.aten.native_batch_norm_backward(
         grad_pre, x, weight, None, None, mean, invstd, True, eps, mask
     )
+
+
+class _ScratchBuffers(threading.local):
+    """Per-thread buffers for the lean attention path's ``[G·L, 3·K·d]`` temporaries."""
+
+    def __init__(self) -> None:
+        self.buffers: dict = {}
+
+
+_SCRATCH = _ScratchBuffers()
+
+
+def scratch(slot: int, shape: Sequence[int], like: Tensor) -> Tensor:
+    """A reusable uninitialised tensor of ``shape`` (``like``'s dtype and device) from buffer ``slot``.
+
+    The projection-sized temporaries of :class:`_ProjBNReLUAttention` (30 MB each
+    for N = 207, B = 16) are the largest requests a CPU training step makes; freshly
+    allocated each time, they leave holes in the heap that the next, differently
+    sized requests split, and glibc's heap grows instead of reusing them (RSS
+    about twice the live memory).  Taking them from a few fixed buffers instead
+    keeps them out of the heap.  A buffer is grown (replaced) when a larger shape
+    comes and is otherwise reused through a view of its first elements; one set
+    per thread.  Callers must not let such a tensor (or a view of it) outlive the
+    call that took it: the next call overwrites it.  :func:`release_scratch`
+    frees them.
+    """
+    numel = math.prod(shape)
+    key = (slot, like.dtype, like.device)
+    buffer = _SCRATCH.buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        _SCRATCH.buffers.pop(key, None)  # free the smaller one before allocating
+        buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+        _SCRATCH.buffers[key] = buffer
+    return buffer[:numel].view(shape)
+
+
+def release_scratch() -> None:
+    """Free this thread's :func:`scratch` buffers (e.g. when training ends)."""
+    _SCRATCH.buffers.clear()
+
+
+def _unless_scratch(t: Tensor | None, buffer: Tensor) -> Tensor | None:
+    """``t``, or a copy when it shares memory with the scratch ``buffer`` (a
+    ``sum_to_size`` to the same shape returns its input)."""
+    if t is not None and t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+        return t.clone()
+    return t
 
 
 class _BNReLULinear(torch.autograd.Function):
@@ -223,8 +274,10 @@ class _ProjBNReLUAttention(torch.autograd.Function):
     mask (spatial attention, see :func:`_use_blocked`) and in PyTorch's CPU
     flash kernel otherwise.  Backward recomputes the projection (one matrix
     product) and Q, K, V (one pass) and calls the attention's own backward, so
-    none of the ``[G·L, 3·K·d]`` tensors outlives the forward pass.  Gradients
-    are those of the stock linear, batch-norm, ReLU and attention kernels.
+    none of the ``[G·L, 3·K·d]`` tensors outlives the forward pass.  Those
+    temporaries (one in forward, up to four in backward) live in
+    :func:`scratch` buffers, so backward makes no ``[G·L, 3·K·d]`` allocation.  Gradients are those of the stock linear, batch-norm,
+    ReLU and attention kernels.
 
     x [..., D], w_x [3Kd, D], t, s broadcastable to [..., 3Kd]
     -> [G, K, L, d] (a transposed view of a contiguous [G, L, K, d])
@@ -232,8 +285,9 @@ class _ProjBNReLUAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_x, t, s, bn_weight, bn_bias, running_mean, running_var, momentum, eps, groups, heads, is_causal):  # noqa: D102
-        # the projection is a temporary: batch-norm and ReLU overwrite it
-        y = _project(x, w_x, t, s).view(-1, w_x.shape[0])
+        # the projection is a temporary (a scratch buffer): batch-norm and ReLU overwrite it
+        rows = x.numel() // x.shape[-1]
+        y = _project(x, w_x, t, s, out=scratch(0, (rows, w_x.shape[0]), x)).view(rows, -1)
         mean, invstd = y.new_empty(y.shape[-1]), y.new_empty(y.shape[-1])
         torch.ops.aten.native_batch_norm.out(
             y, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps, out=y, save_mean=mean, save_invstd=invstd
@@ -253,36 +307,47 @@ class _ProjBNReLUAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
+        # The [G·L, 3Kd] temporaries (projection, Q‖K‖V, the attention gradients and their copy in
+        # the projection's layout) are scratch buffers; none of them reaches the returned gradients.
         x, w_x, t, s, bn_weight, bn_bias, mean, invstd, out, lse = ctx.saved_tensors
-        pre = _project(x, w_x, t, s)
-        flat = pre.view(-1, pre.shape[-1])
-        y = _bn_relu_recompute(flat, bn_weight, bn_bias, mean, invstd)
+        rows, width = x.numel() // x.shape[-1], w_x.shape[0]
+        flat = _project(x, w_x, t, s, out=scratch(0, (rows, width), x)).view(rows, width)
+        y = _bn_relu_recompute(flat, bn_weight, bn_bias, mean, invstd, out=scratch(1, (rows, width), x))
         q, k, v = _split_heads(y, ctx.groups, ctx.heads)
         g, heads, length, d = q.shape
-        if ctx.blocked:  # [3, G·K, d, L] -> [G, L, 3, K, d] in one permuted copy
+        grad_y = scratch(2, (g, length, 3, heads, d), x)  # in the projection's layout
+        if ctx.blocked:  # [3, G·K, d, L] -> [G, L, 3, K, d]: one permuted copy
             grads = blocked_attention_backward(
-                grad_out.transpose(1, 2), *(z.transpose(1, 2) for z in (q, k, v, out))
-            ).view(3, g, heads, d, length).permute(1, 4, 0, 2, 3)
+                grad_out.transpose(1, 2), *(z.transpose(1, 2) for z in (q, k, v, out)),
+                into=scratch(3, (3, g * heads, d, length), x),
+            )
+            grad_y.copy_(grads.view(3, g, heads, d, length).permute(1, 4, 0, 2, 3))
+            del grads
         else:
             gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad_out, q, k, v, out, lse, 0.0, ctx.is_causal
             )
-            grads = torch.stack((gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2)), dim=2)
+            torch.stack((gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2)), dim=2, out=grad_y)
             del gq, gk, gv
         del q, k, v
-        grad_y = grads.contiguous().view(y.shape)  # [G, L, 3, K, d]: the projection's rows
-        del grads
+        # ReLU's backward in place (taking the gradients through a transposed view instead of
+        # copying them first was measured slower), then batch-norm's written over the spent y
+        torch.ops.aten.threshold_backward.grad_input(grad_y, y.view_as(grad_y), 0, grad_input=grad_y)
         need = ctx.needs_input_grad
-        grad_pre, grad_bn_w, grad_bn_b = _bn_relu_backward(
-            grad_y, flat, y, bn_weight, mean, invstd, ctx.eps, [True, need[4], need[5]]
+        grad_pre = y
+        bn_w, bn_b = bn_weight.new_empty(bn_weight.shape), bn_weight.new_empty(bn_weight.shape)
+        _, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward.out(
+            grad_y.view(rows, width), flat, bn_weight, None, None, mean, invstd, True, ctx.eps,
+            [True, need[4], need[5]], out0=grad_pre, out1=bn_w, out2=bn_b,
         )
-        del grad_y, y, flat, pre
-        grad_pre = grad_pre.view(*x.shape[:-1], grad_pre.shape[-1])
+        del grad_y, flat
+        grad_pre = grad_pre.view(*x.shape[:-1], width)
         grad_x = torch.matmul(grad_pre, w_x) if need[0] else None
-        grad_w = grad_pre.reshape(-1, grad_pre.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])) if need[1] else None
-        grad_t = grad_pre.sum_to_size(t.shape) if need[2] else None
-        grad_s = grad_pre.sum_to_size(s.shape) if need[3] else None
-        return grad_x, grad_w, grad_t, grad_s, grad_bn_w, grad_bn_b, None, None, None, None, None, None, None
+        grad_w = grad_pre.reshape(-1, width).t().mm(x.reshape(-1, x.shape[-1])) if need[1] else None
+        grad_t = _unless_scratch(grad_pre.sum_to_size(t.shape), grad_pre) if need[2] else None
+        grad_s = _unless_scratch(grad_pre.sum_to_size(s.shape), grad_pre) if need[3] else None
+        return (grad_x, grad_w, grad_t, grad_s, grad_bn_w if need[4] else None, grad_bn_b if need[5] else None,
+                None, None, None, None, None, None, None)
 
 
 def _bn_relu_inplace(y: Tensor, bn_weight, bn_bias, running_mean, running_var, momentum: float, eps: float):
@@ -533,9 +598,14 @@ def ste_terms(linear: nn.Linear, ste: STE, temporal_major: bool = False) -> tupl
     return w_x, te.unsqueeze(2), se
 
 
-def _project(x: Tensor, w_x: Tensor, te: Tensor, se: Tensor) -> Tensor:
-    """``X·W_xᵀ + te + se`` (broadcast), accumulated in place into the fresh product."""
-    out = torch.matmul(x, w_x.t())
+def _project(x: Tensor, w_x: Tensor, te: Tensor, se: Tensor, out: Tensor | None = None) -> Tensor:
+    """``X·W_xᵀ + te + se`` (broadcast), accumulated in place into the product
+    (written into ``out`` [..., out_features] when given)."""
+    if out is None:
+        out = torch.matmul(x, w_x.t())
+    else:
+        torch.mm(x.reshape(-1, x.shape[-1]), w_x.t(), out=out.view(-1, out.shape[-1]))
+        out = out.view(*x.shape[:-1], out.shape[-1])
     out += te
     out += se
     return out
@@ -615,13 +685,15 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return _from_heads_last(out_t, g).contiguous()
 
 
-def blocked_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> Tensor:
+def blocked_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, into: Tensor | None = None
+) -> Tensor:
     """Gradients of :func:`blocked_attention` w.r.t. q, k, v; the scores are recomputed.
 
     grad_out, out, q, k, v: [G, L, K, d] (any strides)
     -> [3, G·K, d, L]: dq, dk, dv heads-last (``_from_heads_last(·[i], G)`` gives
-    each as [G, L, K, d]; one permuted copy gives the ``[G, L, 3, K, d]`` layout
-    of a fused projection)
+    each as [G, L, K, d]; a permuted view gives the ``[G, L, 3, K, d]`` layout
+    of a fused projection), written into ``into`` (contiguous, that shape) when given
 
     With P = softmax(S), S = QKᵀ/√d and Δ_i = Σ_e dO_ie·O_ie (= Σ_j P_ij·dP_ij):
     dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − Δ), dQ = dS·K/√d, dK = dSᵀ·Q/√d,
@@ -632,7 +704,7 @@ def blocked_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
     scale = d**-0.5
     q_t, k_t, v_t, grad_t = _heads_last(q), _heads_last(k), _heads_last(v), _heads_last(grad_out)
     delta = (grad_out * out).sum(-1).transpose(1, 2).reshape(g * heads, length, 1)
-    grads = q.new_empty(3, g * heads, d, length)
+    grads = q.new_empty(3, g * heads, d, length) if into is None else into
     dq_t, dk_t, dv_t = grads.unbind(0)
     block = _block_pairs(length)
     scores = q.new_empty(min(block, g * heads), length, length)

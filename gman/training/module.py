@@ -35,6 +35,7 @@ import torch
 
 from gman.errors import ConfigError
 from gman.model import GMAN
+from gman.model.layers import release_scratch
 from gman.training.metrics import HorizonErrors, HorizonMetrics, masked_mae
 
 # data-dependent hyper-parameters: filled from the data module when left None
@@ -248,6 +249,9 @@ class GMANLightningModule(L.LightningModule):
             raise ConfigError(SYNC_BATCHNORM_ERROR.format(batch_norm=self.hparams.batch_norm))
         # LightningCLI / seed_everything seeded torch just before; remember that seed for the reseeding below
         self._batch_seed_base = torch.initial_seed()
+
+    def on_train_end(self) -> None:
+        release_scratch()  # the lean CPU training path's reusable buffers; testing and serving do not use them
 
     def on_train_epoch_start(self) -> None:
         if self.hparams.bn_momentum_schedule:
