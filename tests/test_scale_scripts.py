@@ -1,4 +1,5 @@
-"""The scale benchmark and the GPU-epoch script: argument handling, skipping, slopes, a CPU smoke run."""
+"""The scale benchmark, the GPU-epoch and the steady-state memory scripts: argument handling, skipping,
+slopes, CPU smoke runs."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import gpu_epoch  # noqa: E402
+import memory_steady_state  # noqa: E402
 import scale_benchmark  # noqa: E402
 
 
@@ -93,3 +95,21 @@ def test_scale_benchmark_merges_a_measured_record_over_a_skipped_one():
     merged = scale_benchmark.merge([first, {"slope_range": [883, 8600], "records": [ok]}])
     assert [r["status"] for r in merged["records"]] == ["ok", "ok"]
     assert merged["slopes"]["dense"]["train_s_per_window"]["fitted"] == pytest.approx(2.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--nodes", "-3"], ["--threads", "0"]])
+def test_memory_steady_state_refuses_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        memory_steady_state.main(argv)
+    assert info.value.code == 2
+    assert f"--{argv[0][2:]} must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallinfo2 is glibc's")
+def test_memory_steady_state_reports_heap_and_rss_after_the_chosen_steps(capsys):
+    assert memory_steady_state.main(["--nodes", "5", "--batch", "2", "--steps", "3", "--threads", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("after step")]
+    assert [line.split(":")[0] for line in lines] == ["after step   1", "after step   3"]
+    for line in lines:
+        footprint, in_use, rss = (float(part.split()[-2]) for part in line.split(":")[1].split(","))
+        assert 0 < in_use <= footprint and rss > 0
