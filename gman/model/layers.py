@@ -37,7 +37,8 @@ kernels — :class:`_ProjBNReLUAttention` (query/key/value projection + BN +
 ReLU + attention),
 :class:`_TransformFlashAttention` and :class:`_BNReLULinear` (the tail of each
 FC[D, D]) — that keep the layer inputs and batch statistics instead of the
-``[B, T, N, 3D]`` projections and recompute those in backward.  They compute
+``[B, T, N, 3D]`` projections and recompute those in backward (the attention
+projections' into reused :func:`scratch` buffers, out of the heap).  They compute
 the same function and gradients as the plain path (tested to 1e-7 in
 float64); evaluation, GPUs, autocast, compile and export use the plain path.
 """
@@ -168,8 +169,6 @@ def _bn_relu_recompute(x: Tensor, weight, bias, mean, invstd, out: Tensor | None
     """``ReLU(γ·(x − μ)·s + β)`` from the saved statistics (one pass, no reduction;
     written into ``out`` when given)."""
     scale = weight * invstd
-    if out is None:
-        return torch.addcmul(bias - mean * scale, x, scale).relu_()
     return torch.addcmul(bias - mean * scale, x, scale, out=out).relu_()
 
 
@@ -276,8 +275,8 @@ class _ProjBNReLUAttention(torch.autograd.Function):
     product) and Q, K, V (one pass) and calls the attention's own backward, so
     none of the ``[G·L, 3·K·d]`` tensors outlives the forward pass.  Those
     temporaries (one in forward, up to four in backward) live in
-    :func:`scratch` buffers, so backward makes no ``[G·L, 3·K·d]`` allocation.  Gradients are those of the stock linear, batch-norm,
-    ReLU and attention kernels.
+    :func:`scratch` buffers, so no step allocates one.  Gradients are those
+    of the stock linear, batch-norm, ReLU and attention kernels.
 
     x [..., D], w_x [3Kd, D], t, s broadcastable to [..., 3Kd]
     -> [G, K, L, d] (a transposed view of a contiguous [G, L, K, d])
