@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"issue": [(207, 16, 1), (325, 32, 1), (207, 16, 3)]}
@@ -119,7 +120,13 @@ def flop_mapping():
     return extra
 
 
-def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> dict:
+def make_training(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> SimpleNamespace:
+    """The benchmarked model, optimiser, random batch and training step (zero_grad, forward,
+    masked MAE, backward, Adam step) for one configuration; the allocator setting applied first.
+
+    -> namespace with ``model``, ``step_model`` (compiled or the model), ``opt``, ``x``,
+    ``time``, ``y``, ``amp`` (autocast context), ``device``, ``malloc_tuned`` and ``train_step()``.
+    """
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -153,10 +160,6 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
     y = y.to(device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def train_step():
         opt.zero_grad(set_to_none=True)
         with amp:
@@ -165,6 +168,23 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
         loss.backward()
         opt.step()
         return loss
+
+    return SimpleNamespace(model=model, step_model=step_model, opt=opt, x=x, time=time_, y=y, amp=amp,
+                           device=device, malloc_tuned=malloc_tuned, train_step=train_step)
+
+
+def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> dict:
+    import torch
+
+    run = make_training(args, nodes, batch, layers)
+    from gman.training.metrics import masked_mae
+    model, step_model, opt, x, time_, y, amp = run.model, run.step_model, run.opt, run.x, run.time, run.y, run.amp
+    device, malloc_tuned, train_step = run.device, run.malloc_tuned, run.train_step
+    P, Q = args.history, args.horizon
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     cpu_times: list[float] = []
 

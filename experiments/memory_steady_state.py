@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Peak memory of a long CPU training loop: where the benchmark's 13 steps understate it.
 
-Runs ``--steps`` training steps of GMAN (random data, same step as
+Runs ``--steps`` training steps of GMAN (the model, random batch and step of
 ``experiments/benchmark.py``: zero_grad, forward, masked MAE, backward, Adam)
 and samples glibc's heap (``mallinfo2``) every 0.5 ms from a second thread.
 After the chosen steps it prints
@@ -12,7 +12,7 @@ After the chosen steps it prints
 
 so the gap between footprint and in-use — freed blocks the allocator keeps but
 cannot reuse (fragmentation) — can be followed over the steps.  Linux with
-glibc only.  Allocator settings as ``gman train`` (``gman.allocator``).
+glibc only.  Allocator settings and defaults (K = d = 8, P = Q = 12) as the benchmark's.
 
     python experiments/memory_steady_state.py --nodes 207 --batch 16 --layers 1 --steps 30
 """
@@ -26,7 +26,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchmark  # noqa: E402
 
 
 class _MallInfo2(ctypes.Structure):
@@ -51,22 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("needs glibc >= 2.33 (mallinfo2)")
     mallinfo2.restype = _MallInfo2
 
-    import torch
-
-    from gman.allocator import keep_freed_memory
-    from gman.model import GMAN
-    from gman.training.metrics import masked_mae
-
-    keep_freed_memory()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    n, b = args.nodes, args.batch
-    model = GMAN(n, 288, num_layers=args.layers)
-    model.set_spatial_embedding(torch.randn(n, 64))
-    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-    x, y = torch.randn(b, 12, n), torch.randn(b, 12, n)
-    time_index = torch.stack((torch.randint(0, 7, (b, 24)), torch.randint(0, 288, (b, 24))), -1)
-
+    run = benchmark.make_training(
+        benchmark.parse_args(["--threads", str(args.threads)]), args.nodes, args.batch, args.layers
+    )
     peak = {"footprint": 0, "in_use": 0}
     done = threading.Event()
 
@@ -80,11 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=sample, daemon=True).start()
     report = {0, 2, 12, args.steps - 1}
     mib = 2**20
-    print(f"N={n} B={b} L={args.layers} threads={args.threads}")
+    print(f"N={args.nodes} B={args.batch} L={args.layers} threads={args.threads}")
     for step in range(args.steps):
-        optimizer.zero_grad(set_to_none=True)
-        masked_mae(model(x, time_index), y, y != 0).backward()
-        optimizer.step()
+        run.train_step()
         if step in report:
             maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             print(f"after step {step + 1:3d}: heap footprint peak {peak['footprint'] / mib:6.0f} MiB, "
