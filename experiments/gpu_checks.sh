@@ -4,12 +4,15 @@
 #   OUT=/some/folder GRAPH=path/to/metr-la/adj_mx.pkl bash experiments/gpu_checks.sh
 #
 # Parts run in order of importance, each under its own time limit and all under
-# one overall budget (BUDGET_S, default 330 s), so a slow or failing part
+# one overall budget (BUDGET_S, default 400 s), so a slow or failing part
 # cannot take the results of the others with it.  Writes under $OUT:
 #   gpu.log                  everything printed
-#   test_cuda.log            tests/test_cuda.py (CUDA vs CPU numerics, no host sync, Lightning bf16)
-#   gpu_epoch_L3_<v>.json    one METR-LA-size epoch, L = 3, variant compile-ro / eager (400 steps) / compile
-#   gpu_epoch_L1_compile-ro.json  the same with L = 1 (the published RTX 5000 Ada figure is for L = 1)
+#   gpu_epoch_L3_<v>.json    one METR-LA-size epoch, L = 3, variant compile-graph (whole step in one
+#                            CUDA graph; also without cuDNN attention), graph (eager kernels, 600
+#                            steps, plus the spatial-attention backend probe), compile-ro
+#   gpu_epoch_L1_compile-graph.json  the same with L = 1 (the published RTX 5000 Ada figure is for L = 1)
+#   profile_L3_compile-graph[_no-cudnn].txt  kernels by GPU time over 10 profiled steps
+#   (gpu.log also has tests/test_cuda.py: CUDA vs CPU numerics, no host sync, Lightning bf16)
 #   benchmark_gpu.json       benchmark.py --preset issue, bf16 autocast, eager
 #   scale_gpu.json           scale_benchmark.py dense vs group, bf16 autocast
 # Needs torch, lightning and pandas; no mlflow.
@@ -17,7 +20,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to a folder for the results}
 GRAPH=${GRAPH:-${GMAN_SHARED_DATA:-../shared/data}/graphs/metr-la/adj_mx.pkl}
-BUDGET_S=${BUDGET_S:-330}
+BUDGET_S=${BUDGET_S:-400}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 START=$(date +%s)
@@ -39,19 +42,20 @@ part() {  # part NAME LIMIT_S COMMAND...: run under min(LIMIT_S, what is left of
 } >>"$LOG" 2>&1
 tail -n 3 "$LOG"
 
-part test_cuda 90 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -o addopts= -rA --junit-xml="$OUT/test_cuda.xml"
-part "gpu_epoch L3 compile-ro" 120 $PY experiments/gpu_epoch.py --graph "$GRAPH" --variants compile-ro --warmup 10 \
-    --json "$OUT/gpu_epoch_L3_compile-ro.json"
-part "gpu_epoch L3 eager (400 steps)" 45 $PY experiments/gpu_epoch.py --graph "$GRAPH" --variants eager --warmup 10 \
-    --max-steps 400 --json "$OUT/gpu_epoch_L3_eager.json"
+E="$PY experiments/gpu_epoch.py --graph $GRAPH --warmup 10"
+PROFILE="--profile-steps 10 --profile-dir $OUT"
+part "gpu_epoch L3 compile-graph" 110 $E $PROFILE --variants compile-graph --json "$OUT/gpu_epoch_L3_compile-graph.json"
+part "gpu_epoch L3 compile-graph, no cuDNN attention" 100 $E $PROFILE --variants compile-graph --sdpa no-cudnn \
+    --json "$OUT/gpu_epoch_L3_compile-graph_no-cudnn.json"
+part test_cuda 70 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -o addopts= -rA
+part "gpu_epoch L1 compile-graph" 80 $E --layers 1 --variants compile-graph --json "$OUT/gpu_epoch_L1_compile-graph.json"
+part "gpu_epoch L3 graph (600 steps) + attention probe" 50 $E --variants graph --max-steps 600 --attention-probe \
+    --json "$OUT/gpu_epoch_L3_graph.json"
+part "gpu_epoch L3 compile-ro" 100 $E --variants compile-ro --json "$OUT/gpu_epoch_L3_compile-ro.json"
 part "benchmark issue preset" 60 $PY experiments/benchmark.py --preset issue --device cuda --amp bf16 --steps 20 \
     --json "$OUT/benchmark_gpu.json"
 part "scale dense vs group" 70 $PY experiments/scale_benchmark.py --device cuda --amp bf16 --dense-max-gib 1000 \
     --json "$OUT/scale_gpu.json"
-part "gpu_epoch L1 compile-ro" 80 $PY experiments/gpu_epoch.py --graph "$GRAPH" --layers 1 --variants compile-ro \
-    --warmup 10 --json "$OUT/gpu_epoch_L1_compile-ro.json"
-part "gpu_epoch L3 compile" 120 $PY experiments/gpu_epoch.py --graph "$GRAPH" --variants compile --warmup 10 \
-    --json "$OUT/gpu_epoch_L3_compile.json"
 
 echo "## total $(( $(date +%s) - START ))s" | tee -a "$LOG"
 grep -h '"variant"' "$LOG" | cut -c1-400

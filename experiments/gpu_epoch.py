@@ -14,15 +14,28 @@ What the step does, and why:
 
 * bf16 ``torch.autocast`` for the forward pass and loss (the weights, the
   optimiser and the loss reduction stay float32);
-* the fused attention kernels only (``sdpa_kernel([FLASH, EFFICIENT])``): a
-  configuration that would fall back to the unfused math kernel fails loudly;
+* the fused attention kernels only, cuDNN's first (``sdpa_kernel([CUDNN,
+  FLASH, EFFICIENT], set_priority=True)``; PyTorch's own order tries cuDNN
+  last, after the math kernel): a configuration that would fall back to the
+  unfused math kernel fails loudly.  For GMAN's spatial attention (d = 8,
+  N = 207 keys) cuDNN's kernel took 0.35 ms forward + backward on an H100
+  against flash's 0.43 ms (``--attention-probe``); ``--sdpa no-cudnn`` leaves
+  it out;
 * no host-device synchronisation inside the step: the masked MAE and its
   running sum stay on the device, the optimiser is ``Adam(fused=True)``, and
   one step is run under ``torch.cuda.set_sync_debug_mode("error")`` to prove it;
 * data loading from pinned host memory: the series live in pinned tensors,
   each batch is gathered with one vectorised ``index_select`` into a pinned
   buffer and copied with ``non_blocking=True``, so the copy overlaps compute;
-* ``torch.compile`` optional (variant ``compile``), of the model *and* the loss.
+* ``torch.compile`` optional (variant ``compile``), of the model *and* the loss;
+  ``compile-ro`` adds CUDA graphs through ``mode="reduce-overhead"``, which
+  graphs the forward and the backward separately;
+* whole-step CUDA graph (variants ``graph``: eager kernels, ``compile-graph``:
+  ``torch.compile`` kernels): forward, loss, backward *and* the optimiser step
+  are captured once with ``torch.cuda.graph`` (``Adam(capturable=True)``,
+  autocast without its weight-cast cache, static input buffers that each step
+  fills with one device copy) and replayed, so the host launches one graph per
+  step instead of thousands of kernels.
 
 Each variant (``--variants eager,compile``) builds a fresh model, runs
 ``--warmup`` steps (compilation happens there), then times one epoch over all
@@ -55,7 +68,7 @@ STEPS_PER_DAY = 288  # METR-LA: 5-minute readings
 START_DAY_OF_WEEK = 3  # 2012-03-01 was a Thursday (Monday = 0)
 
 
-VARIANTS = ("eager", "compile", "compile-ro")
+VARIANTS = ("eager", "compile", "compile-ro", "graph", "compile-graph")
 
 
 def default_graph() -> Path:
@@ -79,8 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
                    help="autocast dtype (auto: bf16 on cuda, none on cpu, where bf16 is emulated and slow)")
-    p.add_argument("--sdpa", choices=["fused", "any"], default="fused",
-                   help="fused: only flash / memory-efficient attention kernels; any: let torch choose")
+    p.add_argument("--sdpa", choices=["fused", "no-cudnn", "any"], default="fused",
+                   help="fused: only cuDNN / flash / memory-efficient attention kernels, in that order; "
+                        "no-cudnn: flash / memory-efficient only; any: torch's own choice")
     p.add_argument("--variants", default=None,
                    help="comma list of eager, compile (mode --compile-mode), compile-ro (mode reduce-overhead: "
                         "CUDA graphs) (default: eager,compile on cuda, eager on cpu)")
@@ -89,6 +103,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=None, help="cap the timed epoch at this many steps (smoke tests)")
     p.add_argument("--matmul-size", type=int, default=8192, help="square size of the bf16 matmul rate measurement")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after each variant's epoch, profile this many steps (torch.profiler) and record the "
+                        "GPU kernel time per step and the top kernels")
+    p.add_argument("--profile-dir", type=Path, default=None, help="write each variant's kernel table here")
+    p.add_argument("--attention-probe", action="store_true",
+                   help="also time one spatial attention (forward + backward) per SDPA backend and explicit scores")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the result here")
     args = p.parse_args(argv)
@@ -97,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.warmup < 0:
         p.error("--warmup must be zero or more")
+    if args.profile_steps < 0:
+        p.error("--profile-steps must be zero or more")
     if args.max_steps is not None and args.max_steps < 1:
         p.error("--max-steps must be positive")
     if args.groups is not None and args.groups < 1:
@@ -254,11 +276,14 @@ def run_variant(args, variant: str, data: PinnedWindows, adjacency, mean: float,
 
     model = build_model(args, data.x_series.shape[1], adjacency, device).train()
     cuda = device.type == "cuda"
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, **({"fused": True} if cuda else {"foreach": True}))
+    whole_graph = variant in ("graph", "compile-graph")
+    adam_options = {"fused": True, "capturable": whole_graph} if cuda else {"foreach": True}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, **adam_options)
     amp_enabled = args.amp == "bf16"
 
     def forward_loss(x, time_, y):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_enabled):
+        # autocast's cache of bf16 weight copies would be stale inside a replayed graph
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_enabled, cache_enabled=not whole_graph):
             pred = model(x, time_)
         return masked_mae(pred.float() * std + mean, y, y != 0)  # on the device
 
@@ -267,14 +292,38 @@ def run_variant(args, variant: str, data: PinnedWindows, adjacency, mean: float,
     # CUDA graphs (reduce-overhead) reuse their output buffers: tell them where a step begins
     mark_step = torch.compiler.cudagraph_mark_step_begin if variant == "compile-ro" else (lambda: None)
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    if args.sdpa == "fused":
+        backends.insert(0, SDPBackend.CUDNN_ATTENTION)
 
-    def step(batch):
+    def plain_step(batch):
         mark_step()
         loss = loss_fn(*batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
+
+    step = plain_step
+    captured: dict = {}
+
+    def graph_step(batch):
+        for buffer, values in zip(captured["inputs"], batch):
+            buffer.copy_(values, non_blocking=True)
+        captured["graph"].replay()
+        return captured["loss"].detach().clone()
+
+    def capture(batch):
+        """Record one whole step (forward, loss, backward, optimiser) as a CUDA graph.
+        Gradients are None before capture, so backward allocates them in the graph's
+        pool and every replay overwrites (not accumulates) them."""
+        captured["inputs"] = tuple(t.clone() for t in batch)
+        opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = loss_fn(*captured["inputs"])
+            loss.backward()
+            opt.step()
+        captured["graph"], captured["loss"] = graph, loss
 
     def sync():
         if cuda:
@@ -289,10 +338,21 @@ def run_variant(args, variant: str, data: PinnedWindows, adjacency, mean: float,
     record: dict = {"variant": variant}
     if args.spatial_attention == "group":
         record["groups"] = model.group_attentions()[0].num_groups
-    with sdpa_kernel(backends) if args.sdpa == "fused" else contextlib.nullcontext():
+    with sdpa_kernel(backends, set_priority=True) if args.sdpa != "any" else contextlib.nullcontext():
         t0 = time.perf_counter()
-        for i in range(args.warmup):
-            step(data.batch(batches[i % num_batches]))
+        if whole_graph:
+            # warm up (and compile) on a side stream, as graph capture requires
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for i in range(max(args.warmup, 3)):
+                    plain_step(data.batch(batches[i % num_batches]))
+            torch.cuda.current_stream().wait_stream(side)
+            capture(data.batch(batches[0]))
+            step = graph_step
+        else:
+            for i in range(args.warmup):
+                step(data.batch(batches[i % num_batches]))
         sync()
         record["warmup_s"] = round(time.perf_counter() - t0, 2)
 
@@ -303,7 +363,8 @@ def run_variant(args, variant: str, data: PinnedWindows, adjacency, mean: float,
                 record["host_sync_in_step"] = False
             except RuntimeError as err:
                 record["host_sync_in_step"] = str(err).splitlines()[0][:200]
-                opt.zero_grad(set_to_none=True)  # the interrupted step may have left gradients
+                if not whole_graph:
+                    opt.zero_grad(set_to_none=True)  # the interrupted step may have left gradients
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             sync()
@@ -318,7 +379,15 @@ def run_variant(args, variant: str, data: PinnedWindows, adjacency, mean: float,
         sync()
         epoch_s = time.perf_counter() - t0
 
+        if args.profile_steps:
+            record.update(profile_steps(args, variant, step, [data.batch(batches[i % num_batches])
+                                                               for i in range(args.profile_steps)], cuda))
+
         first = data.batch(batches[0])
+        if whole_graph:
+            # the graph owns the gradients' memory: let the eager count allocate its own
+            for param in model.parameters():
+                param.grad = None
         flops_per_step = count_flops(lambda: (forward_loss(*first).backward(), opt.zero_grad(set_to_none=True)))
 
     windows = timed_batches * args.batch
@@ -332,6 +401,86 @@ def run_variant(args, variant: str, data: PinnedWindows, adjacency, mean: float,
     if cuda:
         record["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return record
+
+
+def profile_steps(args, variant: str, step, batches: list, cuda: bool) -> dict:
+    """Run ``step`` on ``batches`` under torch.profiler -> GPU kernel time per step,
+    wall time per step, and (in ``--profile-dir``) the kernels by total GPU time."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for batch in batches:
+            step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    # the device's own events (kernels, copies), not the operators that launched them
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernel_us = sum(e.self_device_time_total for e in kernels)
+    out = {"profile_wall_ms_per_step": round(1e3 * wall / len(batches), 3),
+           "profile_gpu_ms_per_step": round(kernel_us / 1e3 / len(batches), 3),
+           "profile_kernels_per_step": round(sum(e.count for e in kernels) / len(batches), 1)}
+    if args.profile_dir:
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
+        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+        table = events.table(sort_by=sort, row_limit=40, max_name_column_width=90)
+        suffix = "" if args.sdpa == "fused" else f"_{args.sdpa}"
+        path = args.profile_dir / f"profile_L{args.layers}_{variant}{suffix}.txt"
+        path.write_text(f"# {variant}, L = {args.layers}, {len(batches)} steps; {json.dumps(out)}\n{table}\n")
+    return out
+
+
+def attention_probe(args, num_nodes: int, device, reps: int = 20) -> dict:
+    """Forward + backward of one spatial attention at the epoch's shape
+    (q, k, v [B·P, N, K, d], bf16 on cuda) per SDPA backend and with explicit
+    scores (:func:`gman.model.layers.short_attention`): milliseconds, or the error."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from gman.model.layers import short_attention
+
+    dtype = torch.bfloat16 if args.amp == "bf16" else torch.float32
+    shape = (args.batch * args.history, num_nodes, args.heads, args.head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape, device=device, dtype=dtype)
+
+    def fused(backend):
+        def run():
+            with sdpa_kernel([backend]):
+                out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                                       v.transpose(1, 2))
+            out.transpose(1, 2).backward(grad)
+        return run
+
+    def explicit():
+        short_attention(q, k, v).backward(grad)
+
+    candidates = {"flash": fused(SDPBackend.FLASH_ATTENTION), "efficient": fused(SDPBackend.EFFICIENT_ATTENTION),
+                  "cudnn": fused(SDPBackend.CUDNN_ATTENTION), "math": fused(SDPBackend.MATH), "explicit": explicit}
+    result: dict = {"shape": list(shape), "dtype": str(dtype).replace("torch.", "")}
+    for name, run in candidates.items():
+        try:
+            for _ in range(3):
+                run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            result[f"{name}_ms"] = round(1e3 * (time.perf_counter() - t0) / reps, 3)
+        except RuntimeError as err:
+            result[f"{name}_ms"] = None
+            result[f"{name}_error"] = str(err).splitlines()[0][:160]
+    return result
 
 
 def _sig(x: float, digits: int = 4) -> float:
@@ -355,6 +504,16 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_epoch: --device cuda but CUDA is not available")
     variants = args.variants or (["eager", "compile"] if device.type == "cuda" else ["eager"])
+    if any(v.startswith("compile") for v in variants) and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # The attention kernel is picked while tracing, but torch.compile's on-disk caches
+        # do not key on sdpa_kernel: a run with another --sdpa silently reused the first
+        # run's kernels (seen on an H100).  One cache per --sdpa setting.
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"torchinductor-gman-sdpa-{args.sdpa}")
+    graphed = [v for v in variants if v in ("graph", "compile-graph")]
+    if graphed and device.type != "cuda":
+        sys.exit(f"gpu_epoch: --variants {','.join(graphed)} capture CUDA graphs and need --device cuda")
     if args.amp == "auto":
         args.amp = "bf16" if device.type == "cuda" else "none"
     if device.type == "cuda":
@@ -385,10 +544,18 @@ def main(argv: list[str] | None = None) -> int:
         "measured_matmul_tflops": _sig(peak_rate / 1e12),
         "matmul_size": args.matmul_size, "target_epoch_s": 10.0, "variants": [],
     }
+    if args.attention_probe:
+        result["spatial_attention_probe"] = attention_probe(args, num_nodes, device)
+        print(json.dumps(result["spatial_attention_probe"]), flush=True)
     for variant in variants:
         print(f"# {variant} ...", file=sys.stderr, flush=True)
-        rec = run_variant(args, variant, data, adjacency, mean, std, device)
-        rec["mfu"] = _sig(rec["model_tflops"] * 1e12 / peak_rate)
+        try:
+            rec = run_variant(args, variant, data, adjacency, mean, std, device)
+            rec["mfu"] = _sig(rec["model_tflops"] * 1e12 / peak_rate)
+        except Exception as err:  # noqa: BLE001 - record it and go on with the other variants
+            if len(variants) == 1:
+                raise
+            rec = {"variant": variant, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
         result["variants"].append(rec)
         print(json.dumps(rec), flush=True)
     print(json.dumps(result, indent=2))

@@ -296,3 +296,8 @@ def test_short_attention_equals_the_fused_kernel(is_causal, lq, lk):
     got = short_attention(q, k, v, is_causal)
     assert got.shape == (6, lq, 3, 4) and got.is_contiguous()
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    # its gradients against finite differences (views with strides, as the model passes them)
+    qkv = torch.randn(2, max(lq, lk), 3, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    q_, k_, v_ = qkv.unbind(2)
+    assert torch.autograd.gradcheck(lambda q, k, v: short_attention(q, k, v, is_causal),
+                                    (q_[:, :lq], k_[:, :lk], v_[:, :lk]))

@@ -789,6 +789,11 @@ def short_attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False) ->
 
     S = QKᵀ/√d: [G, K, Lq, Lk]; S_ij = −∞ for j > i when ``is_causal``;
     softmax over keys (float32 under autocast); out = softmax(S)·V.
+
+    Tried and measured slower: the two products as broadcast multiplications
+    summed over one axis (so that torch.compile fuses each into one kernel
+    instead of 16 × 16-tiled batched matmuls).  On an H100, L = 3, its fused
+    backward kernels cost ~1.1 ms more per training step than these matmuls.
     """
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [G, K, L, d]
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * q.shape[-1] ** -0.5
