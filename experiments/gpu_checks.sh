@@ -47,7 +47,7 @@ PROFILE="--profile-steps 10 --profile-dir $OUT"
 part "gpu_epoch L3 compile-graph" 110 $E $PROFILE --variants compile-graph --json "$OUT/gpu_epoch_L3_compile-graph.json"
 part "gpu_epoch L3 compile-graph, no cuDNN attention" 100 $E $PROFILE --variants compile-graph --sdpa no-cudnn \
     --json "$OUT/gpu_epoch_L3_compile-graph_no-cudnn.json"
-part test_cuda 70 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -o addopts= -rA
+part test_cuda 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -o addopts= -rA
 part "gpu_epoch L1 compile-graph" 80 $E --layers 1 --variants compile-graph --json "$OUT/gpu_epoch_L1_compile-graph.json"
 part "gpu_epoch L3 graph (600 steps) + attention probe" 50 $E --variants graph --max-steps 600 --attention-probe \
     --json "$OUT/gpu_epoch_L3_graph.json"
