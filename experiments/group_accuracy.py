@@ -95,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         workdir = (args.workdir or Path(tmp)).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         rows = [row for spec in args.existing for row in gman_rows(*spec)]
+        finished = {(variant, seed) for variant, seed, _ in args.existing}
         for seed in args.seeds:
             for variant in args.variants:
-                rows += gman_rows(variant, seed, train(variant, seed, args.config, workdir, args.extra))
+                if (variant, seed) not in finished:
+                    rows += gman_rows(variant, seed, train(variant, seed, args.config, workdir, args.extra))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_name(args.out.name + ".tmp")
     with open(tmp_out, "w", newline="") as handle:

@@ -1,5 +1,5 @@
-"""The scale benchmark, the GPU-epoch and the steady-state memory scripts: argument handling, skipping,
-slopes, CPU smoke runs."""
+"""The scale benchmark, the GPU-epoch, the steady-state memory and the group-accuracy scripts: argument
+handling, skipping, slopes, CPU smoke runs."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import gpu_epoch  # noqa: E402
+import group_accuracy  # noqa: E402
 import memory_steady_state  # noqa: E402
 import scale_benchmark  # noqa: E402
 
@@ -113,3 +114,25 @@ def test_memory_steady_state_reports_heap_and_rss_after_the_chosen_steps(capsys)
     for line in lines:
         footprint, in_use, rss = (float(part.split()[-2]) for part in line.split(":")[1].split(","))
         assert 0 < in_use <= footprint and rss > 0
+
+
+def test_group_accuracy_trains_only_the_runs_it_was_not_given(tmp_path, monkeypatch):
+    def fake_run(folder: Path, mae: float) -> Path:
+        folder.mkdir(parents=True)
+        rows = [f"GMAN,{step},{5 * step},{mae + step / 100},1.0,2.0" for step in (3, 6, 12)]
+        (folder / "horizons.csv").write_text("model,step,minutes,mae,rmse,mape\n" + "\n".join(
+            rows + [f"GMAN,all,,{mae},1.0,2.0", f"Last value,all,,9.0,9.0,9.0"]) + "\n")
+        return folder
+
+    trained = []
+    monkeypatch.setattr(group_accuracy, "train", lambda variant, seed, *rest: (
+        trained.append((variant, seed)) or fake_run(tmp_path / f"new-{variant}-{seed}", 4.0)))
+    given = fake_run(tmp_path / "dense-1", 3.0)
+    out = tmp_path / "table.csv"
+    assert group_accuracy.main(["--variants", "dense", "group", "--seeds", "1", "--out", str(out),
+                                "--existing", f"dense:1:{given}"]) == 0
+    assert trained == [("group", 1)]  # dense seed 1 came from the finished run
+    lines = out.read_text().splitlines()
+    assert lines[0] == "variant,seed,step,minutes,mae,rmse,mape"
+    assert "dense,1,all,,3.0,1.0,2.0" in lines and "group,1,all,,4.0,1.0,2.0" in lines
+    assert not any("Last value" in line or "9.0" in line for line in lines)
