@@ -136,3 +136,21 @@ def test_group_accuracy_trains_only_the_runs_it_was_not_given(tmp_path, monkeypa
     assert lines[0] == "variant,seed,step,minutes,mae,rmse,mape"
     assert "dense,1,all,,3.0,1.0,2.0" in lines and "group,1,all,,4.0,1.0,2.0" in lines
     assert not any("Last value" in line or "9.0" in line for line in lines)
+
+
+def test_bf16_short_attention_diagnostic_runs_and_restores_the_layers(tmp_path, capsys):
+    import bf16_short_attention
+
+    import gman.model.layers as layers
+
+    n = 6
+    adj = np.eye(n, dtype=np.float32) + np.roll(np.eye(n, dtype=np.float32), 1, axis=1) * 0.5
+    graph = tmp_path / "ring.csv"
+    np.savetxt(graph, adj, delimiter=",", fmt="%.3f")
+    before = layers.attention, layers.BatchNorm.fused_training
+    assert bf16_short_attention.main(["--graph", str(graph), "--steps", "2", "--seeds", "0", "--threads", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("seed 0")]
+    assert len(lines) == 2 and "bf16 scores" in lines[0] and "float32 scores" in lines[1]
+    assert (layers.attention, layers.BatchNorm.fused_training) == before
+    with pytest.raises(SystemExit):
+        bf16_short_attention.main(["--graph", str(tmp_path / "missing.pkl")])
