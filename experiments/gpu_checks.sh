@@ -4,23 +4,26 @@
 #   OUT=/some/folder GRAPH=path/to/metr-la/adj_mx.pkl bash experiments/gpu_checks.sh
 #
 # Parts run in order of importance, each under its own time limit and all under
-# one overall budget (BUDGET_S, default 400 s), so a slow or failing part
+# one overall budget (BUDGET_S, default 480 s), so a slow or failing part
 # cannot take the results of the others with it.  Writes under $OUT:
-#   gpu.log                  everything printed
-#   gpu_epoch_L3_<v>.json    one METR-LA-size epoch, L = 3, variant compile-graph (whole step in one
-#                            CUDA graph; also without cuDNN attention), graph (eager kernels, 600
-#                            steps, plus the spatial-attention backend probe), compile-ro
-#   gpu_epoch_L1_compile-graph.json  the same with L = 1 (the published RTX 5000 Ada figure is for L = 1)
+#   gpu.log                  everything printed, including tests/test_cuda.py (CUDA vs CPU numerics,
+#                            each attention kernel at d = 8, no host sync, Lightning bf16, compiled Lightning)
+#   gpu_epoch_L3_<v>.json    one METR-LA-size epoch of the hand-written step, L = 3: compile-graph
+#                            (whole step in one CUDA graph; cuDNN attention, and flash with _no-cudnn),
+#                            compile-ro, graph (eager kernels, 600 steps, plus the attention probe)
+#   lightning_epoch_L3.json  the same epoch through gman's Lightning module (compile_mode default,
+#                            with and without per-step loss logging)
+#   gpu_epoch_L1_compile-graph.json  L = 1 (the published RTX 5000 Ada figure is for L = 1)
 #   profile_L3_compile-graph[_no-cudnn].txt  kernels by GPU time over 10 profiled steps
-#   (gpu.log also has tests/test_cuda.py: CUDA vs CPU numerics, no host sync, Lightning bf16)
 #   benchmark_gpu.json       benchmark.py --preset issue, bf16 autocast, eager
 #   scale_gpu.json           scale_benchmark.py dense vs group, bf16 autocast
-# Needs torch, lightning and pandas; no mlflow.
+# Needs torch, lightning and pandas; no mlflow.  The device tool brought back 8 files of $OUT per
+# call in session 6 and left the rest out: every part also prints its JSON records into gpu.log.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to a folder for the results}
 GRAPH=${GRAPH:-${GMAN_SHARED_DATA:-../shared/data}/graphs/metr-la/adj_mx.pkl}
-BUDGET_S=${BUDGET_S:-400}
+BUDGET_S=${BUDGET_S:-480}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 START=$(date +%s)
@@ -45,13 +48,15 @@ tail -n 3 "$LOG"
 E="$PY experiments/gpu_epoch.py --graph $GRAPH --warmup 10"
 PROFILE="--profile-steps 10 --profile-dir $OUT"
 part "gpu_epoch L3 compile-graph" 110 $E $PROFILE --variants compile-graph --json "$OUT/gpu_epoch_L3_compile-graph.json"
-part "gpu_epoch L3 compile-graph, no cuDNN attention" 100 $E $PROFILE --variants compile-graph --sdpa no-cudnn \
-    --json "$OUT/gpu_epoch_L3_compile-graph_no-cudnn.json"
 part test_cuda 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -o addopts= -rA
+part "lightning epoch L3 compile, compile-quiet" 200 $PY experiments/lightning_epoch.py --graph "$GRAPH" \
+    --variants compile,compile-quiet --json "$OUT/lightning_epoch_L3.json"
+part "gpu_epoch L3 compile-graph, flash attention" 100 $E $PROFILE --variants compile-graph --sdpa no-cudnn \
+    --json "$OUT/gpu_epoch_L3_compile-graph_no-cudnn.json"
 part "gpu_epoch L1 compile-graph" 80 $E --layers 1 --variants compile-graph --json "$OUT/gpu_epoch_L1_compile-graph.json"
+part "gpu_epoch L3 compile-ro" 100 $E --variants compile-ro --json "$OUT/gpu_epoch_L3_compile-ro.json"
 part "gpu_epoch L3 graph (600 steps) + attention probe" 50 $E --variants graph --max-steps 600 --attention-probe \
     --json "$OUT/gpu_epoch_L3_graph.json"
-part "gpu_epoch L3 compile-ro" 100 $E --variants compile-ro --json "$OUT/gpu_epoch_L3_compile-ro.json"
 part "benchmark issue preset" 60 $PY experiments/benchmark.py --preset issue --device cuda --amp bf16 --steps 20 \
     --json "$OUT/benchmark_gpu.json"
 part "scale dense vs group" 70 $PY experiments/scale_benchmark.py --device cuda --amp bf16 --dense-max-gib 1000 \

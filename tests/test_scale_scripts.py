@@ -154,3 +154,22 @@ def test_bf16_short_attention_diagnostic_runs_and_restores_the_layers(tmp_path, 
     assert (layers.attention, layers.BatchNorm.fused_training) == before
     with pytest.raises(SystemExit):
         bf16_short_attention.main(["--graph", str(tmp_path / "missing.pkl")])
+
+
+def test_lightning_epoch_times_the_product_training_loop_on_the_cpu(tmp_path):
+    import lightning_epoch
+
+    n = 6
+    adj = np.eye(n, dtype=np.float32) + np.roll(np.eye(n, dtype=np.float32), 1, axis=1) * 0.5
+    graph = tmp_path / "ring.csv"
+    np.savetxt(graph, adj, delimiter=",", fmt="%.3f")
+    out = tmp_path / "lightning.json"
+    assert lightning_epoch.main(["--graph", str(graph), "--device", "cpu", "--windows", "40", "--batch", "4",
+                                 "--layers", "1", "--heads", "2", "--head-dim", "4", "--max-steps", "2",
+                                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (eager,) = result["variants"]
+    assert eager["variant"] == "eager" and eager["steps"] == 2 and eager["epoch_s"] > 0
+    assert eager["train_windows"] >= 40  # the 70 % training part holds at least --windows windows
+    with pytest.raises(SystemExit):
+        lightning_epoch.parse_args(["--variants", "turbo"])
