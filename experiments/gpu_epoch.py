@@ -76,14 +76,19 @@ def default_graph() -> Path:
     return shared / "graphs" / "metr-la" / "adj_mx.pkl"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_epoch_arguments(p: argparse.ArgumentParser) -> None:
+    """The METR-LA-size epoch's options, shared with ``lightning_epoch.py``."""
     p.add_argument("--graph", type=Path, default=None, help="METR-LA adj_mx.pkl (default: the shared data's)")
     p.add_argument("--windows", type=int, default=23974, help="training windows per epoch")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--layers", type=int, default=3, help="L")
     p.add_argument("--heads", type=int, default=8, help="K")
     p.add_argument("--head-dim", type=int, default=8, help="d")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_epoch_arguments(p)
     p.add_argument("--history", type=int, default=12, help="P")
     p.add_argument("--horizon", type=int, default=12, help="Q")
     p.add_argument("--spatial-attention", choices=["dense", "group"], default="dense")
@@ -126,12 +131,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.windows < args.batch:
         p.error("--windows must be at least --batch")
     if args.variants is not None:
-        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-        bad = [v for v in variants if v not in VARIANTS]
-        if bad or not variants:
-            p.error(f"--variants takes {', '.join(VARIANTS)}, got {args.variants!r}")
-        args.variants = variants
+        args.variants = parse_variants(p, args.variants, VARIANTS)
     return args
+
+
+def parse_variants(parser: argparse.ArgumentParser, text: str, choices) -> list[str]:
+    """``--variants a,b`` -> ["a", "b"]; unknown or no names are a parser error (exit 2)."""
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    if not variants or any(v not in choices for v in variants):
+        parser.error(f"--variants takes {', '.join(choices)}, got {text!r}")
+    return variants
 
 
 # --------------------------------------------------------------------------- data
@@ -547,24 +556,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.attention_probe:
         result["spatial_attention_probe"] = attention_probe(args, num_nodes, device)
         print(json.dumps(result["spatial_attention_probe"]), flush=True)
+    def one(variant: str) -> dict:
+        rec = run_variant(args, variant, data, adjacency, mean, std, device)
+        rec["mfu"] = _sig(rec["model_tflops"] * 1e12 / peak_rate)
+        return rec
+
+    result["variants"] = run_variants(variants, one)
+    report(result, args.json)
+    return 0
+
+
+def run_variants(variants: list[str], run_one) -> list[dict]:
+    """``run_one(variant)`` for each variant, each record printed as one JSON line as it
+    comes; a variant that fails becomes ``{"variant", "error"}`` so that the others still
+    run (a single variant's error propagates)."""
+    records = []
     for variant in variants:
         print(f"# {variant} ...", file=sys.stderr, flush=True)
         try:
-            rec = run_variant(args, variant, data, adjacency, mean, std, device)
-            rec["mfu"] = _sig(rec["model_tflops"] * 1e12 / peak_rate)
+            rec = run_one(variant)
         except Exception as err:  # noqa: BLE001 - record it and go on with the other variants
             if len(variants) == 1:
                 raise
             rec = {"variant": variant, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
-        result["variants"].append(rec)
+        records.append(rec)
         print(json.dumps(rec), flush=True)
+    return records
+
+
+def report(result: dict, path: Path | None) -> None:
+    """Print ``result``; with a path, also write it there (atomically)."""
+    from scale_benchmark import write_json  # this folder's scripts share one JSON writer
+
     print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, args.json)
-    return 0
+    if path:
+        write_json(result, path)
 
 
 if __name__ == "__main__":

@@ -30,13 +30,13 @@ Needs torch, lightning, pandas; no MLflow.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import gpu_epoch  # this folder: the synthetic series, the graph default, variant handling, reporting
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"eager": None, "compile": "default", "compile-ro": "reduce-overhead", "compile-quiet": "default"}
@@ -45,12 +45,7 @@ SPLIT = (0.7, 0.1, 0.2)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--graph", type=Path, default=None, help="METR-LA adj_mx.pkl (default: the shared data's)")
-    p.add_argument("--windows", type=int, default=23974, help="training windows per epoch")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--layers", type=int, default=3, help="L")
-    p.add_argument("--heads", type=int, default=8, help="K")
-    p.add_argument("--head-dim", type=int, default=8, help="d")
+    gpu_epoch.add_epoch_arguments(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--variants", default=None,
                    help=f"comma list of {', '.join(VARIANTS)} (default: eager,compile,compile-quiet on cuda, eager on cpu)")
@@ -64,11 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_steps is not None and args.max_steps < 1:
         p.error("--max-steps must be positive")
     if args.variants is not None:
-        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-        bad = [v for v in variants if v not in VARIANTS]
-        if bad or not variants:
-            p.error(f"--variants takes {', '.join(VARIANTS)}, got {args.variants!r}")
-        args.variants = variants
+        args.variants = gpu_epoch.parse_variants(p, args.variants, VARIANTS)
     return args
 
 
@@ -77,7 +68,6 @@ def write_series(path: Path, graph: Path, windows: int, history: int, horizon: i
     None for a bare matrix, T)."""
     import numpy as np
 
-    import gpu_epoch
     from gman.data.graph import load_adjacency
 
     adjacency, sensor_ids = load_adjacency(graph)
@@ -153,8 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
     import torch
 
-    import gpu_epoch
-
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -176,17 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                             interval="5min", options={"sensor_ids": sensor_ids} if sensor_ids else None,
                             split=list(SPLIT), batch_size=args.batch, seed=args.seed)
         result["steps_in_series"] = num_steps
-        for variant in variants:
-            print(f"# {variant} ...", file=sys.stderr, flush=True)
-            rec = run_variant(args, variant, data_options, "gpu" if args.device == "cuda" else "cpu")
-            result["variants"].append(rec)
-            print(json.dumps(rec), flush=True)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp_json = args.json.with_name(args.json.name + ".tmp")
-        tmp_json.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp_json, args.json)
+        accelerator = "gpu" if args.device == "cuda" else "cpu"
+        result["variants"] = gpu_epoch.run_variants(
+            variants, lambda variant: run_variant(args, variant, data_options, accelerator))
+    gpu_epoch.report(result, args.json)
     return 0
 
 

@@ -16,6 +16,14 @@ import memory_steady_state  # noqa: E402
 import scale_benchmark  # noqa: E402
 
 
+def ring_graph(tmp_path: Path, n: int) -> Path:
+    """An n-sensor ring as a dense CSV graph: stands in for METR-LA's in the CPU smoke runs."""
+    adj = np.eye(n, dtype=np.float32) + np.roll(np.eye(n, dtype=np.float32), 1, axis=1) * 0.5
+    graph = tmp_path / "ring.csv"
+    np.savetxt(graph, adj, delimiter=",", fmt="%.3f")
+    return graph
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -70,11 +78,8 @@ def test_gpu_epoch_refuses_bad_arguments(argv):
 
 
 def test_gpu_epoch_runs_a_few_steps_on_the_cpu(tmp_path):
-    # a 6-sensor ring as a dense CSV graph stands in for METR-LA's
     n = 6
-    adj = np.eye(n, dtype=np.float32) + np.roll(np.eye(n, dtype=np.float32), 1, axis=1) * 0.5
-    graph = tmp_path / "ring.csv"
-    np.savetxt(graph, adj, delimiter=",", fmt="%.3f")
+    graph = ring_graph(tmp_path, n)
     out = tmp_path / "epoch.json"
     code = gpu_epoch.main(["--graph", str(graph), "--device", "cpu", "--windows", "40", "--batch", "4",
                            "--layers", "1", "--heads", "2", "--head-dim", "4", "--history", "3", "--horizon", "2",
@@ -144,9 +149,7 @@ def test_bf16_short_attention_diagnostic_runs_and_restores_the_layers(tmp_path, 
     import gman.model.layers as layers
 
     n = 6
-    adj = np.eye(n, dtype=np.float32) + np.roll(np.eye(n, dtype=np.float32), 1, axis=1) * 0.5
-    graph = tmp_path / "ring.csv"
-    np.savetxt(graph, adj, delimiter=",", fmt="%.3f")
+    graph = ring_graph(tmp_path, n)
     before = layers.attention, layers.BatchNorm.fused_training
     assert bf16_short_attention.main(["--graph", str(graph), "--steps", "2", "--seeds", "0", "--threads", "1"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("seed 0")]
@@ -160,9 +163,7 @@ def test_lightning_epoch_times_the_product_training_loop_on_the_cpu(tmp_path):
     import lightning_epoch
 
     n = 6
-    adj = np.eye(n, dtype=np.float32) + np.roll(np.eye(n, dtype=np.float32), 1, axis=1) * 0.5
-    graph = tmp_path / "ring.csv"
-    np.savetxt(graph, adj, delimiter=",", fmt="%.3f")
+    graph = ring_graph(tmp_path, n)
     out = tmp_path / "lightning.json"
     assert lightning_epoch.main(["--graph", str(graph), "--device", "cpu", "--windows", "40", "--batch", "4",
                                  "--layers", "1", "--heads", "2", "--head-dim", "4", "--max-steps", "2",
