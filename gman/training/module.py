@@ -68,10 +68,11 @@ class GMANLightningModule(L.LightningModule):
         graphs), ``max-autotune``, ``max-autotune-no-cudagraphs``) runs the network through
         ``torch.compile`` with ``compile_backend`` (``inductor``; ``aot_eager`` etc. for
         debugging). ``nn.Module.compile`` compiles in place, so checkpoints and packages keep
-        the plain parameter names and load without it. Meant for GPUs (H100, bf16, L = 3:
-        ~3x faster steps than eager, ``experiments/results/gpu/NOTES.md``); on the CPU it
-        replaces the memory-lean hand-written training path with plain autograd, and
-        compiling takes about a minute.
+        the plain parameter names and load without it. Meant for GPUs: the benchmark's
+        hand-written bf16 step at L = 3 ran 3–4x faster compiled than eager on an H100 and an
+        H200 (``experiments/results/gpu/NOTES.md``; this Lightning path is not yet timed on a
+        GPU). On the CPU it replaces the memory-lean hand-written training path with plain
+        autograd (slower), and compiling takes about a minute.
     Args (from the data, normally left None): ``num_nodes``, ``steps_per_day``,
         ``history_steps``, ``horizon_steps``, ``scaler_mean``, ``scaler_std``,
         ``interval_minutes``, ``learnable_spatial_embedding`` (True when the data
