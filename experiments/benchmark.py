@@ -176,11 +176,10 @@ def make_training(args: argparse.Namespace, nodes: int, batch: int, layers: int)
 def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> dict:
     import torch
 
-    run = make_training(args, nodes, batch, layers)
     from gman.training.metrics import masked_mae
-    model, step_model, opt, x, time_, y, amp = run.model, run.step_model, run.opt, run.x, run.time, run.y, run.amp
-    device, malloc_tuned, train_step = run.device, run.malloc_tuned, run.train_step
-    P, Q = args.history, args.horizon
+
+    run = make_training(args, nodes, batch, layers)
+    model, device, train_step = run.model, run.device, run.train_step
 
     def sync():
         if device.type == "cuda":
@@ -214,8 +213,8 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
     model.eval()
 
     def infer():
-        with torch.inference_mode(), amp:
-            step_model(x, time_)
+        with torch.inference_mode(), run.amp:
+            run.step_model(run.x, run.time)
 
     timed(infer, max(1, args.warmup))
     infer_times = timed(infer, args.steps)
@@ -246,10 +245,10 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
 
         counter = FlopCounterMode(display=False, custom_mapping=flop_mapping())
         with counter:
-            opt.zero_grad(set_to_none=True)
-            with amp:
-                pred = model(x, time_)  # eager: the counter does not see inside compiled graphs
-            masked_mae(pred.float(), y, y != 0).backward()
+            run.opt.zero_grad(set_to_none=True)
+            with run.amp:
+                pred = model(run.x, run.time)  # eager: the counter does not see inside compiled graphs
+            masked_mae(pred.float(), run.y, run.y != 0).backward()
         flops = int(counter.get_total_flops())
 
     train_s = statistics.median(train_times)
@@ -257,8 +256,8 @@ def run_child(args: argparse.Namespace, nodes: int, batch: int, layers: int) -> 
         "nodes": nodes, "batch": batch, "layers": layers, "heads": args.heads, "head_dim": args.head_dim,
         "spatial_attention": args.spatial_attention,
         "groups": model.group_attentions()[0].num_groups if args.spatial_attention == "group" else None,
-        "history": P, "horizon": Q, "threads": torch.get_num_threads(), "device": device.type,
-        "amp": args.amp, "compile": bool(args.compile), "malloc_reuse": malloc_tuned,
+        "history": args.history, "horizon": args.horizon, "threads": torch.get_num_threads(), "device": device.type,
+        "amp": args.amp, "compile": bool(args.compile), "malloc_reuse": run.malloc_tuned,
         "train_step_s": round(train_s, 4), "train_step_min_s": round(min(train_times), 4),
         "train_step_cpu_s": round(train_cpu, 4),
         "infer_s": round(statistics.median(infer_times), 4),
