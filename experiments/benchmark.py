@@ -130,7 +130,7 @@ def make_training(args: argparse.Namespace, nodes: int, batch: int, layers: int)
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from gman.allocator import keep_freed_memory
+    from gman.allocator import allocate_training_state, keep_freed_memory
 
     malloc_tuned = keep_freed_memory() if args.malloc == "reuse" else False
     from gman.model import GMAN
@@ -150,6 +150,9 @@ def make_training(args: argparse.Namespace, nodes: int, batch: int, layers: int)
     model.set_spatial_embedding(torch.randn(nodes, model.se_dim))
     step_model = torch.compile(model) if args.compile else model
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, **({"fused": True} if device.type == "cuda" else {}))
+    cpu = device.type == "cpu"
+    if cpu:  # as GMANLightningModule.on_train_start: gradients and Adam state before the first step
+        allocate_training_state(opt)
 
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(batch, P, nodes, generator=g).to(device)
@@ -161,7 +164,7 @@ def make_training(args: argparse.Namespace, nodes: int, batch: int, layers: int)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
 
     def train_step():
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not cpu)  # as GMANLightningModule.optimizer_zero_grad
         with amp:
             pred = step_model(x, time_)
         loss = masked_mae(pred.float(), y, y != 0)

@@ -146,6 +146,33 @@ def test_compiled_network_trains_like_the_eager_one_and_checkpoints_plain_names(
     assert "net.input_fc.linears.0.weight" in state and not any("_orig_mod" in key for key in state)
 
 
+def test_cpu_training_state_made_early_trains_as_lightning_defaults_do(tmp_path):
+    """On the CPU the module makes Adam's state when training starts and zeroes gradients in
+    place, also before validating (memory placement, see gman.allocator); the weights after three steps equal, to the
+    bit, those of Lightning's defaults (state made at the first step, gradients set to None)."""
+
+    class LightningDefaults(GMANLightningModule):
+        def on_train_start(self) -> None:
+            pass
+
+        def optimizer_zero_grad(self, epoch, batch_idx, optimizer) -> None:
+            optimizer.zero_grad()
+
+        def on_validation_model_zero_grad(self) -> None:
+            self.zero_grad()
+
+    weights, kept_grads = [], []
+    for cls in (GMANLightningModule, LightningDefaults):
+        L.seed_everything(0)
+        module = cls(**TINY)
+        tiny_trainer(tmp_path / cls.__name__).fit(module, datamodule=GMANDataModule(**DATA))
+        weights.append({k: v.clone() for k, v in module.net.state_dict().items()})
+        kept_grads.append(all(p.grad is not None for p in module.parameters()))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert kept_grads == [True, False]  # Lightning frees them before validating; kept on the CPU
+
+
 def test_metric_names_say_step_and_minutes():
     errors = horizon_errors(np.ones((2, 12, 3)), np.zeros((2, 12, 3)) + 2, np.ones((2, 12, 3), dtype=bool))
     names = horizon_metric_names(errors, 5.0)

@@ -33,6 +33,7 @@ from typing import Any, Literal, Union
 import lightning as L
 import torch
 
+from gman.allocator import allocate_training_state
 from gman.errors import ConfigError
 from gman.model import GMAN
 from gman.model.layers import release_scratch
@@ -269,6 +270,21 @@ class GMANLightningModule(L.LightningModule):
             raise ConfigError(SYNC_BATCHNORM_ERROR.format(batch_norm=self.hparams.batch_norm))
         # LightningCLI / seed_everything seeded torch just before; remember that seed for the reseeding below
         self._batch_seed_base = torch.initial_seed()
+
+    def on_train_start(self) -> None:
+        if self.device.type == "cpu":
+            # before the first step's activations fill the heap: see gman.allocator
+            for optimizer in self.trainer.optimizers:
+                allocate_training_state(optimizer)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        # on the CPU the gradients stay where on_train_start put them (zeroed, not freed)
+        optimizer.zero_grad(set_to_none=self.device.type != "cpu")
+
+    def on_validation_model_zero_grad(self) -> None:
+        # Lightning frees the gradients before validating; on the CPU they are kept (a few MB),
+        # or the next backward would allocate them again amid that step's activations
+        self.zero_grad(set_to_none=self.device.type != "cpu")
 
     def on_train_end(self) -> None:
         release_scratch()  # the lean CPU training path's reusable buffers; testing and serving do not use them
