@@ -25,12 +25,16 @@ No validation (``limit_val_batches=0``): the timed part is the training loop onl
     python experiments/lightning_epoch.py --json lightning_epoch.json          # on the GPU machine
     python experiments/lightning_epoch.py --device cpu --windows 64 --layers 1 --variants eager   # smoke test
 
+On the CPU each record also has ``peak_rss_mb``, the process's peak resident set
+size after that variant (``gman train``'s allocator setting applied, as there).
+
 Needs torch, lightning, pandas; no MLflow.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import resource
 import sys
 import tempfile
 import time
@@ -132,6 +136,8 @@ def run_variant(args, variant: str, data_options: dict, accelerator: str) -> dic
     record["epoch_s_all_batches"] = round(times[1] * full / steps[1], 3)
     if cuda:
         record["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    else:  # the process's peak so far: with several variants, the largest of those run up to here
+        record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return record
 
 
@@ -150,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     variants = args.variants or (["eager", "compile", "compile-quiet"] if args.device == "cuda" else ["eager"])
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    else:
+        from gman.allocator import keep_freed_memory
+
+        keep_freed_memory()  # as `gman train` does
     result = {"graph": str(graph), "windows": args.windows, "batch": args.batch, "layers": args.layers,
               "heads": args.heads, "head_dim": args.head_dim, "device": args.device,
               "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
