@@ -271,20 +271,24 @@ class GMANLightningModule(L.LightningModule):
         # LightningCLI / seed_everything seeded torch just before; remember that seed for the reseeding below
         self._batch_seed_base = torch.initial_seed()
 
+    @property
+    def _places_training_state(self) -> bool:
+        """On the CPU, gradients and Adam's state are made before the first step and the
+        gradients are then zeroed in place, never freed (a few MB): made again amid a step's
+        activations, they would fragment the heap (see gman.allocator)."""
+        return self.device.type == "cpu"
+
     def on_train_start(self) -> None:
-        if self.device.type == "cpu":
-            # before the first step's activations fill the heap: see gman.allocator
+        if self._places_training_state:
             for optimizer in self.trainer.optimizers:
                 allocate_training_state(optimizer)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
-        # on the CPU the gradients stay where on_train_start put them (zeroed, not freed)
-        optimizer.zero_grad(set_to_none=self.device.type != "cpu")
+        optimizer.zero_grad(set_to_none=not self._places_training_state)
 
     def on_validation_model_zero_grad(self) -> None:
-        # Lightning frees the gradients before validating; on the CPU they are kept (a few MB),
-        # or the next backward would allocate them again amid that step's activations
-        self.zero_grad(set_to_none=self.device.type != "cpu")
+        # Lightning's default frees the gradients before validating
+        self.zero_grad(set_to_none=not self._places_training_state)
 
     def on_train_end(self) -> None:
         release_scratch()  # the lean CPU training path's reusable buffers; testing and serving do not use them
