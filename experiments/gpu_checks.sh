@@ -10,7 +10,8 @@
 #                            each attention kernel at d = 8, no host sync, Lightning bf16, compiled Lightning)
 #   gpu_epoch_L3_<v>.json    one METR-LA-size epoch of the hand-written step, L = 3: compile-graph
 #                            (whole step in one CUDA graph; cuDNN attention, and flash with _no-cudnn),
-#                            compile-ro, graph (eager kernels, 600 steps, plus the attention probe)
+#                            compile-ro, graph (eager kernels, 600 steps, plus the attention probe);
+#                            _combo: compile-graph with Inductor's combo_kernels (profile: _combo_kernels)
 #   lightning_epoch_L3.json  the same epoch through gman's Lightning module (compile_mode default,
 #                            with and without per-step loss logging)
 #   gpu_epoch_L1_compile-graph.json  L = 1 (the published RTX 5000 Ada figure is for L = 1)
@@ -48,6 +49,10 @@ tail -n 3 "$LOG"
 E="$PY experiments/gpu_epoch.py --graph $GRAPH --warmup 10"
 PROFILE="--profile-steps 10 --profile-dir $OUT"
 part "gpu_epoch L3 compile-graph" 110 $E $PROFILE --variants compile-graph --json "$OUT/gpu_epoch_L3_compile-graph.json"
+# the step is latency-bound (1,345 kernels in 8.35 ms on an H100): Inductor's combo kernels launch
+# independent small kernels (e.g. the spatial and temporal branches' batch-norms) as one
+part "gpu_epoch L3 compile-graph, combo kernels" 110 $E $PROFILE --variants compile-graph --inductor combo_kernels=True \
+    --json "$OUT/gpu_epoch_L3_compile-graph_combo.json"
 part test_cuda 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -o addopts= -rA
 part "lightning epoch L3 compile, compile-quiet" 200 $PY experiments/lightning_epoch.py --graph "$GRAPH" \
     --variants compile,compile-quiet --json "$OUT/lightning_epoch_L3.json"

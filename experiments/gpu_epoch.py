@@ -104,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list of eager, compile (mode --compile-mode), compile-ro (mode reduce-overhead: "
                         "CUDA graphs) (default: eager,compile on cuda, eager on cpu)")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (default, reduce-overhead, max-autotune, ...)")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config.KEY (repeatable; VALUE is a Python literal), e.g. "
+                        "combo_kernels=True: independent small kernels launched as one")
     p.add_argument("--warmup", type=int, default=30, help="untimed steps per variant before the timed epoch")
     p.add_argument("--max-steps", type=int, default=None, help="cap the timed epoch at this many steps (smoke tests)")
     p.add_argument("--matmul-size", type=int, default=8192, help="square size of the bf16 matmul rate measurement")
@@ -132,7 +135,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--windows must be at least --batch")
     if args.variants is not None:
         args.variants = parse_variants(p, args.variants, VARIANTS)
+    args.inductor = parse_inductor_settings(p, args.inductor)
     return args
+
+
+def parse_inductor_settings(parser: argparse.ArgumentParser, items: list[str]) -> dict:
+    """``--inductor KEY=VALUE`` items -> {KEY: value}; a malformed item is a parser error."""
+    import ast
+
+    settings = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            parser.error(f"--inductor takes KEY=VALUE, got {item!r}")
+        try:
+            settings[key.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            parser.error(f"--inductor {item!r}: the value must be a Python literal (True, 1, 'x', ...)")
+    return settings
+
+
+def apply_inductor_settings(settings: dict) -> None:
+    """Set each ``torch._inductor.config`` entry; an unknown key is an error (no silent no-op)."""
+    import torch._inductor.config as inductor_config
+
+    for key, value in settings.items():
+        if not hasattr(inductor_config, key):
+            sys.exit(f"gpu_epoch: --inductor {key}: torch._inductor.config has no such setting")
+        setattr(inductor_config, key, value)
 
 
 def parse_variants(parser: argparse.ArgumentParser, text: str, choices) -> list[str]:
@@ -440,7 +470,7 @@ def profile_steps(args, variant: str, step, batches: list, cuda: bool) -> dict:
         args.profile_dir.mkdir(parents=True, exist_ok=True)
         sort = "self_device_time_total" if cuda else "self_cpu_time_total"
         table = events.table(sort_by=sort, row_limit=40, max_name_column_width=90)
-        suffix = "" if args.sdpa == "fused" else f"_{args.sdpa}"
+        suffix = ("" if args.sdpa == "fused" else f"_{args.sdpa}") + "".join(f"_{k}" for k in sorted(args.inductor))
         path = args.profile_dir / f"profile_L{args.layers}_{variant}{suffix}.txt"
         path.write_text(f"# {variant}, L = {args.layers}, {len(batches)} steps; {json.dumps(out)}\n{table}\n")
     return out
@@ -516,10 +546,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(v.startswith("compile") for v in variants) and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         # The attention kernel is picked while tracing, but torch.compile's on-disk caches
         # do not key on sdpa_kernel: a run with another --sdpa silently reused the first
-        # run's kernels (seen on an H100).  One cache per --sdpa setting.
+        # run's kernels (seen on an H100).  One cache per --sdpa (and --inductor) setting.
         import tempfile
 
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"torchinductor-gman-sdpa-{args.sdpa}")
+        tag = "".join(f"-{k}={v}" for k, v in sorted(args.inductor.items()))
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"torchinductor-gman-sdpa-{args.sdpa}{tag}")
+    apply_inductor_settings(args.inductor)
     graphed = [v for v in variants if v in ("graph", "compile-graph")]
     if graphed and device.type != "cuda":
         sys.exit(f"gpu_epoch: --variants {','.join(graphed)} capture CUDA graphs and need --device cuda")
@@ -547,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         "layers": args.layers, "heads": args.heads, "head_dim": args.head_dim,
         "history": args.history, "horizon": args.horizon, "spatial_attention": args.spatial_attention,
         "groups": args.groups, "partition": args.partition if args.spatial_attention == "group" else None,
-        "amp": args.amp, "sdpa": args.sdpa, "compile_mode": args.compile_mode, "device": device.type,
+        "amp": args.amp, "sdpa": args.sdpa, "compile_mode": args.compile_mode,
+        "inductor": {k: repr(v) for k, v in args.inductor.items()}, "device": device.type,
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine()),
         "torch": torch.__version__, "matmul_dtype": str(matmul_dtype).replace("torch.", ""),
         "measured_matmul_tflops": _sig(peak_rate / 1e12),

@@ -69,12 +69,25 @@ def test_scale_benchmark_skips_dense_configurations_that_cannot_fit(monkeypatch,
 @pytest.mark.parametrize(
     "argv",
     [["--variants", "eager,jit"], ["--batch", "0"], ["--windows", "4", "--batch", "8"], ["--max-steps", "0"],
-     ["--spatial-attention", "sparse"]],
+     ["--spatial-attention", "sparse"], ["--inductor", "combo_kernels"], ["--inductor", "combo_kernels=yes please"],
+     ["--inductor", "=1"]],
 )
 def test_gpu_epoch_refuses_bad_arguments(argv):
     with pytest.raises(SystemExit) as info:
         gpu_epoch.parse_args(argv)
     assert info.value.code == 2
+
+
+def test_gpu_epoch_sets_inductor_options_and_refuses_unknown_ones():
+    import torch._inductor.config as inductor_config
+
+    args = gpu_epoch.parse_args(["--inductor", "combo_kernels=True", "--inductor", "combo_kernels_autotune=3"])
+    assert args.inductor == {"combo_kernels": True, "combo_kernels_autotune": 3}
+    with inductor_config.patch(combo_kernels=False, combo_kernels_autotune=1):
+        gpu_epoch.apply_inductor_settings(args.inductor)
+        assert inductor_config.combo_kernels is True and inductor_config.combo_kernels_autotune == 3
+        with pytest.raises(SystemExit, match="no_such_setting"):
+            gpu_epoch.apply_inductor_settings({"no_such_setting": 1})
 
 
 def test_gpu_epoch_runs_a_few_steps_on_the_cpu(tmp_path):
