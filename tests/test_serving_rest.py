@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+from gman.errors import ConfigError
 from gman.serving.cli import main as serving_main
 from gman.serving.cli import serve_command_line, serving_environment
 from gman.serving.forecaster import Forecaster
@@ -216,3 +217,27 @@ def test_gman_serve_wraps_mlflow_on_loopback(registry, capsys):
     # A package folder is wrapped as an MLflow model first.
     assert serving_main("serve", [str(registry["package"]), "--dry-run"]) == 0
     assert "mlflow-model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--port", "70000"], "--port: 70000 is not a port number"), (["--port", "0"], "--port: 0 is not"),
+     (["--workers", "0"], "--workers: must be at least 1, got 0"), (["--timeout", "-5"], "--timeout: must be at least 1")],
+)
+def test_gman_serve_refuses_bad_arguments_in_one_line(argv, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        serving_main("serve", ["some-model", *argv])
+    assert "\n" not in str(info.value)
+
+
+def test_gman_serve_refuses_a_taken_port_before_starting_mlflow(monkeypatch):
+    def no_server(*args, **kwargs):
+        raise AssertionError("the server must not be started")
+
+    monkeypatch.setattr(subprocess, "Popen", no_server)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            serving_main("serve", ["some-model", "--port", str(port)])

@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -456,6 +457,13 @@ def serve_command(argv: list[str]) -> int:
     parser.add_argument("--timeout", type=int, default=60, help="seconds allowed per request")
     parser.add_argument("--dry-run", action="store_true", help="print the mlflow command instead of running it")
     args = parser.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port: {args.port} is not a port number (1-65535)")
+    for name in ("workers", "timeout"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: must be at least 1, got {getattr(args, name)}")
+    if not args.dry_run:
+        check_listenable(args.host, args.port)
     if args.host not in LOOPBACK:
         print(f"gman serve: binding {args.host}: the server has no authentication; "
               "anyone who can reach this address can query the model", file=sys.stderr)
@@ -465,6 +473,22 @@ def serve_command(argv: list[str]) -> int:
             print(" ".join(command))
             return 0
         return _run_until_stopped(command)
+
+
+def check_listenable(host: str, port: int) -> None:
+    """Refuse, in one line, an address the server could not listen on (port taken, unknown host),
+    before MLflow builds the model environment and uvicorn fails with a traceback."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise ConfigError(f"gman serve: --host {host}: {err.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ConfigError(f"gman serve: cannot listen on {host}:{port}: {err.strerror or err}") from None
 
 
 def _run_until_stopped(command: list[str]) -> int:
