@@ -114,6 +114,19 @@ def test_extra_columns_are_ignored_with_a_warning(forecaster):
     pd.testing.assert_frame_equal(forecast, forecaster.predict(frame))
 
 
+def test_sensors_without_a_reading_in_the_window_are_forecast_with_a_warning(forecaster):
+    frame = series().iloc[:P].copy()
+    frame["400030"] = np.nan  # never observed
+    frame["400045"] = 0.0  # the model's missing value throughout
+    frame.iloc[:-1, 0] = np.nan  # one reading, at the last step: observed, no warning for it
+    with pytest.warns(UserWarning, match=r"2 of 5 sensors have no observed reading in the last P=6 steps, e\.g\. \['400030', '400045'\]"):
+        forecast = forecaster.predict(frame)
+    assert np.isfinite(forecast["prediction"]).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forecaster.predict(series().iloc[:P])  # every sensor observed at least once: silent
+
+
 def _unsorted(frame):
     return frame.iloc[[1, 0, *range(2, len(frame))]]
 

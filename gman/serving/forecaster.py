@@ -339,6 +339,16 @@ class Forecaster:
         mask = ~np.isnan(values)
         if self._missing_value is not None:
             mask &= values != self._missing_value
+        silent = ~mask.any(axis=0)
+        if silent.any():
+            # allowed (training also feeds windows with gaps), but worth saying: such a sensor's
+            # forecast rests on the time of day and its neighbours' readings alone
+            ids = [self._sensor_ids[i] for i in np.flatnonzero(silent)]
+            warnings.warn(
+                f"{where}: {len(ids)} of {len(self._sensor_ids)} sensors have no observed reading in the last "
+                f"P={p} steps, e.g. {ids[:5]}; they are filled with the training mean",
+                stacklevel=3,
+            )
         return values, mask, index[-p:]
 
     def _column_positions(self, columns: pd.Index, where: str) -> tuple[np.ndarray, list[str]]:
