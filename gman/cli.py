@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
+from pathlib import Path
 
 from gman.errors import GmanError
 
@@ -29,6 +31,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_python_format_warning = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """gman's own warnings as one line (``gman: warning: ...``); other libraries' as Python prints them."""
+    if Path(filename).resolve().is_relative_to(_PACKAGE_DIR):
+        return f"gman: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
@@ -39,11 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gman: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
+    previous_format, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         return int(module.main(command, rest) or 0)
     except GmanError as err:
         print(f"gman: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = previous_format
 
 
 if __name__ == "__main__":

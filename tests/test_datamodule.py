@@ -137,6 +137,20 @@ def test_word2vec_embedding_rows_follow_the_graph_order(tmp_path):
     assert dm.dataset.adjacency[1, 2] == 0.5  # a -> b, in the data's order
 
 
+def test_word2vec_rows_of_graph_nodes_without_data_are_skipped(tmp_path):
+    index = pd.date_range("2024-01-01", periods=400, freq="5min", name="timestamp")
+    rng = np.random.default_rng(0)
+    pd.DataFrame(rng.uniform(40, 60, (400, 2)), index=index, columns=["c", "a"]).to_csv(tmp_path / "v.csv")
+    (tmp_path / "g.csv").write_text("a,b,c\n1,0.5,0\n0,1,0.5\n0,0,1\n")  # b: a graph node without data
+    write_word2vec(tmp_path / "se.txt", np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], dtype=np.float32))
+    dm = GMANDataModule(dataset=str(tmp_path / "v.csv"), graph_path=str(tmp_path / "g.csv"),
+                        options={"unmatched_sensors": "drop"}, spatial_embedding=str(tmp_path / "se.txt"))
+    with pytest.warns(UserWarning, match="kept the 2 sensors in both"):
+        dm.setup()
+    assert dm.sensor_ids == ["c", "a"]
+    assert dm.spatial_embedding[:, 0].tolist() == [3.0, 1.0]
+
+
 def test_node2vec_embedding_rows_follow_the_data_sensor_order(tmp_path):
     # graph file in the order a..f (two triangles a-b-c and d-e-f); data columns interleave them
     index = pd.date_range("2024-01-01", periods=400, freq="5min", name="timestamp")

@@ -83,6 +83,10 @@ def test_bad_shapes_ids_values_and_adjacency_raise():
         SensorDataset(ones, mask, index, ["a", "b"], adjacency=np.eye(3))
     with pytest.raises(DataError, match="values must be 2-D"):
         SensorDataset(np.ones(3), np.ones(3, bool), index, ["a"])
+    for graph_nodes in (["a"], ["a", "b", "a"]):  # a sensor missing, a node twice
+        with pytest.raises(DataError, match="graph_node_ids must be unique and include every sensor id"):
+            SensorDataset(ones, mask, index, ["a", "b"], graph_node_ids=graph_nodes)
+    assert SensorDataset(ones, mask, index, ["a", "b"], graph_node_ids=["b", "x", "a"]).graph_order().tolist() == [2, 0]
 
 
 def test_slice_and_frame_round_trip():

@@ -64,6 +64,29 @@ def test_mismatched_ids_name_both_files(shared_data, tmp_path):
     message = str(err.value)
     assert "fewer.csv" in message and "adj_mx.pkl" in message and "999999" in message and "\n" not in message
     assert "1 only in the data" in message and "2 only in the graph" in message
+    assert "unmatched_sensors: drop" in message  # the way out, named
+
+
+def test_unmatched_sensors_drop_keeps_the_sensors_in_both(tmp_path):
+    frame = small_frame(ids=("d", "a", "b", "c"))  # d has no node in the graph
+    frame.to_csv(tmp_path / "v.csv")
+    # graph nodes in the order b, x, c, a (x has no data); edges b-c 0.5, c-a 0.25, x-a 0.9
+    (tmp_path / "g.csv").write_text("b,x,c,a\n1,0,0.5,0\n0,1,0,0.9\n0.5,0,1,0.25\n0,0.9,0.25,1\n")
+    with pytest.raises(DataError, match=r"1 only in the data \(e\.g\. \['d'\]\), 1 only in the graph \(e\.g\. \['x'\]\)"):
+        load_dataset(tmp_path / "v.csv", graph_path=tmp_path / "g.csv")
+    with pytest.warns(UserWarning, match=r"kept the 3 sensors in both, dropped 1 only in the data .*'d'.* 1 only in the graph .*'x'"):
+        ds = load_dataset(tmp_path / "v.csv", graph_path=tmp_path / "g.csv", unmatched_sensors="drop")
+    assert ds.sensor_ids == ["a", "b", "c"]  # the data's order, without d
+    np.testing.assert_array_equal(ds.values, np.nan_to_num(frame[["a", "b", "c"]].to_numpy()).astype(np.float32) * ds.mask)
+    assert ds.mask[3, 1] == (frame["b"].iloc[3] != 0)  # columns moved with their masks
+    np.testing.assert_array_equal(ds.adjacency, [[1, 0, 0.25], [0, 1, 0.5], [0.25, 0.5, 1]])
+    # a word2vec file in the graph's node order still has 4 rows: a, b, c are rows 3, 0, 2
+    assert ds.graph_node_ids == ["b", "x", "c", "a"] and ds.graph_order().tolist() == [3, 0, 2]
+    with pytest.raises(ConfigError, match="unmatched_sensors: expected 'error' or 'drop', got 'keep'"):
+        load_dataset(tmp_path / "v.csv", graph_path=tmp_path / "g.csv", unmatched_sensors="keep")
+    small_frame(ids=("p", "q", "r")).to_csv(tmp_path / "other.csv")
+    with pytest.raises(DataError, match="no sensor id in common"):
+        load_dataset(tmp_path / "other.csv", graph_path=tmp_path / "g.csv", unmatched_sensors="drop")
 
 
 def test_dcrnn_h5_us_and_ns_indexes_and_zero_is_missing(shared_data, tmp_path):

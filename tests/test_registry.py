@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -330,3 +333,28 @@ def test_failed_import_writes_nothing(data_root, tmp_path, capsys):
     assert run_cli("import", "bad", "--values", str(tmp_path / "v.csv"), "--graph", str(tmp_path / "g.csv")) == 2
     assert "sensor ids differ" in capsys.readouterr().err
     assert list(data_root.iterdir()) == []
+
+
+def test_import_drops_unmatched_sensors_and_fills_gaps_when_asked(data_root, tmp_path, capsys):
+    stamps = pd.date_range("2024-01-01", periods=6, freq="1h").delete(2)  # 02:00 absent
+    pd.DataFrame({"timestamp": stamps, "a": 1.0, "b": 2.0, "c": 3.0}).to_csv(tmp_path / "v.csv", index=False)
+    (tmp_path / "g.csv").write_text("zz,b,a\n1,0,0\n0,1,0.5\n0,0.5,1\n")  # no 'c' in the graph, no data for 'zz'
+    argv = ["import", "mine", "--values", str(tmp_path / "v.csv"), "--graph", str(tmp_path / "g.csv")]
+    with pytest.warns(UserWarning, match="kept the 2 sensors in both"):
+        assert run_cli(*argv, "--unmatched-sensors", "drop") == 2
+    assert "fill_gaps" in capsys.readouterr().err  # the hour missing from the file: the option is named
+    with pytest.warns(UserWarning, match="kept the 2 sensors in both"):
+        assert run_cli(*argv, "--unmatched-sensors", "drop", "--fill-gaps") == 0
+    from gman.data.readers import load_dataset
+
+    dataset = load_dataset("mine")
+    assert dataset.sensor_ids == ["a", "b"] and dataset.num_steps == 6
+    assert not dataset.mask[2].any() and dataset.mask.sum() == 10
+    np.testing.assert_array_equal(dataset.adjacency, [[1, 0.5], [0.5, 1]])
+
+    # the console script prints gman's warnings as one line each, like its errors
+    done = subprocess.run([sys.executable, "-m", "gman.cli", "data", *argv, "--force", "--unmatched-sensors", "drop", "--fill-gaps"],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "warning" in line.lower()]
+    assert len(warned) == 1 and warned[0].startswith("gman: warning: ") and "kept the 2 sensors in both" in warned[0]

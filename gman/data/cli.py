@@ -53,11 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--sensor-ids", help="text file of sensor ids for data without ids (npz)")
     imp.add_argument("--start-time", help="timestamp of the first row, for files without timestamps")
     imp.add_argument("--interval", help="time step, e.g. 5min (needed with --start-time)")
+    imp.add_argument("--fill-gaps", action="store_true",
+                     help="turn missing timestamps into missing readings instead of an error")
     imp.add_argument("--missing-value", default="0", help="reading that means missing besides NaN; 'none' = NaN only (default 0)")
     imp.add_argument("--graph", type=Path, help="graph file (DCRNN pickle, dense CSV, edge list, distances)")
     imp.add_argument("--graph-format", choices=["dcrnn-pickle", "dense-csv", "edge-list", "distance-csv", "distance-matrix"])
     imp.add_argument("--graph-sensor-ids", help="sensor order of a bare adjacency matrix (text file of ids)")
     imp.add_argument("--graph-threshold", type=float, help="Gaussian kernel cut-off for distance graphs (default 0.1)")
+    imp.add_argument("--unmatched-sensors", choices=["error", "drop"], default="error",
+                     help="sensors in only one of data and graph: an error (default), or dropped, keeping the sensors in both")
     imp.add_argument("--units", default="")
     imp.add_argument("--title", default="")
     imp.add_argument("--split", type=float, nargs=3, default=[0.7, 0.1, 0.2], metavar=("TRAIN", "VAL", "TEST"))
@@ -231,6 +235,7 @@ def _import(args) -> int:
         "start_time": args.start_time, "interval": args.interval, "missing_value": missing_value,
         "graph_path": None if args.graph is None else str(args.graph), "graph_format": args.graph_format,
         "graph_sensor_ids": args.graph_sensor_ids, "graph_threshold": args.graph_threshold,
+        "unmatched_sensors": args.unmatched_sensors, "fill_gaps": args.fill_gaps or None,
         "name": name, "units": args.units,
     }
     options = {k: v for k, v in options.items() if v is not None or k == "missing_value"}

@@ -217,7 +217,8 @@ class GMANDataModule(LightningDataModule):
         else:
             from gman.data.embedding import read_word2vec
 
-            vectors = read_word2vec(choice, num_nodes=dataset.num_nodes)[dataset.graph_order()]
+            graph_nodes = len(dataset.graph_node_ids) if dataset.graph_node_ids is not None else dataset.num_nodes
+            vectors = read_word2vec(choice, num_nodes=graph_nodes)[dataset.graph_order()]
         return torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
 
     # ------------------------------------------------------------- loaders

@@ -10,7 +10,8 @@ data module, evaluation, serving) consumes it.
     sensor_ids [N]           column order of values (strings)
     adjacency  [N, N]        float32 edge weights in sensor_ids order, 0 = no edge
     missing_value            the reading that meant "missing" in the source (None = only NaN)
-    graph_node_ids [N]       node order of the source graph file (SE files use it), if it differs
+    graph_node_ids [M >= N]  node order of the source graph file (SE files use it), if it differs;
+                             it may hold nodes without data (``unmatched_sensors: drop``)
 
 Time features follow the authors' protocol but derive the number of steps per
 day from the interval (86400 s / interval s) instead of a hard-coded 288.
@@ -81,8 +82,8 @@ class SensorDataset:
             self.adjacency = _check_adjacency(self.adjacency, num_nodes, where)
         if self.graph_node_ids is not None:
             self.graph_node_ids = [str(s) for s in self.graph_node_ids]
-            if sorted(self.graph_node_ids) != sorted(self.sensor_ids):
-                raise DataError(f"{where}: graph_node_ids are not a permutation of the sensor ids")
+            if len(set(self.graph_node_ids)) != len(self.graph_node_ids) or not set(self.sensor_ids) <= set(self.graph_node_ids):
+                raise DataError(f"{where}: graph_node_ids must be unique and include every sensor id")
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -210,7 +211,7 @@ def _check_index(index, num_steps: int, where: str, interval_hint) -> pd.Datetim
             at = int(np.argmax(steps != steps[0])) + 1
             raise DataError(
                 f"{where}: irregular interval: {index[at] - index[at - 1]} between {index[at - 1]} and {index[at]}"
-                f" (expected {index[1] - index[0]})"
+                f" (expected {index[1] - index[0]}; the readers' fill_gaps option turns missing timestamps into missing readings)"
             )
         interval = pd.Timedelta(index[1] - index[0])
     else:

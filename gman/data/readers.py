@@ -27,10 +27,15 @@ The graph (``graph_path``, ``graph_format``) is read by
 :func:`gman.data.graph.load_adjacency` and matched to the data **by sensor id**:
 the adjacency is reordered to the data's column order; a bare matrix without
 ids is taken to be in the data's column order (or in ``graph_sensor_ids``).
+Sensors in only one of the two are an error unless ``unmatched_sensors="drop"``,
+which keeps the sensors in both (with a warning that counts the others) and
+restricts the graph to them: the edges among the kept sensors stay as they
+are, paths through dropped nodes are lost.
 """
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +54,8 @@ READER_OPTIONS = {
     "graph_format": "dcrnn-pickle | dense-csv | edge-list | distance-csv | distance-matrix",
     "graph_sensor_ids": "sensor order of a bare adjacency matrix: a list or a text file of ids",
     "graph_threshold": "Gaussian kernel cut-off for distance graphs (default 0.1)",
+    "unmatched_sensors": "sensors found in only one of data and graph: 'error' (default) or 'drop' "
+                         "(keep the sensors in both; the graph is restricted to them)",
     "start_time": "timestamp of the first row, for files without timestamps",
     "interval": "time step, e.g. '5min' (required with start_time)",
     "missing_value": "reading that means 'missing' besides NaN (default 0.0; None = NaN only)",
@@ -355,7 +362,9 @@ def _finish(table: _Table, where: str, options: dict, default_name: str) -> Sens
             raise DataError(f"{where}: {len(sensor_ids)} sensor_ids given for {values.shape[1]} sensors")
     adjacency, graph_node_ids = None, None
     if options.get("graph_path") is not None:
-        adjacency, sensor_ids, graph_node_ids = _match_graph(sensor_ids, values.shape[1], where, options)
+        adjacency, sensor_ids, graph_node_ids, kept = _match_graph(sensor_ids, values.shape[1], where, options)
+        if kept is not None:
+            values, mask = values[:, kept], mask[:, kept]
     if sensor_ids is None:
         sensor_ids = [str(i) for i in range(values.shape[1])]  # PEMS0X convention: node index
 
@@ -378,10 +387,14 @@ def _finish(table: _Table, where: str, options: dict, default_name: str) -> Sens
 
 
 def _match_graph(data_ids: list[str] | None, num_nodes: int, where: str, options: dict):
-    """(adjacency in the data's sensor order, the data's sensor ids, the graph's node order or None)."""
+    """(adjacency in the data's sensor order, the data's sensor ids, the graph's node order or None,
+    the data columns kept or None for all)."""
     from gman.data.graph import load_adjacency
 
     graph_path = Path(options["graph_path"])
+    unmatched = options.get("unmatched_sensors", "error")
+    if unmatched not in ("error", "drop"):
+        raise ConfigError(f"unmatched_sensors: expected 'error' or 'drop', got {unmatched!r}")
     kwargs = {}
     if options.get("graph_threshold") is not None:
         kwargs["threshold"] = float(options["graph_threshold"])
@@ -399,21 +412,34 @@ def _match_graph(data_ids: list[str] | None, num_nodes: int, where: str, options
             f"{where} and {graph_path}: the data has {num_nodes} sensors but the graph has {adjacency.shape[0]}"
         )
     if graph_ids is None:  # a bare matrix: in the data's column order
-        return adjacency, data_ids, None
+        return adjacency, data_ids, None, None
     graph_ids = [str(s) for s in graph_ids]
     if data_ids is None:  # data without ids (npz): in the graph's node order
-        return adjacency, graph_ids, None
-    only_data = [s for s in data_ids if s not in set(graph_ids)]
-    only_graph = [s for s in graph_ids if s not in set(data_ids)]
+        return adjacency, graph_ids, None, None
+    in_graph, in_data = set(graph_ids), set(data_ids)
+    only_data = [s for s in data_ids if s not in in_graph]
+    only_graph = [s for s in graph_ids if s not in in_data]
+    kept = None
     if only_data or only_graph:
-        raise DataError(
-            f"{where} and {graph_path}: sensor ids differ: {len(only_data)} only in the data "
-            f"(e.g. {only_data[:3]}), {len(only_graph)} only in the graph (e.g. {only_graph[:3]})"
+        counts = (f"{len(only_data)} only in the data (e.g. {only_data[:3]}), "
+                  f"{len(only_graph)} only in the graph (e.g. {only_graph[:3]})")
+        if unmatched == "error":
+            raise DataError(
+                f"{where} and {graph_path}: sensor ids differ: {counts}; "
+                "unmatched_sensors: drop keeps the sensors in both"
+            )
+        kept = np.array([i for i, s in enumerate(data_ids) if s in in_graph], dtype=np.int64)
+        if len(kept) == 0:
+            raise DataError(f"{where} and {graph_path}: no sensor id in common ({counts})")
+        warnings.warn(
+            f"{where} and {graph_path}: unmatched_sensors drop: kept the {len(kept)} sensors in both, dropped {counts}",
+            stacklevel=2,
         )
+        data_ids = [data_ids[i] for i in kept]
     position = {s: i for i, s in enumerate(graph_ids)}
     order = np.array([position[s] for s in data_ids])
-    same_order = bool((order == np.arange(len(order))).all())
-    return adjacency[np.ix_(order, order)], data_ids, None if same_order else graph_ids
+    same_order = kept is None and bool((order == np.arange(len(order))).all())
+    return adjacency[np.ix_(order, order)], data_ids, None if same_order else graph_ids, kept
 
 
 def _fill_gaps(values: np.ndarray, index: pd.DatetimeIndex, interval, where: str):
