@@ -137,7 +137,7 @@ def _unsorted(frame):
         (lambda f: f.drop(columns=["400017", "400045"]), r"2 of the model's 5 sensors missing .*'400017', '400045'"),
         (lambda f: f.iloc[-3:], r"3 time steps, the model needs at least P=6"),
         (lambda f: f.set_axis(f.index + (f.index - f.index[0]), axis=0), r"interval is 0 days 00:10:00, the model expects 0 days 00:05:00"),
-        (lambda f: f.drop(index=f.index[3]), r"irregular timestamps: 0 days 00:10:00 between"),
+        (lambda f: f.drop(index=f.index[3]), r"irregular timestamps in the last P=6 steps: 0 days 00:10:00 between"),
         (_unsorted, r"timestamps not sorted"),
         (lambda f: f.set_axis(f.index.where(np.arange(len(f)) != 2, f.index[1]), axis=0), r"duplicate timestamp"),
         (lambda f: f.astype({"400030": str}), r"column '400030' is not numeric"),
@@ -155,6 +155,14 @@ def test_unusable_histories_raise_one_line_errors(forecaster, damage, message):
             forecaster.predict(damage(frame))
     assert isinstance(err.value, ValueError)
     assert "\n" not in str(err.value)
+
+
+def test_a_gap_before_the_last_p_steps_does_not_matter(forecaster):
+    frame = series()
+    gappy = frame.drop(index=frame.index[5:9])  # an hour ago: not among the last P steps
+    pd.testing.assert_frame_equal(forecaster.predict(gappy), forecaster.predict(frame.iloc[-P:]))
+    with pytest.raises(ForecastInputError, match="timestamps not sorted"):  # order is still checked throughout
+        forecaster.predict(_unsorted(frame))
 
 
 def test_batch_errors_name_the_history(forecaster):

@@ -376,22 +376,27 @@ class Forecaster:
         return positions, extra
 
     def _check_timestamps(self, index: pd.DatetimeIndex, where: str) -> None:
+        """Sorted, unique timestamps throughout; the model's interval over the last P steps, the
+        ones it reads (an older gap in a longer history is no obstacle)."""
         step = self._interval // pd.Timedelta(1, unit=index.unit)  # the interval in the index's integer unit
-        if (np.diff(index.asi8) == step).all():
+        diffs = np.diff(index.asi8)
+        recent = diffs[len(diffs) - (self.history_steps - 1):] if self.history_steps > 1 else diffs[:0]
+        if (diffs > 0).all() and (recent == step).all():
             return
-        steps = index[1:] - index[:-1]
-        if (steps <= pd.Timedelta(0)).any():
-            at = int(np.argmax(steps <= pd.Timedelta(0))) + 1
+        if (diffs <= 0).any():
+            at = int(np.argmax(diffs <= 0)) + 1
             what = "duplicate timestamp" if index[at] == index[at - 1] else "timestamps not sorted:"
             raise ForecastInputError(f"{where}: {what} {index[at]} after {index[at - 1]}")
+        last = index[-self.history_steps:]
+        steps = last[1:] - last[:-1]
         if (steps == steps[0]).all():
             raise ForecastInputError(
                 f"{where}: interval is {steps[0]}, the model expects {self._interval} (resample the history)"
             )
         at = int(np.argmax(steps != self._interval)) + 1
         raise ForecastInputError(
-            f"{where}: irregular timestamps: {index[at] - index[at - 1]} between {index[at - 1]} and {index[at]} "
-            f"(model interval {self._interval}; insert missing steps as NaN)"
+            f"{where}: irregular timestamps in the last P={self.history_steps} steps: {last[at] - last[at - 1]} "
+            f"between {last[at - 1]} and {last[at]} (model interval {self._interval}; insert missing steps as NaN)"
         )
 
     def future_index(self, issued_at: pd.Timestamp) -> pd.DatetimeIndex:
