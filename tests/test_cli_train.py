@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -196,6 +197,23 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(args, key, tmp_path, mo
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gman: error:")]
     assert len(err) == 1 and key in err[0], err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("existing, message", [
+    ("done", r"runs/done already exists; choose another --output_dir$"),
+    ("done.partial", r"runs/done.partial \(an interrupted run\) exists; resume it with --resume .*runs/done.partial"),
+])
+def test_an_existing_run_folder_is_refused_before_the_data_is_read(existing, message, tmp_path, monkeypatch, capsys):
+    from gman.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "runs" / existing).mkdir(parents=True)
+    # the data file does not exist: the folder's error must come first
+    assert main(["train", "--data.dataset", "nowhere/speeds.csv", "--output-dir", "runs/done"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gman: error:")]
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [existing] and not (tmp_path / "mlflow.db").exists()
 
 
 def test_a_failing_run_is_marked_failed_and_its_folder_kept_only_if_resumable(workdir, monkeypatch, capsys):

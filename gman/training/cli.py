@@ -246,6 +246,16 @@ def _print(*lines: str) -> None:
 
 
 # ----------------------------------------------------------------- train
+def _check_new_run_folder(final_dir: Path) -> None:
+    """Refuse a run folder that exists, finished or (``.partial``) interrupted."""
+    work_dir = final_dir.with_name(final_dir.name + PARTIAL_SUFFIX)
+    if final_dir.exists():
+        raise ConfigError(f"output_dir: {final_dir} already exists; choose another --output_dir")
+    if work_dir.exists():
+        raise ConfigError(f"output_dir: {work_dir} (an interrupted run) exists; resume it with --resume {work_dir} "
+                          "or choose another --output_dir")
+
+
 def train(argv: list[str]) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     argv, resume = _split_resume(list(argv))
@@ -267,6 +277,8 @@ def train(argv: list[str]) -> int:
 
         torch.set_num_threads(config.threads)
 
+    if resume is None and config.output_dir and writer:  # before minutes of data loading
+        _check_new_run_folder(Path(config.output_dir).resolve())
     # Data and network first: a bad file or setting stops here, before any folder or MLflow run exists.
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -286,10 +298,8 @@ def train(argv: list[str]) -> int:
         if not writer and os.environ.get(RUN_DIR_ENV):
             final_dir = Path(os.environ[RUN_DIR_ENV])  # rank 0's folder (its time stamp may differ from ours)
         work_dir = final_dir.with_name(final_dir.name + PARTIAL_SUFFIX)
-        for path in (final_dir, work_dir):
-            if writer and path.exists():
-                raise ConfigError(f"output_dir: {path} already exists; choose another --output_dir "
-                                  f"or resume it with --resume {work_dir}")
+        if writer:
+            _check_new_run_folder(final_dir)
     if writer and final_dir.exists():
         raise ConfigError(f"output_dir: {final_dir} already exists; cannot finish the resumed run into it")
 
