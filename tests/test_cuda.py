@@ -76,6 +76,30 @@ def masked_mae(pred, y):
     return metrics.masked_mae(pred.float(), y, y != 0)
 
 
+def test_a_forecaster_on_the_gpu_forecasts_what_it_does_on_the_cpu(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from gman.serving import package as pkg
+    from gman.serving.forecaster import Forecaster
+
+    ids = [f"s{i}" for i in range(N)]
+    path = pkg.save_package(tmp_path / "pkg", make_model().eval(), scaler_mean=55.0, scaler_std=10.0, sensor_ids=ids,
+                            interval=pd.Timedelta("5min"), missing_value=0.0, dataset_name="toy", units="mph")
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(55 + 10 * rng.standard_normal((P, N)), columns=ids,
+                         index=pd.date_range("2024-05-06 07:00", periods=P, freq="5min"))
+    frame.iloc[2, 3] = np.nan
+    on_cpu = Forecaster.load(path, backend="torch").predict(frame)
+    gpu = Forecaster.load(path, device="cuda")
+    assert gpu.device.type == "cuda" and gpu.backend == "torch"
+    on_gpu = gpu.predict({"a": frame, "b": frame})  # a batch of two
+    for key in ("a", "b"):
+        got = on_gpu[on_gpu["history"] == key].drop(columns="history").reset_index(drop=True)
+        np.testing.assert_allclose(got["prediction"], on_cpu["prediction"], rtol=0, atol=1e-2)  # mph
+        pd.testing.assert_frame_equal(got.drop(columns="prediction"), on_cpu.drop(columns="prediction"))
+
+
 def test_training_gradients_on_cuda_match_the_cpu_lean_paths():
     model = make_model().train()
     x, time_, y = make_batch()

@@ -61,6 +61,13 @@ def test_folded_network_matches_the_plain_one(batch_norm):
         assert difference <= TOLERANCE
 
 
+def test_folding_keeps_the_networks_dtype_and_device():
+    folded = fold_batch_norm(random_model().double())
+    assert {p.dtype for p in folded.parameters()} == {torch.float64}
+    x, time = random_inputs(2)
+    assert folded(x.double(), time).dtype == torch.float64
+
+
 def history(seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     values = 55 + 10 * rng.standard_normal((P + 3, len(SENSORS)))
@@ -86,6 +93,28 @@ def test_torch_backend_predicts_what_the_plain_network_predicts(tmp_path):
         expected = (model(x, time)[0] * 10.0 + 55.0).numpy()
     got = forecaster.predict(frame, layout="wide").to_numpy()
     assert np.abs(got - expected).max() <= TOLERANCE
+
+
+def test_device_choice_and_its_errors(tmp_path, monkeypatch):
+    path = save(tmp_path / "pkg", random_model())
+    plain = Forecaster.load(path, backend="torch")
+    on_cpu = Forecaster.load(path, device="cpu")
+    assert on_cpu.backend == "torch" or on_cpu.device == "cpu"
+    assert str(plain.to("cpu").device) == "cpu"
+    pd.testing.assert_frame_equal(on_cpu.predict(history()), plain.predict(history()))
+    for device, message in [("cdua", r"device: 'cdua' is not a torch device"),
+                            ("cuda:0" if not torch.cuda.is_available() else "cuda:99", r"device: 'cuda:(0|99)'")]:
+        with pytest.raises(DataError, match=message) as err:
+            Forecaster.load(path, device=device)
+        assert "\n" not in str(err.value)
+    monkeypatch.setenv("GMAN_DEVICE", "cdua")
+    with pytest.raises(DataError, match="'cdua'"):
+        Forecaster.load(path)
+    from gman.cli import main as gman_main
+
+    monkeypatch.delenv("GMAN_DEVICE")
+    argv = ["predict", "--model", str(path), "--input", "none.csv", "--output", str(tmp_path / "f.csv")]
+    assert gman_main([*argv, "--device", "cdua"]) == 2 and not (tmp_path / "f.csv").exists()
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +157,16 @@ def test_backend_choice(onnx_package, tmp_path, monkeypatch):
         Forecaster.load(plain, backend="onnx")
     with pytest.raises(DataError, match="backend"):
         Forecaster.load(plain, backend="tensorflow")
+
+
+def test_a_gpu_device_needs_the_torch_backend(onnx_package):
+    with pytest.raises(DataError, match=r"device: 'cuda' needs backend 'torch'"):
+        Forecaster.load(onnx_package, backend="onnx", device="cuda")
+    ort = Forecaster.load(onnx_package)
+    assert ort.backend == "onnxruntime" and ort.device == "cpu"
+    with pytest.raises(DataError, match=r"device: 'cuda' needs backend 'torch'"):
+        ort.to("cuda")
+    assert Forecaster.load(onnx_package, device="cpu").backend == "onnxruntime"  # the CPU keeps the default
 
 
 def test_tampered_graph_is_refused(onnx_package, tmp_path):

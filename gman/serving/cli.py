@@ -129,13 +129,18 @@ def predict_command(argv: list[str]) -> int:
     parser.add_argument("--sensors", default=None, help="--dataset: comma-separated sensor ids to plot (default: 3)")
     parser.add_argument("--plot-days", type=float, default=2.0, help="--dataset: days shown in the forecast plot")
     parser.add_argument("--no-plots", action="store_true", help="--dataset: skip the PNGs")
+    parser.add_argument("--device", default=None,
+                        help="torch device of the network, e.g. cuda (default: cpu, or GMAN_DEVICE)")
+    parser.add_argument("--batch-size", type=int, default=64, help="--dataset: windows per forward pass (default 64)")
     args = parser.parse_args(argv)
 
     output = Path(args.output)
     writer = _frame_writer(output, "--output")
     from gman.serving.forecaster import Forecaster
 
-    forecaster = Forecaster.load(args.model)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size: must be at least 1, got {args.batch_size}")
+    forecaster = Forecaster.load(args.model, device=args.device)
     if args.input is not None:
         history = read_history(Path(args.input))
         forecast = forecaster.predict(history, layout=args.layout)
@@ -153,7 +158,7 @@ def predict_command(argv: list[str]) -> int:
     sensors = _choose_sensors(args.sensors, forecaster.sensor_ids)  # before the work, not after
     dataset = load_dataset(args.dataset, **_parse_options(args.data_option))
     start, stop = chronological_split(dataset.num_steps, fractions)[SPLITS.index(args.split)]
-    forecast = rolling_forecast(forecaster, dataset, start, stop, stride=args.stride)
+    forecast = rolling_forecast(forecaster, dataset, start, stop, stride=args.stride, batch_size=args.batch_size)
     with _atomic_path(output) as tmp:
         writer(forecast, tmp, index=False)
     errors = errors_by_sensor(forecast, forecaster.sensor_ids)

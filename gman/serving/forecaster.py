@@ -37,6 +37,11 @@ preceding linear maps (:func:`gman.serving.inference.fold_batch_norm`; equal up
 to float rounding). ``threads`` sets ONNX Runtime's intra-op threads (default
 1, or ``GMAN_THREADS``); for PyTorch it calls ``torch.set_num_threads`` (a
 process-wide setting) only when given.
+
+Devices. ``device="cuda"`` (or ``GMAN_DEVICE``, or :meth:`Forecaster.to` later)
+runs the PyTorch network on that torch device; the histories are prepared on
+the CPU and only the ``[B, P, N]`` inputs and ``[B, Q, N]`` forecasts cross
+over. A device other than the CPU implies ``backend="torch"``.
 """
 from __future__ import annotations
 
@@ -91,6 +96,7 @@ class Forecaster:
             raise ValueError("Forecaster: needs a model, or an ONNX Runtime session and the package path")
         self._model = None if model is None else model.eval()
         self._net: Any = None  # the inference copy of the model (batch-norm folded), built on first use
+        self._device: Any = None  # torch.device the network runs on; None = where it was loaded (the CPU)
         self._session = session
         self._package_path = None if package_path is None else Path(package_path)
         self.metadata = metadata
@@ -106,12 +112,24 @@ class Forecaster:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, source: str | os.PathLike, *, backend: str | None = None, threads: int | None = None) -> "Forecaster":
+    def load(cls, source: str | os.PathLike, *, backend: str | None = None, threads: int | None = None,
+             device: str | None = None) -> "Forecaster":
         """Load from a package folder, a Lightning checkpoint file, an MLflow model folder, or an MLflow URI.
 
         ``backend``: "auto" (default, or ``GMAN_BACKEND``), "torch" or "onnx" (see the module docstring);
-        ``threads``: intra-op threads of the backend.
+        ``threads``: intra-op threads of the backend; ``device``: torch device of the network
+        ("cpu" by default, or ``GMAN_DEVICE``; "cuda", "cuda:1", ... imply the torch backend).
         """
+        device = device if device is not None else (os.environ.get("GMAN_DEVICE") or None)
+        if device is not None and str(device) != "cpu":
+            if _backend(backend) == "onnx":
+                raise DataError(f"device: {device!r} needs backend 'torch' (ONNX Runtime runs here on the CPU)")
+            backend = "torch"
+        forecaster = cls._load(source, backend=backend, threads=threads)
+        return forecaster if device is None else forecaster.to(device)
+
+    @classmethod
+    def _load(cls, source: str | os.PathLike, *, backend: str | None, threads: int | None) -> "Forecaster":
         text = os.fspath(source)
         options = dict(backend=backend, threads=threads)
         if _URI_SCHEME.match(text) and not Path(text).exists():
@@ -130,6 +148,34 @@ class Forecaster:
             _set_torch_threads(threads)
             return cls.from_checkpoint(path)
         raise DataError(f"model source {text!r}: no such file or folder, and not an MLflow URI")
+
+    def to(self, device: "str | torch.device") -> "Forecaster":
+        """Run the PyTorch network on ``device`` from now on (returns ``self``, like ``nn.Module.to``)."""
+        torch = _import_torch()
+        try:
+            target = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise DataError(f"device: {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+        if target.type != "cpu" and self._session is not None:
+            raise DataError(f"device: {device!r} needs backend 'torch' (ONNX Runtime runs here on the CPU); "
+                            "load with backend='torch'")
+        if target.type == "cuda" and not torch.cuda.is_available():
+            raise DataError(f"device: {device!r}, but CUDA is not available to this torch ({torch.__version__})")
+        if self._session is None:
+            try:
+                self._model = self.model.to(target)
+            except (RuntimeError, AssertionError) as err:  # an index past the device count, a backend not built
+                raise DataError(f"device: cannot use {device!r} ({' '.join(str(err).split())[:200]})") from None
+            self._net = None if self._net is None else self._net.to(target)
+        self._device = target
+        return self
+
+    @property
+    def device(self) -> "torch.device | str":
+        """Where the network runs: a torch device, or "cpu" for the ONNX Runtime backend."""
+        if self._session is not None:
+            return "cpu"
+        return self._device if self._device is not None else next(self.model.parameters()).device
 
     @classmethod
     def from_package(cls, path: str | os.PathLike, *, backend: str | None = None, threads: int | None = None) -> "Forecaster":
@@ -429,16 +475,21 @@ class Forecaster:
 
             self._net = fold_batch_norm(self.model)
         x = torch.from_numpy(self.normalise(values, mask))
+        time_t = torch.from_numpy(time)
+        if self._device is not None and self._device.type != "cpu":
+            x, time_t = x.to(self._device), time_t.to(self._device)
         with torch.inference_mode():
-            out = self._net(x, torch.from_numpy(time))
+            out = self._net(x, time_t).cpu()
         return (out.numpy() * self._std + self._mean).astype(np.float32)
 
     def predict_normalised(self, x: "torch.Tensor", time: "torch.Tensor") -> "torch.Tensor":
         """The network alone: normalised x [B, P, N], time [B, P+Q, 2] -> normalised forecast [B, Q, N]."""
         import torch
 
+        model = self.model
+        where = next(model.parameters()).device
         with torch.inference_mode():
-            return self.model(x, time)
+            return model(x.to(where), time.to(where)).to(x.device)
 
     def as_module(self, *, fold: bool = False) -> "ScaledGMAN":
         """The numeric part of :meth:`predict` as one torch module (raw readings in, data units out), for export.

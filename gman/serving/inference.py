@@ -38,7 +38,8 @@ def fold_batch_norm(model: GMAN) -> GMAN:
                 shift = norm.bias - norm.running_mean * scale  # c
                 weight = linear.weight * scale[:, None]
                 bias = shift if linear.bias is None else linear.bias * scale + shift
-                new = nn.Linear(linear.in_features, linear.out_features, bias=True)
+                new = nn.Linear(linear.in_features, linear.out_features, bias=True,
+                                device=linear.weight.device, dtype=linear.weight.dtype)
                 new.weight.copy_(weight)
                 new.bias.copy_(bias)
                 module.linears[i] = new
@@ -57,6 +58,7 @@ def fold_batch_norm(model: GMAN) -> GMAN:
 
 
 def _without_bias(linear: nn.Linear) -> nn.Linear:
-    new = nn.Linear(linear.in_features, linear.out_features, bias=False)
+    new = nn.Linear(linear.in_features, linear.out_features, bias=False,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
     new.weight.copy_(linear.weight)
     return new

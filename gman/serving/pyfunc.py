@@ -30,8 +30,8 @@ package itself must be installed where the model is served
 
 The server's Forecaster picks its backend as ``Forecaster.load`` does: ONNX
 Runtime when the package carries ``model.onnx`` and onnxruntime is installed,
-else PyTorch; the server's environment can set ``GMAN_BACKEND`` and
-``GMAN_THREADS``. Per request, beside the model (about 105 ms of CPU for
+else PyTorch; the server's environment can set ``GMAN_BACKEND``,
+``GMAN_THREADS`` and ``GMAN_DEVICE`` (e.g. ``cuda``: the network on a GPU). Per request, beside the model (about 105 ms of CPU for
 N = 207, L = 3 with ONNX Runtime), MLflow spends about 25 ms enforcing the
 input schema and 25 ms writing the 2,484-row JSON answer (measured in-process).
 """
