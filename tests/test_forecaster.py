@@ -198,7 +198,7 @@ def test_gman_predict_from_csv_and_long_parquet(forecaster, tmp_path, monkeypatc
 
     frame = series().iloc[:P + 2]
     expected = forecaster.predict(frame)
-    monkeypatch.setattr(Forecaster, "load", classmethod(lambda cls, source: forecaster))
+    monkeypatch.setattr(Forecaster, "load", classmethod(lambda cls, source, **options: forecaster))
 
     frame.rename_axis("timestamp").to_csv(tmp_path / "history.csv")
     assert main("predict", ["--model", "m", "--input", str(tmp_path / "history.csv"), "--output", str(tmp_path / "f.csv")]) == 0
@@ -223,7 +223,7 @@ def test_gman_predict_over_a_dataset_split(forecaster, tmp_path, monkeypatch):
 
     frame = series(steps=120).fillna(0.0)  # 0 = missing in the file, as in METR-LA
     frame.rename_axis("timestamp").to_csv(tmp_path / "toy.csv")
-    monkeypatch.setattr(Forecaster, "load", classmethod(lambda cls, source: forecaster))
+    monkeypatch.setattr(Forecaster, "load", classmethod(lambda cls, source, **options: forecaster))
     out = tmp_path / "test_forecast.parquet"
     argv = ["--model", "m", "--dataset", str(tmp_path / "toy.csv"), "--split", "test", "--output", str(out),
             "--stride", "2", "--sensors", "400017,400040"]
