@@ -10,7 +10,7 @@ import torch
 
 from gman.data.dataset import SensorDataset
 from gman.data.windows import StandardScaler, WindowDataset
-from gman.errors import DataError, ForecastInputError
+from gman.errors import ConfigError, DataError, ForecastInputError
 from gman.model import GMAN
 from gman.serving import package as pkg
 from gman.serving.forecaster import TIDY_COLUMNS, Forecaster
@@ -125,6 +125,38 @@ def test_sensors_without_a_reading_in_the_window_are_forecast_with_a_warning(for
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         forecaster.predict(series().iloc[:P])  # every sensor observed at least once: silent
+
+
+def test_a_model_trained_in_a_time_zone_reads_every_history_on_its_clock(tmp_path):
+    torch.manual_seed(0)
+    model = GMAN(num_nodes=len(SENSORS), steps_per_day=288, se_dim=6, history_steps=P, horizon_steps=Q,
+                 num_layers=1, num_heads=2, head_dim=4)
+    model.set_spatial_embedding(torch.randn(len(SENSORS), 6))
+    path = pkg.save_package(tmp_path / "la", model.eval(), scaler_mean=MEAN, scaler_std=STD, sensor_ids=SENSORS,
+                            interval=pd.Timedelta("5min"), missing_value=0.0, dataset_name="toy",
+                            timezone="America/Los_Angeles")
+    la = Forecaster.load(path)
+    assert la.timezone == "America/Los_Angeles"
+    local = series().iloc[:P].fillna(50.0)  # naive: Los Angeles wall-clock time
+    aware = local.tz_localize("America/Los_Angeles")
+    in_utc = aware.tz_convert("UTC")
+    expected = la.predict(local)["prediction"]
+    for history in (aware, in_utc):  # the same instants, written in other zones
+        forecast = la.predict(history)
+        np.testing.assert_array_equal(forecast["prediction"], expected)
+        assert forecast["issued_at"].iloc[0] == history.index[-1]  # in the history's own zone
+        assert forecast["target_time"].iloc[0] == history.index[-1] + pd.Timedelta("5min")
+    # a model without a zone reads a history's own wall clock, as it reads naive training data
+    naive_model = Forecaster.load(pkg.save_package(
+        tmp_path / "naive", model.eval(), scaler_mean=MEAN, scaler_std=STD, sensor_ids=SENSORS,
+        interval=pd.Timedelta("5min"), missing_value=0.0, dataset_name="toy"))
+    assert naive_model.timezone is None
+    np.testing.assert_array_equal(naive_model.predict(in_utc)["prediction"],
+                                  naive_model.predict(in_utc.tz_localize(None))["prediction"])
+    assert not np.array_equal(naive_model.predict(in_utc)["prediction"], expected)  # eight hours later on its clock
+    with pytest.raises(ConfigError, match="timezone: 'Nowhere/Land' is not a time zone"):
+        pkg.save_package(tmp_path / "bad", model.eval(), scaler_mean=MEAN, scaler_std=STD, sensor_ids=SENSORS,
+                         interval=pd.Timedelta("5min"), missing_value=0.0, dataset_name="toy", timezone="Nowhere/Land")
 
 
 def _unsorted(frame):

@@ -67,6 +67,29 @@ def test_mismatched_ids_name_both_files(shared_data, tmp_path):
     assert "unmatched_sensors: drop" in message  # the way out, named
 
 
+def test_timestamps_across_daylight_saving_time_need_and_take_a_timezone(tmp_path):
+    local = pd.date_range("2024-03-09", periods=600, freq="5min", tz="America/Los_Angeles", name="timestamp")
+    frame = small_frame(num_steps=600).set_axis(local, axis=0)
+    frame.to_csv(tmp_path / "local.csv")  # offsets -08:00 then -07:00
+    frame.tz_convert("UTC").to_csv(tmp_path / "utc.csv")
+    with pytest.raises(DataError, match=r"local.csv: column 'timestamp' holds timestamps with different UTC offsets .*timezone: America/Los_Angeles"):
+        load_dataset(tmp_path / "local.csv")
+    for name in ("local.csv", "utc.csv"):
+        ds = load_dataset(tmp_path / name, timezone="America/Los_Angeles")
+        assert str(ds.index.tz) == "America/Los_Angeles" and ds.index.equals(local) and ds.interval == pd.Timedelta("5min")
+        # the time of day is read on the local clock, which jumps from 01:55 to 03:00 on 2024-03-10
+        jump = int(np.argmax(local == pd.Timestamp("2024-03-10 03:00", tz="America/Los_Angeles")))
+        assert ds.time_features()[jump - 1].tolist() == [6, 23] and ds.time_features()[jump].tolist() == [6, 36]
+    assert str(load_dataset(tmp_path / "utc.csv").index.tz) == "UTC"  # one offset throughout: read as it is
+    naive = small_frame(num_steps=10, start="2024-07-01")
+    assert str(load_dataset(naive, timezone="Europe/Paris").index[0]) == "2024-07-01 00:00:00+02:00"
+    with pytest.raises(ConfigError, match="timezone: 'Mars/Olympus' is not a time zone name"):
+        load_dataset(naive, timezone="Mars/Olympus")
+    spring = small_frame(num_steps=30, start="2024-03-31 01:00")  # naive wall times that do not exist in Paris
+    with pytest.raises(DataError, match="naive timestamps cannot be placed in Europe/Paris"):
+        load_dataset(spring, timezone="Europe/Paris")
+
+
 def test_unmatched_sensors_drop_keeps_the_sensors_in_both(tmp_path):
     frame = small_frame(ids=("d", "a", "b", "c"))  # d has no node in the graph
     frame.to_csv(tmp_path / "v.csv")

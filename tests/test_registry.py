@@ -358,3 +358,15 @@ def test_import_drops_unmatched_sensors_and_fills_gaps_when_asked(data_root, tmp
     assert done.returncode == 0, done.stderr
     warned = [line for line in done.stderr.splitlines() if "warning" in line.lower()]
     assert len(warned) == 1 and warned[0].startswith("gman: warning: ") and "kept the 2 sensors in both" in warned[0]
+
+
+def test_import_reads_local_timestamps_across_daylight_saving_time_with_a_timezone(data_root, tmp_path, capsys):
+    index = pd.date_range("2024-11-02", periods=600, freq="5min", tz="America/Chicago", name="timestamp")
+    pd.DataFrame({"a": 1.0, "b": 2.0}, index=index).to_csv(tmp_path / "v.csv")  # -05:00, then -06:00
+    assert run_cli("import", "local", "--values", str(tmp_path / "v.csv")) == 2
+    assert "different UTC offsets" in capsys.readouterr().err
+    assert run_cli("import", "local", "--values", str(tmp_path / "v.csv"), "--timezone", "America/Chicago") == 0
+    from gman.data.readers import load_dataset
+
+    dataset = load_dataset("local")
+    assert str(dataset.index.tz) == "America/Chicago" and dataset.index.equals(index) and dataset.mask.all()

@@ -245,3 +245,14 @@ def test_gman_serve_refuses_a_taken_port_before_starting_mlflow(monkeypatch):
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
             serving_main("serve", ["some-model", "--port", str(port)])
+
+
+def test_payload_timestamps_across_a_daylight_saving_change_are_read_as_instants():
+    from gman.serving.pyfunc import frame_to_histories
+
+    start = pd.Timestamp("2024-11-03 06:30", tz="UTC").tz_convert("America/Chicago")  # 01:30 CDT; clocks go back at 02:00
+    stamps = pd.date_range(start, periods=12, freq="5min")
+    payload = pd.DataFrame({"timestamp": [t.isoformat() for t in stamps], "400001": 50.0})
+    assert payload["timestamp"].str[-6:].nunique() == 2  # -05:00, then -06:00
+    assert frame_to_histories(payload, timezone="America/Chicago").index.equals(stamps.rename("timestamp"))
+    assert frame_to_histories(payload).index.equals(stamps.tz_convert("UTC").rename("timestamp"))

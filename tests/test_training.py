@@ -294,3 +294,25 @@ def test_ema_weight_averaging_is_what_gets_tested(tmp_path):
     tested = module.state_dict()
     for key, value in averaged.items():
         torch.testing.assert_close(tested[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_the_package_records_the_time_zone_of_the_training_data(tmp_path):
+    import pandas as pd
+
+    index = pd.date_range("2024-03-01", periods=15 * 288, freq="5min", tz="America/New_York", name="timestamp")
+    rng = np.random.default_rng(0)
+    pd.DataFrame(rng.uniform(40, 60, (len(index), 3)), index=index, columns=["a", "b", "c"]).to_csv(tmp_path / "v.csv")
+    datamodule = GMANDataModule(dataset=str(tmp_path / "v.csv"), options={"timezone": "America/New_York"},
+                                history_steps=4, horizon_steps=3)
+    datamodule.setup()
+    module = GMANLightningModule(**TINY)
+    module.build_for(datamodule)
+    assert module.package_fields(datamodule)["timezone"] == "America/New_York"
+    from gman.serving.package import package_metadata
+
+    assert package_metadata(module.net, **module.package_fields(datamodule))["timezone"] == "America/New_York"
+    naive = GMANDataModule(**DATA)
+    naive.setup()
+    module = GMANLightningModule(**TINY)
+    module.build_for(naive)
+    assert module.package_fields(naive)["timezone"] is None

@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--sensor-ids", help="text file of sensor ids for data without ids (npz)")
     imp.add_argument("--start-time", help="timestamp of the first row, for files without timestamps")
     imp.add_argument("--interval", help="time step, e.g. 5min (needed with --start-time)")
+    imp.add_argument("--timezone", help="time zone of the timestamps, e.g. America/Los_Angeles "
+                                        "(needed when their UTC offset changes with daylight saving time)")
     imp.add_argument("--fill-gaps", action="store_true",
                      help="turn missing timestamps into missing readings instead of an error")
     imp.add_argument("--missing-value", default="0", help="reading that means missing besides NaN; 'none' = NaN only (default 0)")
@@ -235,7 +237,7 @@ def _import(args) -> int:
         "start_time": args.start_time, "interval": args.interval, "missing_value": missing_value,
         "graph_path": None if args.graph is None else str(args.graph), "graph_format": args.graph_format,
         "graph_sensor_ids": args.graph_sensor_ids, "graph_threshold": args.graph_threshold,
-        "unmatched_sensors": args.unmatched_sensors, "fill_gaps": args.fill_gaps or None,
+        "unmatched_sensors": args.unmatched_sensors, "fill_gaps": args.fill_gaps or None, "timezone": args.timezone,
         "name": name, "units": args.units,
     }
     options = {k: v for k, v in options.items() if v is not None or k == "missing_value"}

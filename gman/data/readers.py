@@ -67,6 +67,9 @@ READER_OPTIONS = {
     "sensor_column": "long format: sensor id column (default sensor_id)",
     "value_column": "long format: value column (default value)",
     "fill_gaps": "turn missing timestamps into missing readings instead of an error (default False)",
+    "timezone": "IANA time zone (e.g. America/Los_Angeles) the timestamps are converted to (tz-aware ones, "
+                "or ones whose UTC offset changes with daylight saving time) or taken to be in (naive ones); "
+                "the time of day and day of week are read in it",
     "name": "data set name (default: file stem or card name)",
     "units": "units of the readings, e.g. mph",
 }
@@ -239,7 +242,7 @@ def _read_wide(frame: pd.DataFrame, where: str, options: dict) -> _Table:
                 "give timestamp_column, or start_time and interval"
             )
     if timestamp_column is not None:
-        index = pd.DatetimeIndex(_parse_timestamps(frame[timestamp_column], where, timestamp_column))
+        index = pd.DatetimeIndex(_parse_timestamps(frame[timestamp_column], where, timestamp_column, options))
         frame = frame.drop(columns=[timestamp_column])
     if frame.shape[1] == 0:
         raise DataError(f"{where}: no sensor columns")
@@ -261,7 +264,7 @@ def _read_long(frame: pd.DataFrame, where: str, options: dict) -> _Table:
             raise DataError(f"{where}: long format needs a {role} column (have {list(frame.columns)[:6]})")
     if frame.shape[0] == 0:
         raise DataError(f"{where}: no data rows")
-    timestamps = _parse_timestamps(frame[timestamp_column], where, timestamp_column)
+    timestamps = _parse_timestamps(frame[timestamp_column], where, timestamp_column, options)
     sensors = frame[sensor_column].map(_id_text)
     values = _numeric_values(frame[[value_column]], where)[:, 0]
     long = pd.DataFrame({"t": timestamps, "s": sensors.to_numpy(), "v": values})
@@ -329,6 +332,8 @@ def _finish(table: _Table, where: str, options: dict, default_name: str) -> Sens
     index = pd.DatetimeIndex(index)
     if index.hasnans:
         raise DataError(f"{where}: empty timestamp at row {int(np.argmax(index.isna())) + 1}")
+    if options.get("timezone") is not None:
+        index = _in_timezone(index, options["timezone"], where)
     if index.unit != "ns":  # pandas 3 writes h5 indexes as datetime64[us]; older files are [ns]
         index = index.as_unit("ns")
 
@@ -474,15 +479,40 @@ def _numeric_values(frame: pd.DataFrame, where: str) -> np.ndarray:
     return values
 
 
-def _parse_timestamps(column: pd.Series, where: str, name: str) -> pd.Series:
+def _parse_timestamps(column: pd.Series, where: str, name: str, options: dict) -> pd.Series:
     if pd.api.types.is_datetime64_any_dtype(column):
         return column
-    parsed = pd.to_datetime(column, errors="coerce", format="mixed")
+    try:
+        parsed = pd.to_datetime(column, errors="coerce", format="mixed")
+        mixed_offsets = not pd.api.types.is_datetime64_any_dtype(parsed)  # pandas 2: object dtype, a warning
+    except ValueError:  # pandas 3: "Mixed timezones detected"
+        mixed_offsets = True
+    if mixed_offsets:  # offsets that change within the column: daylight saving time
+        if options.get("timezone") is None:
+            raise DataError(
+                f"{where}: column {name!r} holds timestamps with different UTC offsets (daylight saving time?); "
+                "give the timezone option, e.g. timezone: America/Los_Angeles"
+            )
+        parsed = pd.to_datetime(column, errors="coerce", format="mixed", utc=True)
     bad = parsed.isna() & column.notna()
     if bad.any():
         row = int(np.argmax(bad.to_numpy()))
         raise DataError(f"{where}: cannot parse {column.iloc[row]!r} in column {name!r}, data row {row + 1} as a timestamp")
     return parsed
+
+
+def _in_timezone(index: pd.DatetimeIndex, timezone: Any, where: str) -> pd.DatetimeIndex:
+    """``index`` converted to (tz-aware) or localised in (naive) the ``timezone`` option."""
+    try:
+        pd.Timestamp(0, tz=str(timezone))
+    except Exception:  # noqa: BLE001 - pandas raises several kinds for an unknown zone
+        raise ConfigError(f"timezone: {timezone!r} is not a time zone name (e.g. UTC, America/Los_Angeles)") from None
+    if index.tz is not None:
+        return index.tz_convert(str(timezone))
+    try:
+        return index.tz_localize(str(timezone), ambiguous="infer", nonexistent="raise")
+    except Exception as err:  # noqa: BLE001 - AmbiguousTimeError, NonExistentTimeError, ValueError
+        raise DataError(f"{where}: naive timestamps cannot be placed in {timezone}: {_first_line(err)}") from None
 
 
 def _parse_interval(interval, where: str) -> pd.Timedelta | None:

@@ -167,7 +167,7 @@ def predict_command(argv: list[str]) -> int:
     with _atomic_path(errors_path) as tmp:
         errors.to_csv(tmp, index=False)
     lines = [f"{len(forecast)} rows ({forecast['issued_at'].nunique()} forecasts, split {args.split}) -> {output}",
-             f"MAE by sensor -> {errors_path} (mean {errors['mae'].mean():.4g} {forecaster.units})".rstrip()]
+             f"MAE by sensor -> {errors_path} (mean {f'{errors.mae.mean():.4g} {forecaster.units}'.strip()})"]
     if not args.no_plots:
         vs_truth = output.with_name(f"{output.stem}_vs_truth.png")
         error_map = output.with_name(f"{output.stem}_error_map.png")
@@ -290,7 +290,7 @@ def rolling_forecast(
         raise ForecastInputError(f"dataset {dataset.name!r}: steps [{start}, {stop}) are fewer than P + Q = {p + q}")
     values = dataset.values[:, columns]
     mask = dataset.mask[:, columns]
-    time = dataset.time_features()
+    time = forecaster.time_features(dataset.index)
     predictions = []
     if batch_size is None:
         batch_size = 16 if str(forecaster.device) == "cpu" else 256
@@ -571,6 +571,7 @@ def _save_forecaster_package(forecaster: "Forecaster", path: Path) -> Path:
         path, forecaster.model, scaler_mean=meta["scaler"]["mean"], scaler_std=meta["scaler"]["std"],
         sensor_ids=forecaster.sensor_ids, interval=pd.Timedelta(seconds=meta["interval_seconds"]),
         missing_value=meta.get("missing_value"), dataset_name=meta.get("dataset_name", ""), units=meta.get("units", ""),
+        timezone=meta.get("timezone"),
     )
 
 

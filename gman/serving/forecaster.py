@@ -38,6 +38,12 @@ to float rounding). ``threads`` sets ONNX Runtime's intra-op threads (default
 1, or ``GMAN_THREADS``); for PyTorch it calls ``torch.set_num_threads`` (a
 process-wide setting) only when given.
 
+Time zones. A model trained on tz-aware timestamps records their zone
+(:attr:`Forecaster.timezone`); a tz-aware history is converted to it before the
+time of day is read, so the same instants give the same forecast whatever zone
+they are written in. Naive histories are read as wall-clock time in that zone.
+The forecast's timestamps stay in the history's own zone.
+
 Devices. ``device="cuda"`` (or ``GMAN_DEVICE``, or :meth:`Forecaster.to` later)
 runs the PyTorch network on that torch device; the histories are prepared on
 the CPU and only the ``[B, P, N]`` inputs and ``[B, Q, N]`` forecasts cross
@@ -107,6 +113,7 @@ class Forecaster:
         self._std = float(metadata["scaler"]["std"])
         missing = metadata.get("missing_value")
         self._missing_value = None if missing is None else float(missing)
+        self._timezone: str | None = metadata.get("timezone")
         self._columns_cache: tuple[tuple, np.ndarray, list[str]] | None = None
         self._tidy_constant: dict[str, Any] | None = None
 
@@ -294,6 +301,22 @@ class Forecaster:
         return self._missing_value
 
     @property
+    def timezone(self) -> str | None:
+        """Zone of the training data's timestamps (None: they were naive), where the model reads the time of day."""
+        return self._timezone
+
+    def time_features(self, index: pd.DatetimeIndex) -> np.ndarray:
+        """[T, 2] (day of week, time-of-day step) of ``index`` as the model learned them.
+
+        A tz-aware ``index`` is converted to the model's :attr:`timezone` first; naive
+        timestamps are taken to be wall-clock times there (or wherever the naive training
+        data was recorded).
+        """
+        if self._timezone is not None and index.tz is not None:
+            index = index.tz_convert(self._timezone)
+        return time_features(index, self._interval)
+
+    @property
     def units(self) -> str:
         return str(self.metadata.get("units", ""))
 
@@ -332,7 +355,7 @@ class Forecaster:
         values = np.stack([p[0] for p in prepared])
         mask = np.stack([p[1] for p in prepared])
         windows = [self.window_index(p[2]) for p in prepared]  # [P+Q] timestamps each
-        time = np.stack([time_features(w, self._interval) for w in windows])
+        time = np.stack([self.time_features(w) for w in windows])
         predictions = self.predict_arrays(values, mask, time)  # [B, Q, N]
 
         p = self.history_steps

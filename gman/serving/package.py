@@ -97,8 +97,12 @@ def package_metadata(
     missing_value: float | None,
     dataset_name: str,
     units: str = "",
+    timezone: str | None = None,
 ) -> dict[str, Any]:
     """The ``gman.json`` content for ``model`` (without the ``weights`` entry), validated.
+
+    ``timezone``: the zone of the training data's timestamps (None for naive ones), in which
+    the model read the time of day; a Forecaster converts tz-aware histories to it.
 
     Also what a training checkpoint should carry (under the key ``"gman_package"``)
     so that ``Forecaster.load`` can serve the checkpoint directly.
@@ -144,7 +148,21 @@ def package_metadata(
         "missing_value": missing_value,
         "dataset_name": str(dataset_name),
         "units": str(units),
+        "timezone": _check_timezone(timezone, "timezone"),
     }
+
+
+def _check_timezone(timezone: Any, where: str) -> str | None:
+    """``timezone`` as a name pandas reads back (``str`` of a tz object), or None."""
+    if timezone is None:
+        return None
+    import pandas as pd
+
+    try:
+        pd.Timestamp(0, tz=str(timezone))
+    except Exception:  # noqa: BLE001 - pandas raises several kinds for an unknown zone
+        raise ConfigError(f"{where}: {timezone!r} is not a time zone pandas knows") from None
+    return str(timezone)
 
 
 def _write_weights(state_dict: dict[str, "torch.Tensor"], folder: Path) -> Path:
@@ -174,6 +192,7 @@ def save_package(
     missing_value: float | None,
     dataset_name: str,
     units: str = "",
+    timezone: str | None = None,
 ) -> Path:
     """Write ``model`` and everything needed to serve it to the folder ``path``; returns ``path``.
 
@@ -190,6 +209,7 @@ def save_package(
         missing_value=missing_value,
         dataset_name=dataset_name,
         units=units,
+        timezone=timezone,
     )
     if target.exists():
         if not target.is_dir():
@@ -286,6 +306,10 @@ def check_metadata(metadata: Any, where: str) -> None:
         raise DataError(f"{where}: interval_seconds must be a whole number of seconds dividing one day, got {interval!r}")
     if SECONDS_PER_DAY // interval != metadata["steps_per_day"]:
         raise DataError(f"{where}: interval_seconds and steps_per_day disagree")
+    try:
+        _check_timezone(metadata.get("timezone"), "timezone")
+    except ConfigError as err:
+        raise DataError(f"{where}: {err}") from None
 
 
 def load_state_dict(path: str | os.PathLike, metadata: dict[str, Any]) -> dict[str, "torch.Tensor"]:

@@ -2,7 +2,7 @@
 
 REST payload (``POST /invocations``, ``Content-Type: application/json``) — the
 history as a DataFrame in pandas' split (or records) layout, one row per time
-step, a ``timestamp`` column (ISO 8601, timezone-naive) plus one column per sensor
+step, a ``timestamp`` column (ISO 8601; with or without UTC offsets) plus one column per sensor
 id; missing readings as ``null`` (or the model's missing value)::
 
     {"dataframe_split": {
@@ -74,7 +74,7 @@ class GMANPyfuncModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would derive a schema from them
         try:
-            histories = frame_to_histories(model_input)
+            histories = frame_to_histories(model_input, timezone=self.forecaster.timezone)
             forecast = self.forecaster.predict(histories)
         except GmanError as err:
             # MLflow's scoring server turns INVALID_PARAMETER_VALUE into HTTP 400 with this message.
@@ -84,13 +84,24 @@ class GMANPyfuncModel(mlflow.pyfunc.PythonModel):
         return forecast_to_json_frame(forecast)
 
 
-def frame_to_histories(frame: Any) -> pd.DataFrame | dict[str, pd.DataFrame]:
-    """Payload DataFrame (``timestamp`` column + sensor columns [+ ``history_id``]) -> history / dict of histories."""
+def frame_to_histories(frame: Any, timezone: str | None = None) -> pd.DataFrame | dict[str, pd.DataFrame]:
+    """Payload DataFrame (``timestamp`` column + sensor columns [+ ``history_id``]) -> history / dict of histories.
+
+    Timestamps whose UTC offsets differ (a history across a daylight-saving change) are read
+    as instants and written in ``timezone`` (the model's; UTC for a model without one).
+    """
     if not isinstance(frame, pd.DataFrame):
         raise ForecastInputError(f"payload: expected a DataFrame (dataframe_split or dataframe_records), got {type(frame).__name__}")
     if TIMESTAMP_COLUMN in frame.columns:
         try:
-            index = pd.DatetimeIndex(pd.to_datetime(frame[TIMESTAMP_COLUMN]), name=TIMESTAMP_COLUMN)
+            try:
+                parsed = pd.to_datetime(frame[TIMESTAMP_COLUMN])
+                mixed_offsets = not pd.api.types.is_datetime64_any_dtype(parsed)
+            except ValueError:
+                mixed_offsets = True
+            if mixed_offsets:
+                parsed = pd.to_datetime(frame[TIMESTAMP_COLUMN], utc=True).dt.tz_convert(timezone or "UTC")
+            index = pd.DatetimeIndex(parsed, name=TIMESTAMP_COLUMN)
         except (TypeError, ValueError) as err:
             raise ForecastInputError(f"payload: column {TIMESTAMP_COLUMN!r} holds values that are not timestamps ({err})") from None
         frame = frame.drop(columns=TIMESTAMP_COLUMN).set_axis(index, axis=0)

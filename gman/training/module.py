@@ -218,6 +218,7 @@ class GMANLightningModule(L.LightningModule):
             sensor_ids=list(datamodule.sensor_ids), interval=dataset.interval,
             missing_value=getattr(datamodule, "missing_value", None), dataset_name=dataset.name,
             units=getattr(dataset, "units", ""),
+            timezone=None if dataset.index.tz is None else str(dataset.index.tz),
         )
 
     # ----------------------------------------------------------------- forward
