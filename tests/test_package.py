@@ -177,3 +177,27 @@ def test_loading_imports_neither_lightning_nor_pyg(tmp_path):
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_top_level_names_are_there_and_import_nothing_heavy_until_used():
+    import subprocess
+
+    code = (
+        "import sys, gman\n"
+        "assert not [m for m in ('torch', 'lightning', 'pandas') if m in sys.modules]\n"
+        "assert {'Forecaster', 'GMAN', 'GMANDataModule', 'GMANLightningModule', 'load_dataset'} <= set(dir(gman))\n"
+        "from gman import GMAN, GMANDataModule, GMANLightningModule, load_dataset\n"
+        "import gman.model, gman.data.datamodule, gman.training.module, gman.data.readers\n"
+        "assert GMAN is gman.model.GMAN and GMANDataModule is gman.data.datamodule.GMANDataModule\n"
+        "assert GMANLightningModule is gman.training.module.GMANLightningModule\n"
+        "assert load_dataset is gman.data.readers.load_dataset\n"
+        "from gman.training import GMANLightningModule as M, HorizonMetrics\n"
+        "assert M is GMANLightningModule\n"
+        "try:\n"
+        "    gman.Nope\n"
+        "except AttributeError as err:\n"
+        "    assert 'Nope' in str(err)\n"
+        "else:\n"
+        "    raise SystemExit('gman.Nope resolved')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
