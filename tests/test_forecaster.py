@@ -294,3 +294,16 @@ def test_error_map_uses_sensor_locations(shared_data, tmp_path):
     errors = pd.DataFrame({"sensor_id": metr.index, "mae": np.linspace(1, 5, len(metr))})
     plot_error_map(errors, metr, tmp_path / "map.png", units="mph", title="metr-la")
     assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_history_files_across_a_daylight_saving_change_are_read_as_instants(tmp_path):
+    from gman.serving.cli import read_history
+
+    start = pd.Timestamp("2024-11-03 06:30", tz="UTC").tz_convert("America/Chicago")  # 01:30 CDT, clocks go back
+    stamps = pd.date_range(start, periods=P + 6, freq="5min", name="timestamp")
+    pd.DataFrame({"400001": 50.0}, index=stamps).to_csv(tmp_path / "h.csv")  # offsets -05:00 then -06:00
+    assert read_history(tmp_path / "h.csv", "America/Chicago").index.equals(stamps)
+    assert read_history(tmp_path / "h.csv").index.equals(stamps.tz_convert("UTC"))
+    with pytest.raises(ForecastInputError, match="does not hold timestamps"):
+        pd.DataFrame({"timestamp": ["x"] * 3, "400001": 1.0}).to_csv(tmp_path / "bad.csv", index=False)
+        read_history(tmp_path / "bad.csv")

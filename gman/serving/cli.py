@@ -143,7 +143,7 @@ def predict_command(argv: list[str]) -> int:
         parser.error(f"--batch-size: must be at least 1, got {args.batch_size}")
     forecaster = Forecaster.load(args.model, device=args.device)
     if args.input is not None:
-        history = read_history(Path(args.input))
+        history = read_history(Path(args.input), forecaster.timezone)
         forecast = forecaster.predict(history, layout=args.layout)
         with _atomic_path(output) as tmp:
             writer(forecast, tmp, index=args.layout == "wide")
@@ -224,9 +224,15 @@ def _parse_fractions(text: str) -> tuple[float, float, float]:
     return fractions  # type: ignore[return-value]
 
 
-def read_history(path: Path) -> "pd.DataFrame":
-    """A history file -> DataFrame (DatetimeIndex x sensor-id columns); long tables are pivoted."""
+def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
+    """A history file -> DataFrame (DatetimeIndex x sensor-id columns); long tables are pivoted.
+
+    Timestamps with changing UTC offsets are written in ``timezone`` (the model's), see
+    :func:`gman.serving.forecaster.parse_instants`.
+    """
     import pandas as pd
+
+    from gman.serving.forecaster import parse_instants
 
     if not path.is_file():
         raise DataError(f"{path}: no such history file")
@@ -255,7 +261,7 @@ def read_history(path: Path) -> "pd.DataFrame":
         return frame
     column = "timestamp" if "timestamp" in frame.columns else frame.columns[0]
     try:
-        index = pd.DatetimeIndex(pd.to_datetime(frame[column]), name="timestamp")
+        index = parse_instants(frame[column], timezone).rename("timestamp")
     except (TypeError, ValueError):
         raise ForecastInputError(f"{path}: column {column!r} does not hold timestamps (need a 'timestamp' column)") from None
     return frame.drop(columns=column).set_axis(index, axis=0)

@@ -603,6 +603,23 @@ def _where(key: Any, single: bool) -> str:
     return "history" if single else f"history[{key!r}]"
 
 
+def parse_instants(values: Any, timezone: str | None = None) -> pd.DatetimeIndex:
+    """Timestamps (strings or datetimes) -> DatetimeIndex; raises ValueError / TypeError for others.
+
+    Timestamps whose UTC offsets differ (a history across a daylight-saving change) are read
+    as instants and written in ``timezone`` (a model's :attr:`Forecaster.timezone`; UTC when None).
+    """
+    try:
+        parsed = pd.to_datetime(values)
+        mixed_offsets = not pd.api.types.is_datetime64_any_dtype(parsed)  # pandas 2: object dtype
+    except ValueError:  # pandas 3: "Mixed timezones detected"
+        mixed_offsets = True
+    if mixed_offsets:
+        parsed = pd.to_datetime(values, utc=True)
+        parsed = parsed.tz_convert(timezone or "UTC") if isinstance(parsed, pd.DatetimeIndex) else parsed.dt.tz_convert(timezone or "UTC")
+    return pd.DatetimeIndex(parsed)
+
+
 def _find_package(folder: Path) -> Path | None:
     """The gman package inside an MLflow model folder (``MLmodel`` + ``artifacts/<name>/gman.json``), if any."""
     if pkg.is_package(folder):

@@ -93,15 +93,10 @@ def frame_to_histories(frame: Any, timezone: str | None = None) -> pd.DataFrame 
     if not isinstance(frame, pd.DataFrame):
         raise ForecastInputError(f"payload: expected a DataFrame (dataframe_split or dataframe_records), got {type(frame).__name__}")
     if TIMESTAMP_COLUMN in frame.columns:
+        from gman.serving.forecaster import parse_instants
+
         try:
-            try:
-                parsed = pd.to_datetime(frame[TIMESTAMP_COLUMN])
-                mixed_offsets = not pd.api.types.is_datetime64_any_dtype(parsed)
-            except ValueError:
-                mixed_offsets = True
-            if mixed_offsets:
-                parsed = pd.to_datetime(frame[TIMESTAMP_COLUMN], utc=True).dt.tz_convert(timezone or "UTC")
-            index = pd.DatetimeIndex(parsed, name=TIMESTAMP_COLUMN)
+            index = parse_instants(frame[TIMESTAMP_COLUMN], timezone).rename(TIMESTAMP_COLUMN)
         except (TypeError, ValueError) as err:
             raise ForecastInputError(f"payload: column {TIMESTAMP_COLUMN!r} holds values that are not timestamps ({err})") from None
         frame = frame.drop(columns=TIMESTAMP_COLUMN).set_axis(index, axis=0)
