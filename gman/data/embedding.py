@@ -232,18 +232,29 @@ class SkipGramCounts:
         import torch
 
         self.num_nodes, self.window, self.num_negatives = num_nodes, window, num_negatives
-        self.positive = torch.zeros(num_nodes * num_nodes, dtype=torch.float64)
+        # window * C as exact integers: a pair k steps apart adds window - k + 1
+        self.scaled_counts = torch.zeros(num_nodes * num_nodes, dtype=torch.int64)
 
     def add_walks(self, walks: "torch.Tensor") -> None:
-        """Accumulate the weighted pairs of walks [B, L] (both directions) into ``C``."""
+        """Accumulate the weighted pairs of walks [B, L] (both directions) into ``C``.
+
+        Scattered straight into the [N·N] counts (``index_add_``): a ``bincount`` per
+        offset allocated and added an N² array each time, which made counting the
+        slowest part for a few thousand nodes (2,025-node grid: 27.9 s of 34).
+        """
         import torch
 
         n = self.num_nodes
         for k in range(1, min(self.window, walks.shape[1] - 1) + 1):
-            weight = (self.window - k + 1) / self.window
             before, after = walks[:, :-k].reshape(-1), walks[:, k:].reshape(-1)
             pairs = torch.cat([before * n + after, after * n + before])
-            self.positive += weight * torch.bincount(pairs, minlength=n * n).double()
+            weight = torch.full((1,), self.window - k + 1, dtype=torch.int64).expand(len(pairs))
+            self.scaled_counts.index_add_(0, pairs, weight)
+
+    @property
+    def positive(self) -> "torch.Tensor":
+        """C [N·N] float64: the weighted pair counts."""
+        return self.scaled_counts.double() / self.window
 
     def matrices(self) -> tuple["torch.Tensor", "torch.Tensor"]:
         """(C [N, N], C_neg [N, N]) float32, both divided by sum(C)."""
