@@ -102,8 +102,9 @@ def _two_cliques() -> np.ndarray:
 SMALL = dict(dim=8, walk_length=20, walks_per_node=20, window=4, steps=200, progress=False)
 
 
-def test_node2vec_separates_two_cliques(tmp_path):
-    vectors = node2vec_embedding(_two_cliques(), cache_dir=False, **SMALL)
+@pytest.mark.parametrize("method", ["dense", "sampled"])
+def test_node2vec_separates_two_cliques(tmp_path, method):
+    vectors = node2vec_embedding(_two_cliques(), cache_dir=False, method=method, batch_pairs=512, **SMALL)
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     cosine = unit @ unit.T
     block = np.zeros((12, 12), dtype=bool)
@@ -145,8 +146,50 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
         (-np.ones((2, 2)), {}, ">= 0"),
         (np.ones((2, 2)), {"p": 0.0}, "p and q must be > 0"),
         (np.ones((2, 2)), {"window": 0}, "window must be an integer >= 1"),
+        (np.ones((2, 2)), {"method": "exact"}, "method must be 'auto', 'dense' or 'sampled'"),
+        (np.ones((2, 2)), {"batch_pairs": 0}, "batch_pairs must be an integer >= 1"),
     ],
 )
 def test_node2vec_bad_arguments(graph, kwargs, problem):
     with pytest.raises(DataError, match=problem):
         node2vec_embedding(graph, cache_dir=False, **{**SMALL, **kwargs})
+
+
+def test_sampled_objective_gradients_are_those_of_its_estimate():
+    """The hand-written gradients of the sampled skip-gram loss equal autograd's on the same draws."""
+    import torch.nn.functional as F
+
+    walker = BiasedRandomWalker(_two_cliques(), p=2.0, q=1.0)
+    counts = embedding.SkipGramCounts(12, window=3, num_negatives=5)
+    counts.add_walks(walker.walk(torch.arange(12).repeat(5), 10, torch.Generator().manual_seed(0)))
+    u = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    loss = embedding._sampled_loss(counts, u, v, 5, 64, torch.Generator().manual_seed(1))()
+    grad_u, grad_v = u.grad.clone(), v.grad.clone()
+
+    anchor, context, pair_weight, row, noise = counts.sparse()
+    assert float(pair_weight.sum()) == pytest.approx(1.0) and float(row.sum()) == pytest.approx(1.0)
+    generator = torch.Generator().manual_seed(1)  # the same draws, in the same order
+
+    def draw(weights):
+        cdf = torch.cumsum(weights, 0)
+        return torch.searchsorted(cdf, torch.rand(64, generator=generator, dtype=torch.float64) * cdf[-1], right=True)
+
+    pairs = draw(pair_weight)
+    a, c, na, nn = anchor[pairs], context[pairs], draw(row), draw(noise)
+    u.grad = v.grad = None
+    expected = -F.logsigmoid((u[a] * v[c]).sum(1)).mean() - 5 * F.logsigmoid(-(u[na] * v[nn]).sum(1)).mean()
+    expected.backward()
+    assert float(loss) == pytest.approx(float(expected.detach()), rel=1e-12)
+    torch.testing.assert_close(grad_u, u.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad_v, v.grad, rtol=0, atol=1e-12)
+
+
+def test_auto_switches_to_sampling_above_the_dense_limit_and_keys_the_cache_by_it(tmp_path, monkeypatch):
+    graph = _two_cliques()
+    dense = node2vec_embedding(graph, cache_dir=tmp_path, **SMALL)
+    monkeypatch.setattr(embedding, "DENSE_MAX_NODES", 11)  # 12 nodes: above the limit now
+    sampled = node2vec_embedding(graph, cache_dir=tmp_path, batch_pairs=512, **SMALL)
+    assert len(list(tmp_path.iterdir())) == 2 and not np.array_equal(dense, sampled)
+    assert np.array_equal(node2vec_embedding(graph, cache_dir=False, method="sampled", batch_pairs=512, **SMALL), sampled)
+    assert np.array_equal(node2vec_embedding(graph, cache_dir=False, method="dense", **SMALL), dense)
