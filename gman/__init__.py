@@ -9,7 +9,7 @@ imported by the sub-modules that need them, on first use.
 """
 from __future__ import annotations
 
-import importlib
+from gman._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -25,14 +25,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = [*sorted(_EXPORTS), "__version__"]
 
 
-def __getattr__(name: str):
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'gman' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -5,7 +5,7 @@ torch and pandas, but never Lightning or PyG; MLflow only for ``log_model``.
 """
 from __future__ import annotations
 
-import importlib
+from gman._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "Forecaster": "gman.serving.forecaster",
@@ -17,8 +17,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'gman.serving' has no attribute {name!r}")
-    return getattr(importlib.import_module(module_name), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
