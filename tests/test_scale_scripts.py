@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import gpu_epoch  # noqa: E402
 import group_accuracy  # noqa: E402
 import memory_steady_state  # noqa: E402
+import node2vec_scale  # noqa: E402
 import scale_benchmark  # noqa: E402
 
 
@@ -187,3 +188,15 @@ def test_lightning_epoch_times_the_product_training_loop_on_the_cpu(tmp_path):
     assert eager["train_windows"] >= 40  # the 70 % training part holds at least --windows windows
     with pytest.raises(SystemExit):
         lightning_epoch.parse_args(["--variants", "turbo"])
+
+
+def test_node2vec_scale_times_both_methods_on_a_grid(tmp_path, monkeypatch):
+    grid = node2vec_scale.grid_graph(3)
+    assert grid.sum() == 2 * 12 and np.array_equal(grid, grid.T)  # 12 undirected edges of a 3 x 3 grid
+    out = tmp_path / "scale.json"
+    monkeypatch.setattr(sys, "argv", ["node2vec_scale.py", "--sides", "3", "--skip", "3:dense", "--threads", "1",
+                                      "--out", str(out)])
+    node2vec_scale.main()
+    (record,) = json.loads(out.read_text())["records"]
+    assert (record["nodes"], record["method"]) == (9, "sampled") and record["seconds"] >= 0
+    assert record["gap"] > 0 and 0.5 < record["neighbour_vs_random_auc"] <= 1
