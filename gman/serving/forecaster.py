@@ -610,12 +610,12 @@ def parse_instants(values: Any, timezone: str | None = None) -> pd.DatetimeIndex
     as instants and written in ``timezone`` (a model's :attr:`Forecaster.timezone`; UTC when None).
     """
     try:
-        parsed = pd.to_datetime(values)
+        parsed = pd.to_datetime(values, format="mixed")  # each value on its own, as the readers do
         mixed_offsets = not pd.api.types.is_datetime64_any_dtype(parsed)  # pandas 2: object dtype
     except ValueError:  # pandas 3: "Mixed timezones detected"
         mixed_offsets = True
     if mixed_offsets:
-        parsed = pd.to_datetime(values, utc=True)
+        parsed = pd.to_datetime(values, format="mixed", utc=True)
         parsed = parsed.tz_convert(timezone or "UTC") if isinstance(parsed, pd.DatetimeIndex) else parsed.dt.tz_convert(timezone or "UTC")
     return pd.DatetimeIndex(parsed)
 
