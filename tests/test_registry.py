@@ -370,3 +370,6 @@ def test_import_reads_local_timestamps_across_daylight_saving_time_with_a_timezo
 
     dataset = load_dataset("local")
     assert str(dataset.index.tz) == "America/Chicago" and dataset.index.equals(index) and dataset.mask.all()
+    capsys.readouterr()
+    assert run_cli("check", "local") == 0
+    assert "time zone: America/Chicago" in capsys.readouterr().out

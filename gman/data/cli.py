@@ -164,6 +164,8 @@ def _check(args) -> int:
     observed = dataset.mask.mean(axis=0)
     print(f"  sensors: {dataset.num_nodes}")
     print(f"  steps: {dataset.num_steps} ({dataset.index[0]} .. {dataset.index[-1]}), interval {_interval_text(dataset.interval)}")
+    zone = dataset.index.tz
+    print(f"  time zone: {zone} (time of day read there)" if zone is not None else "  time zone: none (naive timestamps)")
     print(f"  missing: {100 * (1 - dataset.mask.mean()):.2f} % of readings; "
           f"{int((observed == 0).sum())} sensor(s) never observed")
     split = card.raw.get("split")
