@@ -307,3 +307,14 @@ def test_history_files_across_a_daylight_saving_change_are_read_as_instants(tmp_
     with pytest.raises(ForecastInputError, match="does not hold timestamps"):
         pd.DataFrame({"timestamp": ["x"] * 3, "400001": 1.0}).to_csv(tmp_path / "bad.csv", index=False)
         read_history(tmp_path / "bad.csv")
+
+
+def test_many_histories_run_in_batches_and_give_what_one_at_a_time_gives(forecaster):
+    frame = series(steps=60).fillna(50.0)
+    histories = [frame.iloc[i:i + P] for i in range(40)]  # 40 > batch_size: three forward passes
+    assert forecaster.batch_size == 16
+    together = forecaster.predict(histories)
+    for i in (0, 15, 16, 39):
+        alone = forecaster.predict(histories[i])
+        got = together[together["history"] == i].drop(columns="history").reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, alone, rtol=1e-5)

@@ -299,7 +299,7 @@ def rolling_forecast(
     time = forecaster.time_features(dataset.index)
     predictions = []
     if batch_size is None:
-        batch_size = 16 if str(forecaster.device) == "cpu" else 256
+        batch_size = forecaster.batch_size
     for lo in range(0, len(starts), batch_size):
         chunk = starts[lo : lo + batch_size]
         history = chunk[:, None] + np.arange(p)  # [b, P] step numbers

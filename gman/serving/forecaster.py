@@ -484,10 +484,19 @@ class Forecaster:
         return np.where(mask, (values - self._mean) / self._std, 0.0).astype(np.float32)
 
     def predict_arrays(self, values: np.ndarray, mask: np.ndarray, time: np.ndarray) -> np.ndarray:
-        """Forecasts [B, Q, N] float32 in data units from values/mask [B, P, N] and time [B, P+Q, 2]."""
+        """Forecasts [B, Q, N] float32 in data units from values/mask [B, P, N] and time [B, P+Q, 2].
+
+        Runs :attr:`batch_size` windows per forward pass: on the CPU a larger batch falls out
+        of cache (N = 207, L = 3, 2 cores: 53.5 ms per window at 16, 72.9 at 64; 200
+        histories in one pass took 82 ms each and 1.5 GB).
+        """
         values = np.asarray(values, dtype=np.float32)
         mask = np.asarray(mask, dtype=bool)
         time = np.ascontiguousarray(time, dtype=np.int64)
+        step = self.batch_size
+        if len(values) > step:
+            return np.concatenate([self.predict_arrays(values[lo:lo + step], mask[lo:lo + step], time[lo:lo + step])
+                                   for lo in range(0, len(values), step)])
         if self._session is not None:  # the graph reads raw values: NaN = missing
             raw = np.where(mask, values, np.float32(np.nan)).astype(np.float32, copy=False)
             (out,) = self._session.run(None, {"values": raw, "time": time})
@@ -504,6 +513,11 @@ class Forecaster:
         with torch.inference_mode():
             out = self._net(x, time_t).cpu()
         return (out.numpy() * self._std + self._mean).astype(np.float32)
+
+    @property
+    def batch_size(self) -> int:
+        """Windows per forward pass in :meth:`predict_arrays`: 16 on the CPU, 256 on a GPU."""
+        return 16 if str(self.device) == "cpu" else 256
 
     def predict_normalised(self, x: "torch.Tensor", time: "torch.Tensor") -> "torch.Tensor":
         """The network alone: normalised x [B, P, N], time [B, P+Q, 2] -> normalised forecast [B, Q, N]."""
