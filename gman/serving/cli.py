@@ -272,9 +272,7 @@ def rolling_forecast(
 ) -> "pd.DataFrame":
     """Forecasts issued at steps ``start+P-1, start+P-1+stride, ...`` of ``dataset`` within [start, stop).
 
-    ``batch_size`` windows per forward pass; by default 16 on the CPU, where larger batches
-    fall out of cache (N = 207, L = 3, 2 cores: 52.6 ms per window at 8, 53.5 at 16, 72.9 at
-    64, 64.5 at 1), and 256 on a GPU.
+    ``batch_size`` windows per forward pass (default :attr:`Forecaster.batch_size`).
 
     Each forecast's history and truth lie inside the range (the windows of
     ``WindowDataset``). Returns the tidy forecast plus ``truth`` (NaN where missing).

@@ -487,8 +487,8 @@ class Forecaster:
         """Forecasts [B, Q, N] float32 in data units from values/mask [B, P, N] and time [B, P+Q, 2].
 
         Runs :attr:`batch_size` windows per forward pass: on the CPU a larger batch falls out
-        of cache (N = 207, L = 3, 2 cores: 53.5 ms per window at 16, 72.9 at 64; 200
-        histories in one pass took 82 ms each and 1.5 GB).
+        of cache (N = 207, L = 3, 2 cores, per window: 64.5 ms at B = 1, 52.6 at 8, 53.5 at 16,
+        72.9 at 64; 200 histories in one pass took 82 ms each and 1.5 GB).
         """
         values = np.asarray(values, dtype=np.float32)
         mask = np.asarray(mask, dtype=bool)
