@@ -136,6 +136,10 @@ def test_gaussian_kernel_by_hand():
     expected[expected < 0.1] = 0
     assert expected[0, 2] == 0  # exp(-(3/0.816)^2) is cut by the threshold
     assert np.allclose(adjacency, expected, atol=1e-7)
+    # a sensor the distances never mention is isolated, and said to be
+    with pytest.warns(UserWarning, match=r"1 of the 4 sensors are in no row of the distances, e\.g\. \['d'\]"):
+        isolated = gaussian_kernel_adjacency(distances, ["a", "b", "c", "d"], threshold=0.1)
+    assert np.allclose(isolated[:3, :3], expected, atol=1e-7) and isolated[3].tolist() == [0, 0, 0, 1]
 
 
 def test_edge_index_round_trip_and_stats():

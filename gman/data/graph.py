@@ -164,6 +164,14 @@ def gaussian_kernel_adjacency(
     keep = (rows >= 0) & (cols >= 0)
     if not keep.any():
         raise DataError(f"{source}: no row connects two of the {len(ids)} given sensors (ids do not match)")
+    # A sensor in no row at all is unknown to the file (an id that differs?); one with only its
+    # zero self-distance is known and isolated, as 4 of PEMS-BAY's 325 are in DCRNN's graph.
+    mentioned = np.zeros(len(ids), dtype=bool)
+    mentioned[rows[keep]] = mentioned[cols[keep]] = True
+    if not mentioned.all():
+        unknown = [ids[i] for i in np.flatnonzero(~mentioned)]
+        warnings.warn(f"{source}: {len(unknown)} of the {len(ids)} sensors are in no row of the distances, "
+                      f"e.g. {unknown[:3]}: they have no edges", stacklevel=2)
     rows, cols, cost = _drop_repeated_edges(rows[keep], cols[keep], cost[keep], ids, source)
     dist = np.full((len(ids), len(ids)), np.inf)
     dist[rows, cols] = cost
