@@ -282,6 +282,13 @@ def test_gman_predict_over_a_dataset_split(forecaster, tmp_path, monkeypatch):
     for name in ("test_forecast_vs_truth.png", "test_forecast_error_map.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # --split all: forecasts issued from the first full history to the last full window of the file
+    everything = tmp_path / "all.parquet"
+    assert main("predict", ["--model", "m", "--dataset", str(tmp_path / "toy.csv"), "--split", "all",
+                            "--output", str(everything), "--no-plots"]) == 0
+    issued_all = pd.read_parquet(everything)["issued_at"].unique()
+    assert list(issued_all) == list(frame.index[P - 1 : 120 - Q])
+
 
 def test_error_map_uses_sensor_locations(shared_data, tmp_path):
     from gman.serving.cli import plot_error_map, read_locations

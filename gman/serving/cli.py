@@ -122,7 +122,9 @@ def predict_command(argv: list[str]) -> int:
     parser.add_argument("--layout", choices=("tidy", "wide"), default="tidy", help="--input only: output layout")
     parser.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
                         help="--dataset: reader / synthetic option, e.g. num_sensors=10 (repeatable; YAML values)")
-    parser.add_argument("--split", choices=SPLITS, default="test", help="--dataset: which split (default test)")
+    parser.add_argument("--split", choices=(*SPLITS, "all"), default="test",
+                        help="--dataset: which split (default test); 'all' forecasts over the whole series "
+                             "(new data the model has not seen)")
     parser.add_argument("--split-fractions", default=None,
                         help="--dataset: train,val,test fractions (default: the card's split, else 0.7,0.1,0.2)")
     parser.add_argument("--stride", type=int, default=1, help="--dataset: issue a forecast every STRIDE steps")
@@ -158,7 +160,10 @@ def predict_command(argv: list[str]) -> int:
     fractions = _parse_fractions(args.split_fractions) if args.split_fractions else _card_split(args.dataset)
     sensors = _choose_sensors(args.sensors, forecaster.sensor_ids)  # before the work, not after
     dataset = load_dataset(args.dataset, **_parse_options(args.data_option))
-    start, stop = chronological_split(dataset.num_steps, fractions)[SPLITS.index(args.split)]
+    if args.split == "all":
+        start, stop = 0, dataset.num_steps
+    else:
+        start, stop = chronological_split(dataset.num_steps, fractions)[SPLITS.index(args.split)]
     forecast = rolling_forecast(forecaster, dataset, start, stop, stride=args.stride, batch_size=args.batch_size)
     with _atomic_path(output) as tmp:
         writer(forecast, tmp, index=False)
