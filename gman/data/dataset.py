@@ -187,6 +187,32 @@ def time_features(index: pd.DatetimeIndex, interval: pd.Timedelta) -> np.ndarray
     return np.stack([day_of_week, time_of_day], axis=1)
 
 
+class MixedOffsetsError(ValueError):
+    """Timestamps with different UTC offsets, and no time zone to write them in."""
+
+
+def parse_timestamps(values, zone_for_mixed_offsets: str | None = None, *, errors: str = "raise"):
+    """Timestamp strings or datetimes -> datetimes (a Series for a Series, an index otherwise),
+    each value parsed on its own (``format="mixed"``).
+
+    Values whose UTC offsets differ (a series across a daylight-saving change) are read as
+    instants and written in ``zone_for_mixed_offsets``; without one they raise
+    :class:`MixedOffsetsError`.  ``errors`` is pandas': "coerce" turns bad values into NaT.
+    """
+    try:
+        parsed = pd.to_datetime(values, errors=errors, format="mixed")
+        if pd.api.types.is_datetime64_any_dtype(parsed):
+            return parsed
+    except ValueError:  # pandas 3 raises on mixed offsets (pandas 2 returns object dtype)
+        pass
+    if zone_for_mixed_offsets is None:
+        raise MixedOffsetsError("timestamps with different UTC offsets")
+    parsed = pd.to_datetime(values, errors=errors, format="mixed", utc=True)
+    if isinstance(parsed, pd.Series):
+        return parsed.dt.tz_convert(zone_for_mixed_offsets)
+    return parsed.tz_convert(zone_for_mixed_offsets)
+
+
 def _check_index(index, num_steps: int, where: str, interval_hint) -> pd.DatetimeIndex:
     if not isinstance(index, pd.DatetimeIndex):
         try:

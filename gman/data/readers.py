@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gman.data.dataset import SensorDataset
+from gman.data.dataset import MixedOffsetsError, SensorDataset, parse_timestamps
 from gman.errors import ConfigError, DataError
 
 #: Options of file / DataFrame sources (``load_dataset`` keyword arguments).
@@ -482,18 +482,13 @@ def _numeric_values(frame: pd.DataFrame, where: str) -> np.ndarray:
 def _parse_timestamps(column: pd.Series, where: str, name: str, options: dict) -> pd.Series:
     if pd.api.types.is_datetime64_any_dtype(column):
         return column
-    try:
-        parsed = pd.to_datetime(column, errors="coerce", format="mixed")
-        mixed_offsets = not pd.api.types.is_datetime64_any_dtype(parsed)  # pandas 2: object dtype, a warning
-    except ValueError:  # pandas 3: "Mixed timezones detected"
-        mixed_offsets = True
-    if mixed_offsets:  # offsets that change within the column: daylight saving time
-        if options.get("timezone") is None:
-            raise DataError(
-                f"{where}: column {name!r} holds timestamps with different UTC offsets (daylight saving time?); "
-                "give the timezone option, e.g. timezone: America/Los_Angeles"
-            )
-        parsed = pd.to_datetime(column, errors="coerce", format="mixed", utc=True)
+    try:  # changing offsets are read in UTC here; _finish converts them to the timezone option
+        parsed = parse_timestamps(column, None if options.get("timezone") is None else "UTC", errors="coerce")
+    except MixedOffsetsError:
+        raise DataError(
+            f"{where}: column {name!r} holds timestamps with different UTC offsets (daylight saving time?); "
+            "give the timezone option, e.g. timezone: America/Los_Angeles"
+        ) from None
     bad = parsed.isna() & column.notna()
     if bad.any():
         row = int(np.argmax(bad.to_numpy()))

@@ -232,12 +232,11 @@ def _parse_fractions(text: str) -> tuple[float, float, float]:
 def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
     """A history file -> DataFrame (DatetimeIndex x sensor-id columns); long tables are pivoted.
 
-    Timestamps with changing UTC offsets are written in ``timezone`` (the model's), see
-    :func:`gman.serving.forecaster.parse_instants`.
+    Timestamps with changing UTC offsets are written in ``timezone`` (the model's; UTC without one).
     """
     import pandas as pd
 
-    from gman.serving.forecaster import parse_instants
+    from gman.data.dataset import parse_timestamps
 
     if not path.is_file():
         raise DataError(f"{path}: no such history file")
@@ -266,7 +265,7 @@ def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
         return frame
     column = "timestamp" if "timestamp" in frame.columns else frame.columns[0]
     try:
-        index = parse_instants(frame[column], timezone).rename("timestamp")
+        index = pd.DatetimeIndex(parse_timestamps(frame[column], timezone or "UTC"), name="timestamp")
     except (TypeError, ValueError):
         raise ForecastInputError(f"{path}: column {column!r} does not hold timestamps (need a 'timestamp' column)") from None
     return frame.drop(columns=column).set_axis(index, axis=0)
@@ -307,7 +306,7 @@ def rolling_forecast(
         chunk = starts[lo : lo + batch_size]
         history = chunk[:, None] + np.arange(p)  # [b, P] step numbers
         window = chunk[:, None] + np.arange(p + q)
-        predictions.append(forecaster.predict_arrays(values[history], mask[history], time[window]))
+        predictions.append(forecaster.predict_arrays(values[history], mask[history], time[window], batch_size))
     prediction = np.concatenate(predictions)  # [W, Q, N]
 
     future = starts[:, None] + p + np.arange(q)  # [W, Q]

@@ -102,7 +102,6 @@ class Forecaster:
             raise ValueError("Forecaster: needs a model, or an ONNX Runtime session and the package path")
         self._model = None if model is None else model.eval()
         self._net: Any = None  # the inference copy of the model (batch-norm folded), built on first use
-        self._device: Any = None  # torch.device the network runs on; None = where it was loaded (the CPU)
         self._session = session
         self._package_path = None if package_path is None else Path(package_path)
         self.metadata = metadata
@@ -174,7 +173,6 @@ class Forecaster:
             except (RuntimeError, AssertionError) as err:  # an index past the device count, a backend not built
                 raise DataError(f"device: cannot use {device!r} ({' '.join(str(err).split())[:200]})") from None
             self._net = None if self._net is None else self._net.to(target)
-        self._device = target
         return self
 
     @property
@@ -182,7 +180,7 @@ class Forecaster:
         """Where the network runs: a torch device, or "cpu" for the ONNX Runtime backend."""
         if self._session is not None:
             return "cpu"
-        return self._device if self._device is not None else next(self.model.parameters()).device
+        return next(self.model.parameters()).device
 
     @classmethod
     def from_package(cls, path: str | os.PathLike, *, backend: str | None = None, threads: int | None = None) -> "Forecaster":
@@ -483,19 +481,20 @@ class Forecaster:
         """x = (v - mean) / std where observed, 0 elsewhere (float32) — as ``WindowDataset`` does."""
         return np.where(mask, (values - self._mean) / self._std, 0.0).astype(np.float32)
 
-    def predict_arrays(self, values: np.ndarray, mask: np.ndarray, time: np.ndarray) -> np.ndarray:
+    def predict_arrays(self, values: np.ndarray, mask: np.ndarray, time: np.ndarray,
+                       batch_size: int | None = None) -> np.ndarray:
         """Forecasts [B, Q, N] float32 in data units from values/mask [B, P, N] and time [B, P+Q, 2].
 
-        Runs :attr:`batch_size` windows per forward pass: on the CPU a larger batch falls out
+        Runs ``batch_size`` windows per forward pass (default :attr:`batch_size`): on the CPU a larger batch falls out
         of cache (N = 207, L = 3, 2 cores, per window: 64.5 ms at B = 1, 52.6 at 8, 53.5 at 16,
         72.9 at 64; 200 histories in one pass took 82 ms each and 1.5 GB).
         """
         values = np.asarray(values, dtype=np.float32)
         mask = np.asarray(mask, dtype=bool)
         time = np.ascontiguousarray(time, dtype=np.int64)
-        step = self.batch_size
+        step = batch_size or self.batch_size
         if len(values) > step:
-            return np.concatenate([self.predict_arrays(values[lo:lo + step], mask[lo:lo + step], time[lo:lo + step])
+            return np.concatenate([self.predict_arrays(values[lo:lo + step], mask[lo:lo + step], time[lo:lo + step], step)
                                    for lo in range(0, len(values), step)])
         if self._session is not None:  # the graph reads raw values: NaN = missing
             raw = np.where(mask, values, np.float32(np.nan)).astype(np.float32, copy=False)
@@ -506,12 +505,10 @@ class Forecaster:
             from gman.serving.inference import fold_batch_norm
 
             self._net = fold_batch_norm(self.model)
-        x = torch.from_numpy(self.normalise(values, mask))
-        time_t = torch.from_numpy(time)
-        if self._device is not None and self._device.type != "cpu":
-            x, time_t = x.to(self._device), time_t.to(self._device)
+        where = next(self._net.parameters()).device
+        x = torch.from_numpy(self.normalise(values, mask)).to(where)
         with torch.inference_mode():
-            out = self._net(x, time_t).cpu()
+            out = self._net(x, torch.from_numpy(time).to(where)).cpu()
         return (out.numpy() * self._std + self._mean).astype(np.float32)
 
     @property
@@ -615,23 +612,6 @@ def _is_number_dtype(dtype) -> bool:
 
 def _where(key: Any, single: bool) -> str:
     return "history" if single else f"history[{key!r}]"
-
-
-def parse_instants(values: Any, timezone: str | None = None) -> pd.DatetimeIndex:
-    """Timestamps (strings or datetimes) -> DatetimeIndex; raises ValueError / TypeError for others.
-
-    Timestamps whose UTC offsets differ (a history across a daylight-saving change) are read
-    as instants and written in ``timezone`` (a model's :attr:`Forecaster.timezone`; UTC when None).
-    """
-    try:
-        parsed = pd.to_datetime(values, format="mixed")  # each value on its own, as the readers do
-        mixed_offsets = not pd.api.types.is_datetime64_any_dtype(parsed)  # pandas 2: object dtype
-    except ValueError:  # pandas 3: "Mixed timezones detected"
-        mixed_offsets = True
-    if mixed_offsets:
-        parsed = pd.to_datetime(values, format="mixed", utc=True)
-        parsed = parsed.tz_convert(timezone or "UTC") if isinstance(parsed, pd.DatetimeIndex) else parsed.dt.tz_convert(timezone or "UTC")
-    return pd.DatetimeIndex(parsed)
 
 
 def _find_package(folder: Path) -> Path | None:

@@ -93,10 +93,10 @@ def frame_to_histories(frame: Any, timezone: str | None = None) -> pd.DataFrame 
     if not isinstance(frame, pd.DataFrame):
         raise ForecastInputError(f"payload: expected a DataFrame (dataframe_split or dataframe_records), got {type(frame).__name__}")
     if TIMESTAMP_COLUMN in frame.columns:
-        from gman.serving.forecaster import parse_instants
+        from gman.data.dataset import parse_timestamps
 
         try:
-            index = parse_instants(frame[TIMESTAMP_COLUMN], timezone).rename(TIMESTAMP_COLUMN)
+            index = pd.DatetimeIndex(parse_timestamps(frame[TIMESTAMP_COLUMN], timezone or "UTC"), name=TIMESTAMP_COLUMN)
         except (TypeError, ValueError) as err:
             raise ForecastInputError(f"payload: column {TIMESTAMP_COLUMN!r} holds values that are not timestamps ({err})") from None
         frame = frame.drop(columns=TIMESTAMP_COLUMN).set_axis(index, axis=0)
