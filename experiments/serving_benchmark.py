@@ -212,15 +212,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def payload_bytes(ids: list[str]) -> bytes:
+def payload_bytes(ids: list[str], layout: str = "tidy") -> bytes:
     history = make_history(ids)
     rows = [[stamp.isoformat(), *(None if np.isnan(v) else float(v) for v in row)]
             for stamp, row in zip(history.index, history.to_numpy())]
-    return json.dumps({"dataframe_split": {"columns": ["timestamp", *ids], "data": rows}}).encode()
+    payload: dict = {"dataframe_split": {"columns": ["timestamp", *ids], "data": rows}}
+    if layout != "tidy":
+        payload["params"] = {"layout": layout}
+    return json.dumps(payload).encode()
 
 
 def rest_load(package: Path, workdir: Path, clients: int, requests_per_client: int, workers: int,
-              server_threads: int, backend: str) -> dict:
+              server_threads: int, backend: str, layout: str = "tidy") -> dict:
     from gman.serving.cli import serve_command_line, serving_environment
     from gman.serving.pyfunc import save_model
 
@@ -238,9 +241,9 @@ def rest_load(package: Path, workdir: Path, clients: int, requests_per_client: i
     try:
         _wait_ready(server, port, workdir / "server.log")
         ready_s = time.perf_counter() - started
-        body = payload_bytes(json.loads((package / "gman.json").read_text())["sensor_ids"])
+        body = payload_bytes(json.loads((package / "gman.json").read_text())["sensor_ids"], layout)
         for _ in range(20):  # warm-up (every worker)
-            status, _ = _post(_connection(port), body)
+            status, answer = _post(_connection(port), body)
             if status != 200:
                 raise RuntimeError(f"warm-up request failed with HTTP {status}; see {workdir / 'server.log'}")
 
@@ -282,7 +285,8 @@ def rest_load(package: Path, workdir: Path, clients: int, requests_per_client: i
         log.close()
     total = clients * requests_per_client
     return {"clients": clients, "requests_per_client": requests_per_client, "total_requests": total,
-            "workers": workers, "backend": backend, "server_threads": server_threads, "payload_bytes": len(body),
+            "workers": workers, "backend": backend, "server_threads": server_threads, "layout": layout,
+            "payload_bytes": len(body), "answer_bytes": len(answer),
             "server_ready_s": round(ready_s, 2), "errors": int(sum(errors)), "wall_s": round(wall, 3),
             "requests_per_s": round(total / wall, 2), "latency": percentiles([t for lat in latencies for t in lat])}
 
@@ -342,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers of the scoring server")
     parser.add_argument("--server-threads", type=int, default=1, help="intra-op threads per server worker")
     parser.add_argument("--rest-backend", default="auto", help="GMAN_BACKEND of the server (auto: ONNX Runtime)")
+    parser.add_argument("--rest-layout", choices=["tidy", "wide"], default="tidy",
+                        help="the answer's layout (the payload's params.layout)")
     parser.add_argument("--skip-rest", action="store_true")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
@@ -368,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cold start {backend}:", json.dumps(result["cold_start"][backend]), flush=True)
         if not args.skip_rest:
             result["rest"] = rest_load(package, Path(tmp), args.clients, args.requests, args.workers, args.server_threads,
-                                       args.rest_backend)
+                                       args.rest_backend, args.rest_layout)
             print("REST:", json.dumps(result["rest"]), flush=True)
     result["load_average_after"] = list(os.getloadavg())
     result["environment"] = environment()

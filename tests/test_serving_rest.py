@@ -189,8 +189,21 @@ def test_rest_server_answers_like_the_forecaster(registry, tmp_path):
         np.testing.assert_allclose(late, expected["prediction"], rtol=0, atol=1e-5)
         assert len(batch) == 2 * len(expected)
 
+        # The wide layout: one record per target time, a field per sensor, the same numbers.
+        answer = requests.post(f"{url}/invocations", json={**split_payload(both, history_id=ids), "params": {"layout": "wide"}},
+                               timeout=30)
+        assert answer.status_code == 200, answer.text[-500:]
+        wide = pd.DataFrame(answer.json()["predictions"])
+        assert list(wide.columns) == ["history_id", "issued_at", "target_time", *map(str, sensors)]
+        late = wide[wide["history_id"] == "late"]
+        assert (pd.to_datetime(late["target_time"]) == Forecaster.to_wide(expected).index).all()
+        np.testing.assert_allclose(late[list(map(str, sensors))].to_numpy(), Forecaster.to_wide(expected).to_numpy(),
+                                   rtol=0, atol=1e-5)
+        assert (wide["history_id"] == "early").sum() == len(late)
+
         # Bad payloads: HTTP 400 carrying the validation message, not 500.
         bad = {
+            "layout 'long' is not one of tidy, wide": {**split_payload(frame), "params": {"layout": "long"}},
             "sensors missing from the columns": split_payload(frame.drop(columns=sensors[:2])),
             "the model needs at least P=12": split_payload(frame.iloc[:5]),
             "irregular timestamps": split_payload(frame.drop(index=frame.index[6])),
