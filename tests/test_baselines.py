@@ -66,3 +66,4 @@ def test_epoch_seeded_sampler_replays_an_epoch_and_varies_across_epochs():
     sampler.set_epoch(3)
     assert list(sampler) != first
     assert len(sampler) == 50
+

@@ -50,8 +50,16 @@ def test_batches_combine_exactly_and_zero_labels_never_give_nan():
     parts = metrics.compute()
     assert parts.mae == pytest.approx(whole.mae)
     assert parts.rmse == pytest.approx(whole.rmse)
-    assert all(math.isfinite(v) for v in parts.mape)
+    assert parts.mape == pytest.approx(whole.mape)
+    assert parts.count == whole.count
+    assert (parts.mae_all, parts.rmse_all, parts.mape_all) == pytest.approx((whole.mae_all, whole.rmse_all, whole.mape_all))
     assert parts.mae[0] == pytest.approx((pred[:, 0] - target[:, 0]).abs().mean().item())
+    # MAPE of step 1 over the 39 non-zero labels only (the zero one would add ~1e4 %, not a NaN)
+    err, y = (pred[:, 0] - target[:, 0]).numpy().ravel(), target[:, 0].numpy().ravel()
+    kept = y != 0
+    assert kept.sum() == 39
+    assert parts.mape[0] == pytest.approx(100 * np.mean(np.abs(err[kept]) / np.abs(y[kept])))
+    assert parts.mae_all == pytest.approx((pred - target).abs().mean().item())
 
 
 def test_a_step_without_labels_is_nan_not_zero():

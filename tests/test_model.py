@@ -154,11 +154,16 @@ def test_constructor_validation(kw):
 
 
 def test_forward_validates_shapes():
-    model = small_model()
-    with pytest.raises(ValueError):
-        model(torch.randn(2, 5, 6), make_time(2, 8))
-    with pytest.raises(ValueError):
-        model(torch.randn(2, 4, 6), make_time(2, 6))
+    model = small_model()  # P = 4, Q = 3, N = 6
+    good_time = make_time(2, 7)
+    for x in (torch.randn(2, 5, 6), torch.randn(2, 4, 5), torch.randn(4, 6)):  # wrong P, wrong N, no batch
+        with pytest.raises(ValueError, match=r"x must have shape \[B, 4, 6\], got"):
+            model(x, good_time)
+    x = torch.randn(2, 4, 6)
+    for time in (make_time(2, 6), make_time(3, 7), make_time(2, 7)[..., :1]):  # wrong P+Q, wrong B, one feature
+        with pytest.raises(ValueError, match=r"time must have shape \[2, 7, 2\], got"):
+            model(x, time)
+    assert model(x, good_time).shape == (2, 3, 6)
 
 
 def test_batch_norm_placement_and_momentum():
