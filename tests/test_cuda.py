@@ -123,24 +123,33 @@ def test_training_gradients_on_cuda_match_the_cpu_lean_paths():
 
 @pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"])
 def test_each_fused_attention_kernel_gets_gmans_bf16_spatial_attention_right(backend):
-    """Forward and backward of one spatial attention at GMAN's head size (d = 8, which the
-    kernels pad) in bf16, per SDPA backend, against float64 on the CPU.  On an H100 the mean
-    training loss of a METR-LA-size epoch differed by 13 % between a flash and a cuDNN build
-    (experiments/results/gpu/NOTES.md, session 6); this pins each kernel down separately."""
+    """Forward and backward of gman's spatial attention call (``gman.model.layers.attention`` on
+    [G, L, K, d] views, d = 8, which the kernels pad) in bf16, per SDPA backend, against float64
+    on the CPU.  On an H100 the mean training loss of a METR-LA-size epoch differed by 13 %
+    between a flash and a cuDNN build (experiments/results/gpu/NOTES.md, session 6); this pins
+    each kernel down separately.  Skips only where the backend cannot run at all (a probe)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    g = torch.Generator().manual_seed(0)
-    q, k, v, grad = (torch.randn(12, 8, 207, 8, generator=g, dtype=torch.float64) for _ in range(4))
-    ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = torch.nn.functional.scaled_dot_product_attention(*ref_inputs)
-    ref.backward(grad)
-    inputs = [t.to("cuda", torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    from gman.model.layers import attention
+
+    kernel = getattr(SDPBackend, backend)
+    probe = torch.zeros(1, 1, 16, 8, device="cuda", dtype=torch.bfloat16)
     try:
-        with sdpa_kernel([getattr(SDPBackend, backend)]):
-            out = torch.nn.functional.scaled_dot_product_attention(*inputs)
+        with sdpa_kernel([kernel]):
+            torch.nn.functional.scaled_dot_product_attention(probe, probe, probe)
     except RuntimeError as err:
         pytest.skip(f"{backend} not available here: {str(err).splitlines()[0]}")
-    out.backward(grad.to("cuda", torch.bfloat16))
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(12, 207, 8, 8, generator=g, dtype=torch.float64) for _ in range(4))  # [G, L, K, d]
+    ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref_inputs)).transpose(1, 2)
+    ref.backward(grad)
+    inputs = [t.to("cuda", torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    with sdpa_kernel([kernel]):
+        out = attention(*inputs)
+        out.backward(grad.to("cuda", torch.bfloat16))
+    assert out.shape == (12, 207, 8, 8)
     assert rel_err(out, ref) < 2e-2
     for got, want in zip(inputs, ref_inputs):
         assert rel_err(got.grad, want.grad) < 3e-2

@@ -172,12 +172,19 @@ def test_node2vec_embedding_rows_follow_the_data_sensor_order(tmp_path):
     assert cosine[same & off_diagonal].min() > cosine[~same].max()
 
 
-def test_node2vec_embedding_is_cached(tmp_path):
+def test_node2vec_embedding_is_cached(tmp_path, monkeypatch):
+    from gman.data import embedding
+
     options = {"dim": 8, "walks_per_node": 4, "walk_length": 10, "steps": 5, "cache_dir": str(tmp_path)}
     dm = GMANDataModule(options=SMALL, spatial_embedding="node2vec", node2vec_options=options)
     dm.setup()
     assert dm.spatial_embedding.shape == (12, 8)
     assert len(list(tmp_path.glob("*.txt"))) == 1
+
+    def no_walks(*args, **kwargs):
+        raise AssertionError("node2vec recomputed despite the cached file")
+
+    monkeypatch.setattr(embedding, "BiasedRandomWalker", no_walks)
     again = GMANDataModule(options=SMALL, spatial_embedding="node2vec", node2vec_options=options)
     again.setup()
     assert torch.equal(again.spatial_embedding, dm.spatial_embedding)

@@ -86,3 +86,43 @@ def test_the_one_day_plot_shows_each_target_time_from_the_right_window():
     time_of_day = (day.times.hour * 12 + day.times.minute // 5).to_numpy()
     for label, forecast in day.forecasts.items():
         np.testing.assert_array_equal(forecast, np.repeat(time_of_day[:, None], 3, axis=1).astype(np.float32), label)
+
+
+def _errors(q: int, value: float) -> "evaluate.HorizonErrors":
+    from gman.training.metrics import HorizonErrors
+
+    return HorizonErrors(mae=[value + k for k in range(q)], rmse=[2 * value] * q, mape=[float("nan")] * q,
+                         count=[1] * q, mae_all=value, rmse_all=2 * value, mape_all=float("nan"))
+
+
+def test_the_table_shows_the_horizons_the_interval_allows():
+    five = evaluate.format_table({"GMAN": _errors(12, 1.0)}, 5.0).splitlines()
+    assert [c.strip() for c in five[0].split("|")[1:]] == ["15 min", "30 min", "60 min", "all steps"]
+    assert five[3].split("|")[1].split()[:2] == ["3.00", "2.00"]  # step 3's MAE (1 + 2) and RMSE
+    assert five[3].split("|")[1].split()[2] == "-"              # NaN prints as "-"
+    hourly = evaluate.format_table({"GMAN": _errors(3, 1.0)}, 60.0).splitlines()
+    assert [c.strip() for c in hourly[0].split("|")[1:]] == ["60 min", "all steps"]
+    three_hourly = evaluate.format_table({"GMAN": _errors(3, 1.0)}, 180.0).splitlines()
+    assert [c.strip() for c in three_hourly[0].split("|")[1:]] == ["step 3 (540 min)", "all steps"]
+
+
+def test_metrics_refuse_mismatched_shapes_and_a_wrong_horizon():
+    from gman.training.metrics import HorizonMetrics
+
+    metrics = HorizonMetrics(3)
+    ones = torch.ones(2, 3, 4)
+    with pytest.raises(ValueError, match=r"share one \[B, Q, N\] shape"):
+        metrics.update(ones, torch.ones(2, 3, 5), ones.bool())
+    with pytest.raises(ValueError, match="expected 3 horizon steps, got 2"):
+        metrics.update(ones[:, :2], ones[:, :2], ones[:, :2].bool())
+
+
+def test_the_historical_average_needs_fitting_and_falls_back_for_unseen_sensors():
+    from gman.training.baselines import HistoricalAverage
+
+    with pytest.raises(RuntimeError, match="before fit"):
+        HistoricalAverage().predict(np.zeros((1, 2), dtype=np.int64))
+    time = np.stack([np.zeros(8, dtype=np.int64), np.arange(8) % 4], axis=1)
+    values = np.array([[10.0, 0.0]] * 4 + [[30.0, 0.0]] * 4)
+    model = HistoricalAverage().fit(values, values != 0, time, steps_per_day=4)
+    np.testing.assert_allclose(model.predict(time[:4]), [[20.0, 20.0]] * 4)  # sensor 1 never observed: overall mean

@@ -222,6 +222,35 @@ def test_checkpoint_with_package_metadata_loads_like_the_package(forecaster, tmp
         Forecaster.load(tmp_path / "missing.ckpt")
 
 
+def test_checkpoint_without_package_metadata_takes_the_ids_from_the_runs_package(forecaster, tmp_path):
+    """A checkpoint of only hyper_parameters and weights, in <run>/checkpoints/, beside <run>/model."""
+    meta = forecaster.metadata
+    hparams = {**meta["model"]["config"], "scaler_mean": MEAN, "scaler_std": STD, "interval_minutes": 5.0,
+               "learning_rate": 1e-3}
+    checkpoint = {"state_dict": {f"net.{k}": v for k, v in forecaster.model.state_dict().items()},
+                  "hyper_parameters": hparams}
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save(checkpoint, run / "checkpoints" / "best.ckpt")
+    with pytest.raises(DataError, match="holds no sensor ids and no gman package was found at"):
+        Forecaster.load(run / "checkpoints" / "best.ckpt")
+
+    pkg.save_package(run / "model", forecaster.model, scaler_mean=MEAN, scaler_std=STD, sensor_ids=SENSORS,
+                     interval=pd.Timedelta("5min"), missing_value=0.0, dataset_name="toy", units="mph")
+    loaded = Forecaster.load(run / "checkpoints" / "best.ckpt")
+    assert loaded.sensor_ids == SENSORS and loaded.interval == pd.Timedelta("5min") and loaded.units == "mph"
+    frame = series().iloc[:P]
+    pd.testing.assert_frame_equal(loaded.predict(frame), forecaster.predict(frame))
+
+    other = GMAN(num_nodes=4, steps_per_day=288, se_dim=6, history_steps=P, horizon_steps=Q,
+                 num_layers=1, num_heads=2, head_dim=4)
+    other.set_spatial_embedding(torch.randn(4, 6))
+    pkg.save_package(run / "model", other.eval(), scaler_mean=MEAN, scaler_std=STD, sensor_ids=SENSORS[:4],
+                     interval=pd.Timedelta("5min"), missing_value=0.0, dataset_name="toy", units="mph")
+    with pytest.raises(DataError, match="5 sensors in the checkpoint but 4 in"):
+        Forecaster.load(run / "checkpoints" / "best.ckpt")
+
+
 # ----------------------------------------------------------------------------- gman predict
 
 

@@ -100,8 +100,11 @@ def test_unmatched_sensors_drop_keeps_the_sensors_in_both(tmp_path):
     with pytest.warns(UserWarning, match=r"kept the 3 sensors in both, dropped 1 only in the data .*'d'.* 1 only in the graph .*'x'"):
         ds = load_dataset(tmp_path / "v.csv", graph_path=tmp_path / "g.csv", unmatched_sensors="drop")
     assert ds.sensor_ids == ["a", "b", "c"]  # the data's order, without d
-    np.testing.assert_array_equal(ds.values, np.nan_to_num(frame[["a", "b", "c"]].to_numpy()).astype(np.float32) * ds.mask)
-    assert ds.mask[3, 1] == (frame["b"].iloc[3] != 0)  # columns moved with their masks
+    kept = frame[["a", "b", "c"]].to_numpy()
+    observed = ~np.isnan(kept) & (kept != 0)
+    assert not observed.all()  # small_frame has NaN and zero readings: the mask below is tested
+    np.testing.assert_array_equal(ds.mask, observed)  # columns moved with their masks
+    np.testing.assert_array_equal(ds.values, np.where(observed, kept, 0).astype(np.float32))
     np.testing.assert_array_equal(ds.adjacency, [[1, 0, 0.25], [0, 1, 0.5], [0.25, 0.5, 1]])
     # a word2vec file in the graph's node order still has 4 rows: a, b, c are rows 3, 0, 2
     assert ds.graph_node_ids == ["b", "x", "c", "a"] and ds.graph_order().tolist() == [3, 0, 2]

@@ -61,11 +61,18 @@ def test_folded_network_matches_the_plain_one(batch_norm):
         assert difference <= TOLERANCE
 
 
-def test_folding_keeps_the_networks_dtype_and_device():
-    folded = fold_batch_norm(random_model().double())
+@pytest.mark.parametrize("batch_norm", ["activation", "all"])
+def test_folding_keeps_the_networks_dtype_and_device(batch_norm):
+    model = random_model(batch_norm).double()
+    folded = fold_batch_norm(model)
     assert {p.dtype for p in folded.parameters()} == {torch.float64}
+    assert {p.device for p in folded.parameters()} == {torch.device("cpu")}  # the CUDA case: tests/test_cuda.py
     x, time = random_inputs(2)
-    assert folded(x.double(), time).dtype == torch.float64
+    with torch.no_grad():
+        out = folded(x.double(), time)
+        assert out.dtype == torch.float64
+        # in float64 folding is exact up to rounding, far inside float32's TOLERANCE
+        assert (out - model(x.double(), time)).abs().max().item() < 1e-10
 
 
 def history(seed: int = 0) -> pd.DataFrame:

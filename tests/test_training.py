@@ -181,15 +181,16 @@ def test_metric_names_say_step_and_minutes():
     assert {"test_mae", "test_rmse", "test_mape"} <= set(names)
 
 
-def test_authors_batch_norm_momentum_schedule_halves_with_the_lr_staircase(tmp_path):
+@pytest.mark.parametrize("start,last", [(0.5, 0.5 * 0.5**2), (0.02, 0.01)])  # epoch 2: halved twice, floored at 0.01
+def test_authors_batch_norm_momentum_schedule_halves_with_the_lr_staircase(tmp_path, start, last):
     from gman.model import BatchNorm
 
     L.seed_everything(0)
-    module = GMANLightningModule(**TINY, bn_momentum=0.5, bn_momentum_schedule=True, lr_decay_every=1)
+    module = GMANLightningModule(**TINY, bn_momentum=start, bn_momentum_schedule=True, lr_decay_every=1)
     trainer = tiny_trainer(tmp_path, max_epochs=3, limit_train_batches=1, limit_val_batches=1)
     trainer.fit(module, datamodule=GMANDataModule(**DATA))
     momenta = {m.momentum for m in module.net.modules() if isinstance(m, BatchNorm)}
-    assert momenta == {0.5 * 0.5**2}                            # epoch 2: halved twice
+    assert momenta == {last}
 
 
 def test_two_processes_can_create_the_same_new_sqlite_store(tmp_path):
@@ -207,6 +208,27 @@ def test_two_processes_can_create_the_same_new_sqlite_store(tmp_path):
     results = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-500:] for _, err in results]
     assert results[0][0].strip() == results[1][0].strip()  # both see the one experiment
+
+
+def test_tracking_uri_resolution_and_a_deleted_experiment_coming_back(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from gman.training.tracking import ensure_experiment, resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert resolve_tracking_uri(None, tmp_path) == "http://tracking.example:5000"  # the environment beats the default
+    assert resolve_tracking_uri("sqlite:///x.db", tmp_path) == "sqlite:///x.db"   # a setting beats the environment
+    with pytest.raises(ConfigError, match="tracking_uri: 'mlflow.db' is not a URI"):
+        resolve_tracking_uri("mlflow.db")
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    first = ensure_experiment("gman-test", uri)
+    client = MlflowClient(uri)
+    client.delete_experiment(first)
+    assert ensure_experiment("gman-test", uri) == first
+    assert client.get_experiment(first).lifecycle_stage == "active"
 
 
 def test_group_attention_with_a_graph_partition_trains_and_the_checkpoint_keeps_the_partition(tmp_path):
