@@ -64,8 +64,14 @@ def test_pems04_edge_list_needs_the_sensor_order(shared_data):
         load_adjacency(path)
     adjacency, order = load_adjacency(path, sensor_ids=[str(i) for i in range(307)])
     assert adjacency[73, 5] == 1.0 and adjacency.sum() == 340
-    with pytest.raises(DataError, match="in the graph but not in the sensor list"):
-        load_adjacency(path, sensor_ids=[str(i) for i in range(300)])
+    # ids the data lacks become nodes after the data's, for the caller to match (readers: unmatched_sensors)
+    fewer, order = load_adjacency(path, sensor_ids=[str(i) for i in range(300)])
+    assert order[:300] == [str(i) for i in range(300)] and sorted(order[300:], key=int) == [str(i) for i in range(300, 307)]
+    assert fewer.sum() == 340 and np.array_equal(fewer[:300, :300], adjacency[:300, :300])
+    # a data sensor in no row is not a node of the graph
+    some, order = load_adjacency(path, sensor_ids=["5", "73", "9999"])
+    assert order[:2] == ["5", "73"] and "9999" not in order and len(order) == 307
+    assert some[1, 0] == 1.0  # 73 -> 5
 
 
 def test_pems08_verbatim_repeated_rows_are_dropped_with_a_warning(shared_data):
@@ -142,6 +148,16 @@ def test_gaussian_kernel_by_hand():
     assert np.allclose(isolated[:3, :3], expected, atol=1e-7) and isolated[3].tolist() == [0, 0, 0, 1]
 
 
+def test_sensors_a_distance_file_never_mentions_are_not_its_nodes(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("from,to,cost\na,a,0\na,b,1\nb,b,0\nb,c,2\nc,c,0\nx,a,5\n")
+    adjacency, ids = load_adjacency(path, "distance-csv", sensor_ids=["c", "d", "a", "b"])
+    assert ids == ["c", "a", "b"] and adjacency.shape == (3, 3)
+    # listed as the graph's nodes (graph_sensor_ids), a sensor without rows is a node without edges
+    adjacency, ids = load_adjacency(path, "distance-csv", sensor_ids=["c", "d", "a", "b"], id_map=["a", "b", "c", "d"])
+    assert ids == ["a", "b", "c", "d"] and adjacency[3].tolist() == [0, 0, 0, 1]
+
+
 def test_edge_index_round_trip_and_stats():
     adjacency = np.zeros((6, 6), dtype=np.float32)
     adjacency[0, 1], adjacency[1, 2], adjacency[3, 4] = 0.5, 1.0, 2.0
@@ -162,7 +178,6 @@ def test_edge_index_round_trip_and_stats():
         ("from,to,cost\na,b,1\nb,a,-2\n", "distance-csv", "negative cost"),
         ("from,to,cost\na,b,1\nb,a,far\n", "distance-csv", "non-numeric cost"),
         ("from,to,cost\na,b,1\na,b,2\n", "distance-csv", "duplicate edge a -> b"),
-        ("from,to\na,b\nb,c\n", "edge-list", "in the graph but not in the sensor list"),
         ("1,0,0\n0,1,0\n", "dense-csv", "square"),
         ("1,0\n0,x\n", "dense-csv", "non-numeric"),
         ("a,b\n1,0,0\n0,1,0\n", "dense-csv", "header has 2 ids"),

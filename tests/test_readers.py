@@ -224,6 +224,13 @@ def write(tmp_path, name, text):
         ("corrupt.h5", "this is not an HDF5 file\n", "cannot read as h5"),
         ("corrupt.parquet", "PAR1 nonsense", "cannot read as parquet"),
         ("corrupt.npz", "PK nonsense", "cannot read as npz"),
+        ("twice.csv", "timestamp,a,b,a\n2024-01-01 00:00,1,2,3\n", "column 'a' appears twice in the header"),
+        ("trailing.csv", "timestamp,a,b,\n2024-01-01 00:00,1,2,\n", "column 'Unnamed: 3' has no name in the header"),
+        ("same_id.csv", "timestamp,7,7.0\n2024-01-01 00:00,1,2\n", "sensor id '7' names two columns"),
+        ("epoch.csv", "timestamp,a\n1330560000,1\n1330560300,2\n", "column 'timestamp' holds numbers .* not timestamps"),
+        ("long_gap.csv", "timestamp,sensor_id,value\n2024-01-01 00:00,a,1\n2024-01-01 00:00,,2\n",
+         "empty 'sensor_id' in data row 2"),
+        ("noheader.csv", "64.375,67.625\n62.667,68.125\n", "the first row holds readings .* give header: false"),
     ],
 )
 def test_bad_files_raise_one_line_data_errors_naming_the_file(tmp_path, name, text, message):
@@ -267,3 +274,22 @@ def test_headerless_csv_with_a_distance_matrix_pemsd7m_layout(shared_data, tmp_p
     np.testing.assert_allclose(data.values[0], speeds[0], rtol=1e-6)
     assert data.sensor_ids[:3] == ["0", "1", "2"]
     assert data.adjacency.shape == (228, 228) and np.all(np.diag(data.adjacency) == 1.0)
+
+
+def test_ids_stay_text_and_agree_across_data_and_graph(tmp_path):
+    # long format: "007" is an id, not the number 7
+    write(tmp_path, "long.csv", "timestamp,sensor_id,value\n2024-01-01 00:00,007,1\n2024-01-01 00:00,010,2\n"
+                                "2024-01-01 00:05,007,3\n2024-01-01 00:05,010,4\n")
+    write(tmp_path, "g.csv", "from,to,cost\n007,010,1\n007,007,0\n010,010,0\n")
+    dataset = load_dataset(tmp_path / "long.csv", graph_path=tmp_path / "g.csv", graph_threshold=0.001)
+    assert dataset.sensor_ids == ["007", "010"] and dataset.adjacency[0, 1] > 0
+    # float column labels (a DataFrame built from numbers) match a pickle's text ids
+    frame = small_frame(ids=("a", "b", "c"))
+    frame.columns = [773869.0, 767541.0, 767542.0]
+    (tmp_path / "adj.pkl").write_bytes(__import__("pickle").dumps(
+        [["773869", "767541", "767542"], {}, np.eye(3, dtype=np.float32)], protocol=2))
+    assert load_dataset(frame, graph_path=tmp_path / "adj.pkl").sensor_ids == ["773869", "767541", "767542"]
+    # a headerless file reads with header: false
+    write(tmp_path, "noheader.csv", "64.375,67.625\n62.667,68.125\n")
+    plain = load_dataset(tmp_path / "noheader.csv", header=False, start_time="2024-01-01", interval="5min")
+    assert plain.num_steps == 2 and plain.values[0, 0] == pytest.approx(64.375)

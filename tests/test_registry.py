@@ -1,6 +1,8 @@
 """Dataset cards, `gman data list/fetch/import/check`, downloads from a local HTTP server."""
 from __future__ import annotations
 
+import re
+
 import hashlib
 import os
 import shutil
@@ -151,8 +153,21 @@ def test_check_finds_sensors_in_the_graph_but_not_the_data(data_root, capsys):
                                  "graph": {"file": "g.pkl", "format": "dcrnn-pickle"}, "files": [{"name": "v.csv"}, {"name": "g.pkl"}]})
     assert run_cli("check", "mismatch") == 1
     out = capsys.readouterr().out
-    assert "1 sensor(s) in the graph but not the data, e.g. ['c']" in out
-    assert "1 sensor(s) in the data but not the graph, e.g. ['b']" in out
+    assert "graph: g.pkl: does not match the data" in out
+    assert "sensor ids differ: 1 only in the data (e.g. ['b']), 1 only in the graph (e.g. ['c'])" in out
+
+
+def test_check_the_built_in_pems03_card_matches_station_ids_through_its_id_map(data_root, shared_data, capsys):
+    """PEMS03's npz has no ids: its nodes are named by PEMS03.txt, which the edge list is in."""
+    folder = data_root / "pems03"
+    folder.mkdir()
+    for name in ("PEMS03.csv", "PEMS03.txt"):
+        shutil.copy(shared_data / "graphs" / "pems0x" / name, folder / name)
+    np.savez(folder / "PEMS03.npz", data=np.random.default_rng(0).uniform(1, 300, (40, 358, 1)))
+    assert run_cli("check", "pems03") == 0
+    out = capsys.readouterr().out
+    assert "sensors: 358" in out and "graph: PEMS03.csv: 358 nodes" in out
+    assert out.strip().endswith("pems03: OK")
 
 
 def test_check_a_corrupted_file(los_loop, capsys):
@@ -294,9 +309,15 @@ def test_import_wide_csv_with_a_distance_graph(data_root, tmp_path, shared_data,
     pd.DataFrame({"from": [ids[0], ids[1], ids[2], ids[0]], "to": [ids[1], ids[2], ids[3], ids[0]], "cost": [100.0, 250.0, 900.0, 0.0]}
                  ).to_csv(tmp_path / "distances.csv", index=False)
 
-    with pytest.warns(UserWarning, match=rf"1 of the 5 sensors are in no row of the distances, e\.g\. \['{ids[4]}'\]"):
-        assert run_cli("import", "mine", "--values", str(tmp_path / "mine.csv"), "--graph", str(tmp_path / "distances.csv"),
-                       "--graph-format", "distance-csv", "--units", "mph") == 0
+    command = ["import", "mine", "--values", str(tmp_path / "mine.csv"), "--graph", str(tmp_path / "distances.csv"),
+               "--graph-format", "distance-csv", "--units", "mph"]
+    # a sensor in no row of the distances is unknown to the graph: an error that says how to keep it
+    assert run_cli(*command) == 2
+    assert re.search(rf"1 only in the data \(e\.g\. \['{ids[4]}'\]\).*list sensors without edges in graph_sensor_ids",
+                     capsys.readouterr().err)
+    assert not any(data_root.iterdir())  # nothing half-written
+    (tmp_path / "nodes.txt").write_text("\n".join(ids) + "\n")
+    assert run_cli(*command, "--graph-sensor-ids", str(tmp_path / "nodes.txt")) == 0
     folder = data_root / "mine"
     card = yaml.safe_load((folder / "dataset.yaml").read_text())
     assert card["interval"] == "5min" and card["missing_value"] is None and card["split"] == [0.7, 0.1, 0.2]
@@ -374,3 +395,21 @@ def test_import_reads_local_timestamps_across_daylight_saving_time_with_a_timezo
     capsys.readouterr()
     assert run_cli("check", "local") == 0
     assert "time zone: America/Chicago" in capsys.readouterr().out
+
+
+def test_import_a_csv_without_a_header_row_and_a_bad_missing_value(data_root, tmp_path, capsys):
+    rows = np.random.default_rng(2).uniform(20, 70, (30, 3)).round(3)
+    np.savetxt(tmp_path / "V.csv", rows, delimiter=",", fmt="%.3f")
+    (tmp_path / "ids.txt").write_text("s1\ns2\ns3\n")
+    base = ["import", "v", "--values", str(tmp_path / "V.csv"), "--start-time", "2024-01-01", "--interval", "5min"]
+    assert run_cli(*base) == 2
+    assert "the first row holds readings" in capsys.readouterr().err
+    assert run_cli(*base, "--no-header", "--sensor-ids", str(tmp_path / "ids.txt"), "--missing-value", "abc") == 2
+    assert "--missing-value: 'abc' is not a number or 'none'" in capsys.readouterr().err
+    assert not any(data_root.iterdir())
+    assert run_cli(*base, "--no-header", "--sensor-ids", str(tmp_path / "ids.txt")) == 0
+    from gman.data.readers import load_dataset
+
+    dataset = load_dataset("v")
+    assert dataset.sensor_ids == ["s1", "s2", "s3"] and dataset.num_steps == 30
+    np.testing.assert_allclose(dataset.values, rows, rtol=1e-6)

@@ -50,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--value-column")
     imp.add_argument("--key", help="h5 key / npz array name")
     imp.add_argument("--feature", help="npz: feature index or name (flow, occupancy, speed)")
-    imp.add_argument("--sensor-ids", help="text file of sensor ids for data without ids (npz)")
+    imp.add_argument("--sensor-ids", help="text file of sensor ids for data without ids (npz, --no-header CSV)")
+    imp.add_argument("--no-header", action="store_true",
+                     help="the CSV's first row is readings, not sensor ids (e.g. PeMSD7(M) V_228.csv)")
     imp.add_argument("--start-time", help="timestamp of the first row, for files without timestamps")
     imp.add_argument("--interval", help="time step, e.g. 5min (needed with --start-time)")
     imp.add_argument("--timezone", help="time zone of the timestamps, e.g. America/Los_Angeles "
@@ -60,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--missing-value", default="0", help="reading that means missing besides NaN; 'none' = NaN only (default 0)")
     imp.add_argument("--graph", type=Path, help="graph file (DCRNN pickle, dense CSV, edge list, distances)")
     imp.add_argument("--graph-format", choices=["dcrnn-pickle", "dense-csv", "edge-list", "distance-csv", "distance-matrix"])
-    imp.add_argument("--graph-sensor-ids", help="sensor order of a bare adjacency matrix (text file of ids)")
+    imp.add_argument("--graph-sensor-ids", help="the graph's nodes (text file of ids): the order of a bare adjacency "
+                     "matrix or of an edge list over node indices, or every sensor of a distance file (sensors without edges too)")
     imp.add_argument("--graph-threshold", type=float, help="Gaussian kernel cut-off for distance graphs (default 0.1)")
     imp.add_argument("--unmatched-sensors", choices=["error", "drop"], default="error",
                      help="sensors in only one of data and graph: an error (default), or dropped, keeping the sensors in both")
@@ -123,7 +126,7 @@ def _check(args) -> int:
     import numpy as np
 
     from gman.data import registry
-    from gman.data.graph import graph_stats, load_adjacency
+    from gman.data.graph import graph_stats
     from gman.data.readers import load_dataset
 
     card = registry.load_card(args.name)
@@ -154,12 +157,16 @@ def _check(args) -> int:
         return 1
     options = registry.card_reader_options(args.name)
     options.pop("split", None)
-    graph_path = options.pop("graph_path", None)
-    graph_format = options.pop("graph_format", None)
-    graph_threshold = options.pop("graph_threshold", None)
-    graph_sensor_ids = options.pop("graph_sensor_ids", None)
     values_path = options.pop("values_path")
-    dataset = load_dataset(values_path, **options)
+    graph_path = options.get("graph_path")
+    graph_problem = None
+    try:  # the graph is read and matched to the data by sensor id, as training does
+        dataset = load_dataset(values_path, **options)
+    except DataError as err:
+        if graph_path is None:
+            raise
+        dataset = load_dataset(values_path, **{k: v for k, v in options.items() if not k.startswith("graph_")})
+        graph_problem = str(err)
 
     observed = dataset.mask.mean(axis=0)
     print(f"  sensors: {dataset.num_nodes}")
@@ -172,28 +179,15 @@ def _check(args) -> int:
     if split:
         print(f"  split: {'/'.join(f'{round(100 * s)}' for s in split)} (train/val/test)")
 
-    if graph_path is not None:
-        kwargs = {} if graph_threshold is None else {"threshold": float(graph_threshold)}
-        adjacency, graph_ids = load_adjacency(graph_path, graph_format, sensor_ids=dataset.sensor_ids, **kwargs)
-        if graph_ids is None and graph_sensor_ids is not None:
-            from gman.data.graph import read_sensor_ids
-
-            graph_ids = read_sensor_ids(graph_sensor_ids)
+    if graph_problem is not None:
+        print(f"  graph: {Path(graph_path).name}: does not match the data")
+        problems.append(graph_problem)
+    elif graph_path is not None:
+        adjacency = dataset.adjacency
         stats = graph_stats(adjacency)
         print(f"  graph: {Path(graph_path).name}: {stats.nodes} nodes, {stats.edges} edges (+{stats.self_loops} self-loops), "
               f"{stats.isolated_nodes} isolated, {stats.weakly_connected_components} weakly connected component(s), "
-              f"{'symmetric' if stats.symmetric else 'directed'}")
-        if graph_ids is None:
-            if adjacency.shape[0] != dataset.num_nodes:
-                problems.append(f"{graph_path}: {adjacency.shape[0]} nodes but the data has {dataset.num_nodes} sensors")
-        else:
-            data_ids, graph_set = set(dataset.sensor_ids), set(graph_ids)
-            only_data = [s for s in dataset.sensor_ids if s not in graph_set]
-            only_graph = [s for s in graph_ids if s not in data_ids]
-            if only_data:
-                problems.append(f"{graph_path}: {len(only_data)} sensor(s) in the data but not the graph, e.g. {only_data[:3]}")
-            if only_graph:
-                problems.append(f"{graph_path}: {len(only_graph)} sensor(s) in the graph but not the data, e.g. {only_graph[:3]}")
+              f"{'symmetric' if stats.symmetric else 'directed'}; matched to the data's sensors by id")
         weights = adjacency[adjacency != 0]
         if weights.size:
             print(f"  edge weights: min {weights.min():.4g}, max {weights.max():.4g}, mean {float(np.mean(weights)):.4g}")
@@ -231,7 +225,12 @@ def _import(args) -> int:
         raise DataError(f"{target}: a dataset of that name exists; use --force to replace it")
     if abs(sum(args.split) - 1) > 1e-6 or min(args.split) < 0:
         raise ConfigError(f"--split: three fractions summing to 1 expected, got {args.split}")
-    missing_value = None if str(args.missing_value).lower() in ("none", "null", "nan") else float(args.missing_value)
+    missing_value = None
+    if str(args.missing_value).lower() not in ("none", "null", "nan"):
+        try:
+            missing_value = float(args.missing_value)
+        except ValueError:
+            raise ConfigError(f"--missing-value: {args.missing_value!r} is not a number or 'none'") from None
 
     options = {
         "format": args.format, "timestamp_column": args.timestamp_column, "sensor_column": args.sensor_column,
@@ -240,6 +239,7 @@ def _import(args) -> int:
         "graph_path": None if args.graph is None else str(args.graph), "graph_format": args.graph_format,
         "graph_sensor_ids": args.graph_sensor_ids, "graph_threshold": args.graph_threshold,
         "unmatched_sensors": args.unmatched_sensors, "fill_gaps": args.fill_gaps or None, "timezone": args.timezone,
+        "header": False if args.no_header else None,
         "name": name, "units": args.units,
     }
     options = {k: v for k, v in options.items() if v is not None or k == "missing_value"}

@@ -107,7 +107,7 @@ def read_dcrnn_pickle(path: str | Path) -> tuple[np.ndarray, list[str]]:
     sensor_ids, id_to_index, matrix = content
     if not isinstance(matrix, np.ndarray) or matrix.dtype.kind not in "fiub":
         raise DataError(f"{path}: the third item must be a numeric numpy array, got {type(matrix).__name__}")
-    ids = [_id_text(s) for s in sensor_ids]
+    ids = [id_text(s) for s in sensor_ids]
     adjacency = _check_square(matrix.astype(np.float32), path)
     if len(ids) != adjacency.shape[0]:
         raise DataError(f"{path}: {len(ids)} sensor ids but a {adjacency.shape[0]}x{adjacency.shape[0]} matrix")
@@ -142,7 +142,8 @@ def gaussian_kernel(distances: np.ndarray, threshold: float = 0.1, sigma: float 
 
 
 def gaussian_kernel_adjacency(
-    distances: "pd.DataFrame", sensor_ids: Sequence[str], threshold: float = 0.1, *, source: str = "distances"
+    distances: "pd.DataFrame", sensor_ids: Sequence[str], threshold: float = 0.1, *, source: str = "distances",
+    warn_unmentioned: bool = True,
 ) -> np.ndarray:
     """DCRNN adjacency from road distances.
 
@@ -155,7 +156,7 @@ def gaussian_kernel_adjacency(
 
     Returns [N, N] float32 in ``sensor_ids`` order.
     """
-    ids = [_id_text(s) for s in sensor_ids]
+    ids = [id_text(s) for s in sensor_ids]
     _check_unique(ids, source)
     frm, to, cost = _edge_columns(distances, source, need_cost=True)
     index = {s: i for i, s in enumerate(ids)}
@@ -168,7 +169,7 @@ def gaussian_kernel_adjacency(
     # zero self-distance is known and isolated, as 4 of PEMS-BAY's 325 are in DCRNN's graph.
     mentioned = np.zeros(len(ids), dtype=bool)
     mentioned[rows[keep]] = mentioned[cols[keep]] = True
-    if not mentioned.all():
+    if warn_unmentioned and not mentioned.all():
         unknown = [ids[i] for i in np.flatnonzero(~mentioned)]
         warnings.warn(f"{source}: {len(unknown)} of the {len(ids)} sensors are in no row of the distances, "
                       f"e.g. {unknown[:3]}: they have no edges", stacklevel=2)
@@ -187,7 +188,7 @@ def edge_list_adjacency(
     ``i -> j``; directed, no self-loops added.  Every id must be one of
     ``sensor_ids``.  Returns [N, N] float32 in ``sensor_ids`` order.
     """
-    ids = [_id_text(s) for s in sensor_ids]
+    ids = [id_text(s) for s in sensor_ids]
     _check_unique(ids, source)
     frm, to, cost = _edge_columns(edges, source, need_cost=weighted)
     index = {s: i for i, s in enumerate(ids)}
@@ -211,7 +212,7 @@ def load_adjacency(
     format: str | None = None,
     sensor_ids: Sequence[str] | None = None,
     *,
-    id_map: str | Path | None = None,
+    id_map: str | Path | Sequence[str] | None = None,
     threshold: float = 0.1,
 ) -> tuple[np.ndarray, list[str] | None]:
     """Read a graph file in any supported form.
@@ -221,18 +222,29 @@ def load_adjacency(
     no ids (a bare matrix: its order is assumed to be the data's).
 
     - ``sensor_ids`` (the data's sensors) is needed by ``distance-csv`` and by
-      ``edge-list`` without an id map; the result is then in that order.
-    - ``id_map``: for ``edge-list``, a text file with one sensor id per line
-      giving the row order (PEMS03's ``PEMS03.txt``).  When not given, a
-      ``<stem>.txt`` beside the edge list is used if present.
+      ``edge-list`` without an id map.  Their nodes are then the sensors the
+      file's rows mention: the data's, in the data's order, then (edge lists
+      only) ids that are not the data's, in the file's order.  A data sensor in
+      no row is not a node, so the caller sees it as unmatched; rows of a
+      distance file about sensors outside ``sensor_ids`` are ignored (DCRNN's
+      distance files cover more sensors than each data set).
+    - ``id_map``: the graph's node list, a text file with one sensor id per
+      line or a list of ids.  For ``edge-list`` it is the row order (PEMS03's
+      ``PEMS03.txt``; when not given, a ``<stem>.txt`` beside a non-``.txt``
+      edge list is used if present); for ``distance-csv`` the sensors the graph
+      knows, including any without edges; for a matrix without a header row of
+      ids, the order of its rows.
     - ``threshold``: Gaussian-kernel cut-off for the distance formats.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a graph file")
     if not path.is_file():
         raise DataError(f"{path}: graph file not found")
     fmt = format or guess_graph_format(path)
     if fmt not in GRAPH_FORMATS:
         raise DataError(f"{path}: unknown graph format {fmt!r}; choose from {', '.join(GRAPH_FORMATS)}")
+    nodes = _id_map(id_map) if id_map is not None else None
 
     if fmt == "dcrnn-pickle":
         return read_dcrnn_pickle(path)
@@ -243,24 +255,43 @@ def load_adjacency(
             if (matrix < 0).any():
                 raise DataError(f"{path}: negative distance in the distance matrix")
             matrix = gaussian_kernel(matrix, threshold=threshold)
+        if ids is None and nodes is not None:
+            if len(nodes) != matrix.shape[0]:
+                raise DataError(f"{path}: {len(nodes)} graph sensor ids for a {matrix.shape[0]}x{matrix.shape[0]} matrix")
+            ids = nodes
         return matrix, ids
 
     table = _read_edge_table(path)
+    frm, to, _ = _edge_columns(table, str(path), need_cost=False)
     if fmt == "distance-csv":
-        if sensor_ids is None:
+        if nodes is None and sensor_ids is None:
             raise DataError(f"{path}: a distance-csv graph needs the sensor ids (the data's sensors) to fix its order")
-        return gaussian_kernel_adjacency(table, sensor_ids, threshold, source=str(path)), [_id_text(s) for s in sensor_ids]
+        if nodes is None:
+            mentioned = set(frm) | set(to)
+            nodes = [s for s in (id_text(i) for i in sensor_ids) if s in mentioned]
+        # sensors listed in the id map without rows are meant to be nodes without edges
+        return gaussian_kernel_adjacency(table, nodes, threshold, source=str(path), warn_unmentioned=False), nodes
 
     # edge-list
-    if id_map is None and path.with_suffix(".txt").is_file():
-        id_map = path.with_suffix(".txt")
-    if id_map is not None:
-        order = read_sensor_ids(id_map)
-    elif sensor_ids is not None:
-        order = [_id_text(s) for s in sensor_ids]
-    else:
-        raise DataError(f"{path}: an edge-list graph needs the sensor ids or an id map file to fix the node order")
-    return edge_list_adjacency(table, order, source=str(path)), order
+    if nodes is None and path.suffix.lower() != ".txt" and path.with_suffix(".txt").is_file():
+        nodes = read_sensor_ids(path.with_suffix(".txt"))
+    if nodes is None:
+        if sensor_ids is None:
+            raise DataError(f"{path}: an edge-list graph needs the sensor ids or an id map file to fix the node order")
+        mentioned = set(frm) | set(to)
+        data = [id_text(s) for s in sensor_ids]
+        known = set(data)
+        nodes = [s for s in data if s in mentioned] + list(dict.fromkeys(s for s in [*frm, *to] if s not in known))
+    return edge_list_adjacency(table, nodes, source=str(path)), nodes
+
+
+def _id_map(id_map: str | Path | Sequence[str]) -> list[str]:
+    """A graph's node list: a file of ids, or the ids themselves."""
+    if isinstance(id_map, (str, Path)):
+        return read_sensor_ids(id_map)
+    ids = [id_text(s) for s in id_map]
+    _check_unique(ids, "graph sensor ids")
+    return ids
 
 
 def guess_graph_format(path: str | Path) -> str:
@@ -402,7 +433,7 @@ def _read_dense_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
     first = [f.strip() for f in lines[0].split(",")]
     # A header row of ids: text, or numeric ids (PeMS station numbers) on top of an N x N block.
     if not all(_is_number(f) for f in first) or len(lines) == len(first) + 1:
-        ids = [_id_text(f.strip('"')) for f in first]
+        ids = [id_text(f.strip('"')) for f in first]
         lines = lines[1:]
     try:
         rows = [[float(f) for f in ln.split(",")] for ln in lines]
@@ -449,8 +480,8 @@ def _edge_columns(table: "pd.DataFrame", source, need_cost: bool) -> tuple[np.nd
     cost_column = next((c for c in ("cost", "distance", "weight") if c in columns), None)
     if table[["from", "to"]].isna().any().any():
         raise DataError(f"{source}: empty 'from' or 'to' entry")
-    frm = np.array([_id_text(s) for s in table["from"]], dtype=object)
-    to = np.array([_id_text(s) for s in table["to"]], dtype=object)
+    frm = np.array([id_text(s) for s in table["from"]], dtype=object)
+    to = np.array([id_text(s) for s in table["to"]], dtype=object)
     if cost_column is None:
         if need_cost:
             raise DataError(f"{source}: needs a 'cost' (road distance) column")
@@ -502,7 +533,7 @@ def _check_unique(ids: Sequence[str], source) -> None:
         raise DataError(f"{source}: duplicate sensor id {duplicate!r}")
 
 
-def _id_text(value) -> str:
+def id_text(value) -> str:
     """Sensor ids are compared as text; ``717099``, ``'717099'``, ``b'717099'`` and ``717099.0`` agree."""
     if isinstance(value, bytes):
         value = value.decode("latin1")

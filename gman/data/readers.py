@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from gman.data.dataset import MixedOffsetsError, SensorDataset, parse_timestamps
+from gman.data.graph import id_text
 from gman.errors import ConfigError, DataError
 
 #: Options of file / DataFrame sources (``load_dataset`` keyword arguments).
@@ -52,7 +53,8 @@ READER_OPTIONS = {
     "format": "h5 | csv | long-csv | parquet | npz (default: from the extension)",
     "graph_path": "graph file (DCRNN pickle, dense CSV, edge list, distances)",
     "graph_format": "dcrnn-pickle | dense-csv | edge-list | distance-csv | distance-matrix",
-    "graph_sensor_ids": "sensor order of a bare adjacency matrix: a list or a text file of ids",
+    "graph_sensor_ids": "the graph's nodes, a list or a text file of ids: the order of a bare adjacency matrix, the "
+                        "row order of an edge list over node indices, or every sensor a distance file knows",
     "graph_threshold": "Gaussian kernel cut-off for distance graphs (default 0.1)",
     "unmatched_sensors": "sensors found in only one of data and graph: 'error' (default) or 'drop' "
                          "(keep the sensors in both; the graph is restricted to them)",
@@ -192,7 +194,11 @@ def _read_file(path: Path, options: dict) -> _Table:
         elif fmt == "parquet":
             frame = pd.read_parquet(path)
         else:
-            frame = pd.read_csv(path, skipinitialspace=True, header=0 if options.get("header", True) else None)
+            sensor_column = options.get("sensor_column", "sensor_id")  # long format: ids as text ("007" stays)
+            frame = pd.read_csv(path, skipinitialspace=True, header=0 if options.get("header", True) else None,
+                                dtype={sensor_column: str})
+            if options.get("header", True):
+                _check_header(path)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty") from None
     except Exception as err:  # corrupt files raise all sorts (HDF5ExtError, ArrowInvalid, ParserError, ...)
@@ -207,6 +213,33 @@ def _read_file(path: Path, options: dict) -> _Table:
     if not options.get("header", True):
         table.sensor_ids = None  # positions, not ids: sensor_ids= or the node index names them
     return table
+
+
+def _check_header(path: Path) -> None:
+    """Refuse a header row that is readings (a file without one: ``header: false``) or that repeats a
+    cell (pandas would rename the second ``x`` to ``x.1``)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        header = [cell.strip() for cell in next(csv.reader(handle), [])]
+    numbers = [_as_float(cell) for cell in header if cell]
+    if numbers and all(n is not None for n in numbers) and any(not float(n).is_integer() for n in numbers):
+        raise DataError(
+            f"{path}: the first row holds readings ({', '.join(header[:3])}, ...), not sensor ids; "
+            "for a file without a header row give header: false (gman data import --no-header) and sensor_ids"
+        )
+    seen: set[str] = set()
+    for cell in header:
+        if cell and cell in seen:
+            raise DataError(f"{path}: column {cell!r} appears twice in the header")
+        seen.add(cell)
+
+
+def _as_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _read_frame(frame: pd.DataFrame, where: str, options: dict) -> _Table:
@@ -246,8 +279,16 @@ def _read_wide(frame: pd.DataFrame, where: str, options: dict) -> _Table:
         frame = frame.drop(columns=[timestamp_column])
     if frame.shape[1] == 0:
         raise DataError(f"{where}: no sensor columns")
+    unnamed = [c for c in frame.columns if c.startswith("Unnamed: ") or c == ""]
+    if unnamed:
+        raise DataError(
+            f"{where}: column {unnamed[0]!r} has no name in the header (a row-number column, or a trailing comma?); "
+            "remove it or name it"
+        )
+    ids = [id_text(c) for c in frame.columns]
+    _check_unique_ids(ids, where)
     values = _numeric_values(frame, where)
-    return _Table(values, index, list(frame.columns))
+    return _Table(values, index, ids)
 
 
 def _read_long(frame: pd.DataFrame, where: str, options: dict) -> _Table:
@@ -265,7 +306,10 @@ def _read_long(frame: pd.DataFrame, where: str, options: dict) -> _Table:
     if frame.shape[0] == 0:
         raise DataError(f"{where}: no data rows")
     timestamps = _parse_timestamps(frame[timestamp_column], where, timestamp_column, options)
-    sensors = frame[sensor_column].map(_id_text)
+    if frame[sensor_column].isna().any():
+        row = int(np.argmax(frame[sensor_column].isna().to_numpy()))
+        raise DataError(f"{where}: empty {sensor_column!r} in data row {row + 1}")
+    sensors = frame[sensor_column].map(id_text)
     values = _numeric_values(frame[[value_column]], where)[:, 0]
     long = pd.DataFrame({"t": timestamps, "s": sensors.to_numpy(), "v": values})
     duplicated = long.duplicated(["t", "s"])
@@ -405,13 +449,11 @@ def _match_graph(data_ids: list[str] | None, num_nodes: int, where: str, options
         kwargs["threshold"] = float(options["graph_threshold"])
     # Data without ids (npz) are in node-index order: ids "0".."N-1" unless the graph names its nodes.
     index_ids = [str(i) for i in range(num_nodes)]
+    if options.get("graph_sensor_ids") is not None:
+        kwargs["id_map"] = _read_id_list(options["graph_sensor_ids"], "graph_sensor_ids")
     adjacency, graph_ids = load_adjacency(
         graph_path, format=options.get("graph_format"), sensor_ids=data_ids or index_ids, **kwargs
     )
-    if graph_ids is None and options.get("graph_sensor_ids") is not None:
-        graph_ids = _read_id_list(options["graph_sensor_ids"], "graph_sensor_ids")
-        if len(graph_ids) != adjacency.shape[0]:
-            raise DataError(f"{graph_path}: {len(graph_ids)} graph_sensor_ids for a {adjacency.shape[0]}x{adjacency.shape[0]} matrix")
     if adjacency.shape[0] != num_nodes and (graph_ids is None or data_ids is None):
         raise DataError(
             f"{where} and {graph_path}: the data has {num_nodes} sensors but the graph has {adjacency.shape[0]}"
@@ -429,9 +471,12 @@ def _match_graph(data_ids: list[str] | None, num_nodes: int, where: str, options
         counts = (f"{len(only_data)} only in the data (e.g. {only_data[:3]}), "
                   f"{len(only_graph)} only in the graph (e.g. {only_graph[:3]})")
         if unmatched == "error":
+            hint = ""
+            if only_data and not only_graph and "id_map" not in kwargs:
+                hint = " (a file of edges or distances names a sensor only in its rows: list sensors without edges in graph_sensor_ids)"
             raise DataError(
                 f"{where} and {graph_path}: sensor ids differ: {counts}; "
-                "unmatched_sensors: drop keeps the sensors in both"
+                f"unmatched_sensors: drop keeps the sensors in both{hint}"
             )
         kept = np.array([i for i, s in enumerate(data_ids) if s in in_graph], dtype=np.int64)
         if len(kept) == 0:
@@ -482,6 +527,11 @@ def _numeric_values(frame: pd.DataFrame, where: str) -> np.ndarray:
 def _parse_timestamps(column: pd.Series, where: str, name: str, options: dict) -> pd.Series:
     if pd.api.types.is_datetime64_any_dtype(column):
         return column
+    if pd.api.types.is_numeric_dtype(column):  # pandas would read them as nanoseconds since 1970
+        raise DataError(
+            f"{where}: column {name!r} holds numbers ({column.iloc[0]!r}, ...), not timestamps; write them as "
+            "dates and times, or drop the column and give start_time and interval"
+        )
     try:  # changing offsets are read in UTC here; _finish converts them to the timezone option
         parsed = parse_timestamps(column, None if options.get("timezone") is None else "UTC", errors="coerce")
     except MixedOffsetsError:
@@ -527,19 +577,17 @@ def _parse_interval(interval, where: str) -> pd.Timedelta | None:
 
 def _read_id_list(ids, option: str) -> list[str]:
     if isinstance(ids, (list, tuple)):
-        return [_id_text(s) for s in ids]
+        return [id_text(s) for s in ids]
     from gman.data.graph import read_sensor_ids
 
     return read_sensor_ids(ids)
 
 
-def _id_text(value) -> str:
-    """Sensor ids are text; ``717099``, ``717099.0`` and ``'717099'`` agree."""
-    if isinstance(value, bytes):
-        value = value.decode("latin1")
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        value = int(value)
-    return str(value).strip()
+def _check_unique_ids(ids: list[str], where: str) -> None:
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        duplicate = next(s for s in ids if s in seen or seen.add(s))
+        raise DataError(f"{where}: sensor id {duplicate!r} names two columns")
 
 
 def _first_line(err: BaseException) -> str:

@@ -48,7 +48,7 @@ ENV_DATASETS_DIR = "GMAN_DATASETS_DIR"
 _CARD_KEYS = {"name", "title", "description", "interval", "start_time", "units", "missing_value", "split",
               "license", "values", "graph", "files", "notes", "source"}
 _VALUES_KEYS = {"file", "format", "feature", "features", "key", "sensor_ids", "header"}
-_GRAPH_KEYS = {"file", "format", "sensor_ids", "threshold", "id_map"}
+_GRAPH_KEYS = {"file", "format", "sensor_ids", "threshold"}
 _FILE_KEYS = {"name", "size", "sha256", "urls", "page", "note"}
 
 
