@@ -13,10 +13,14 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gman.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only; torch is imported where it is used
+    import torch
 
 
 def read_word2vec(path: str | Path, num_nodes: int | None = None) -> np.ndarray:
