@@ -55,7 +55,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gman.model.group_attention import PARTITION_METHODS, GroupSpatialAttention, make_partition
