@@ -237,3 +237,19 @@ def test_configurable_from_yaml():
     dm = parser.instantiate_classes(config).data
     dm.setup()
     assert dm.num_nodes == 12 and dm.split_ranges[0] == (0, 518) and dm.batch_size == 8
+
+
+def test_a_card_name_wins_over_a_same_named_folder_and_values_path_alone_names_the_file(tmp_path, monkeypatch):
+    from gman.data.readers import source_is_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pems04").mkdir()  # e.g. the folder a user unpacked the download into
+    assert not source_is_path("pems04") and source_is_path("pems04/PEMS04.npz")
+    assert not source_is_path("mine")  # neither a card nor a file: loading it says "unknown dataset"
+    (tmp_path / "mine").mkdir()
+    assert source_is_path("mine")  # no card of that name: the existing folder
+    index = pd.date_range("2024-01-01", periods=400, freq="5min", name="timestamp")
+    pd.DataFrame({"s1": np.linspace(1, 50, 400), "s2": 3.0}, index=index).to_csv(tmp_path / "values.csv")
+    dm = GMANDataModule(values_path=str(tmp_path / "values.csv"), history_steps=4, horizon_steps=4)
+    dm.setup()
+    assert dm.sensor_ids == ["s1", "s2"] and dm.split_ranges == [(0, 280), (280, 320), (320, 400)]

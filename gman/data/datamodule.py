@@ -142,7 +142,11 @@ class GMANDataModule(LightningDataModule):
         """Read the configured data set (no splitting or scaling)."""
         from gman.data.readers import load_dataset
 
-        return load_dataset(self.hparams.dataset, **self.reader_options())
+        options = self.reader_options()
+        if self.hparams.dataset == "synthetic" and "values_path" in options:
+            # values_path alone names the series file (dataset keeps its default)
+            return load_dataset(options.pop("values_path"), **options)
+        return load_dataset(self.hparams.dataset, **options)
 
     def prepare_data(self) -> None:
         """Nothing to download: data sets are files or built in (``gman data fetch`` fetches cards)."""
@@ -189,8 +193,12 @@ class GMANDataModule(LightningDataModule):
 
     def _card_split(self):
         """A dataset card's ``split`` (e.g. 60/20/20 for PEMS0X), or None."""
+        from gman.data.readers import source_is_path
+
         name = self.hparams.dataset
-        if name == "synthetic" or "/" in name or "\\" in name or Path(name).suffix or Path(name).exists():
+        if self.hparams.values_path is not None and name == "synthetic":
+            return None  # the series file of values_path, not the built-in network
+        if name == "synthetic" or source_is_path(name):
             return None
         try:
             from gman.data.registry import card_reader_options

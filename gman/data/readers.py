@@ -111,7 +111,7 @@ def load_dataset(source: Any = None, **options) -> SensorDataset:
         source = options.pop("values_path")
     if isinstance(source, str) and source == "synthetic":
         return _load_synthetic(options)
-    if isinstance(source, Path) or _looks_like_path(str(source)):
+    if isinstance(source, Path) or source_is_path(str(source)):
         _check_keys(options, READER_OPTIONS, str(source))
         if options.get("values_path") is not None:
             raise ConfigError(f"values_path: given together with the path source {source!r}; give one")
@@ -120,8 +120,19 @@ def load_dataset(source: Any = None, **options) -> SensorDataset:
     return _load_card(str(source), options)
 
 
-def _looks_like_path(text: str) -> bool:
-    return ("/" in text or "\\" in text or Path(text).suffix.lower() in _EXTENSIONS or Path(text).exists())
+def source_is_path(text: str) -> bool:
+    """Whether a dataset source string names a file (else a card): a path separator or a data file
+    extension says so; a bare name is a card when a card of that name exists, even if a file or
+    folder of the same name sits in the working directory, and a path only when it exists."""
+    if "/" in text or "\\" in text or Path(text).suffix.lower() in _EXTENSIONS:
+        return True
+    if not Path(text).exists():
+        return False
+    try:
+        from gman.data.registry import card_names
+    except ModuleNotFoundError:
+        return True
+    return text not in card_names()
 
 
 def _load_synthetic(options: dict) -> SensorDataset:
