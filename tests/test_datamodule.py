@@ -253,3 +253,13 @@ def test_a_card_name_wins_over_a_same_named_folder_and_values_path_alone_names_t
     dm = GMANDataModule(values_path=str(tmp_path / "values.csv"), history_steps=4, horizon_steps=4)
     dm.setup()
     assert dm.sensor_ids == ["s1", "s2"] and dm.split_ranges == [(0, 280), (280, 320), (320, 400)]
+
+
+def test_a_training_split_without_readings_is_named_in_the_error(tmp_path):
+    index = pd.date_range("2024-01-01", periods=300, freq="5min", name="timestamp")
+    values = np.zeros((300, 2))
+    values[250:] = 40.0  # readings only after the training split (0 = missing)
+    pd.DataFrame(values, index=index, columns=["s1", "s2"]).to_csv(tmp_path / "late.csv")
+    dm = GMANDataModule(dataset=str(tmp_path / "late.csv"), history_steps=4, horizon_steps=4)
+    with pytest.raises(DataError, match=r"late\.csv: training split \(steps 0\.\.209\): no observed readings to fit the scaler"):
+        dm.setup()

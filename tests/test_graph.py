@@ -62,7 +62,8 @@ def test_pems04_edge_list_needs_the_sensor_order(shared_data):
     path = shared_data / "graphs" / "pems0x" / "PEMS04.csv"
     with pytest.raises(DataError, match="needs the sensor ids"):
         load_adjacency(path)
-    adjacency, order = load_adjacency(path, sensor_ids=[str(i) for i in range(307)])
+    with pytest.warns(UserWarning, match="read as an edge-list .* its cost column is ignored; give graph_format: distance-csv"):
+        adjacency, order = load_adjacency(path, sensor_ids=[str(i) for i in range(307)])
     assert adjacency[73, 5] == 1.0 and adjacency.sum() == 340
     # ids the data lacks become nodes after the data's, for the caller to match (readers: unmatched_sensors)
     fewer, order = load_adjacency(path, sensor_ids=[str(i) for i in range(300)])

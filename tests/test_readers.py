@@ -200,6 +200,10 @@ def test_fill_gaps_turns_missing_timestamps_into_missing_readings(tmp_path):
         load_dataset(frame)
     ds = load_dataset(frame, fill_gaps=True)
     assert ds.num_steps == 40 and not ds.mask[4].any()
+    # one stray timestamp is named against the series' own 5-minute grid, not a 1-minute one
+    stray = small_frame().rename(index={pd.Timestamp("2024-01-01 00:20"): pd.Timestamp("2024-01-01 00:21")})
+    with pytest.raises(DataError, match=r"timestamp 2024-01-01 00:21:00 is not on the 0 days 00:05:00 grid \(the most common step"):
+        load_dataset(stray, fill_gaps=True)
 
 
 # ---------------------------------------------------------------- bad input

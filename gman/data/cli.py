@@ -244,6 +244,8 @@ def _import(args) -> int:
     }
     options = {k: v for k, v in options.items() if v is not None or k == "missing_value"}
     dataset = load_dataset(args.values, **options)
+    if not dataset.mask.any():
+        raise DataError(f"{args.values}: every reading is missing (NaN or the missing value {missing_value}); nothing to import")
 
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.import-", dir=root))

@@ -166,7 +166,8 @@ class GMANDataModule(LightningDataModule):
                 f"({parts}) for history + horizon = {window} in every part; use a longer series or another split"
             )
         train_start, train_stop = ranges[0]
-        scaler = StandardScaler.fit(dataset.values[train_start:train_stop], dataset.mask[train_start:train_stop])
+        scaler = StandardScaler.fit(dataset.values[train_start:train_stop], dataset.mask[train_start:train_stop],
+                                    where=f"{self._source()}: training split (steps {train_start}..{train_stop - 1})")
         windows = [
             WindowDataset(dataset, self.history_steps, self.horizon_steps, scaler, start, stop, name=part)
             for part, (start, stop) in zip(SPLIT_NAMES, ranges)

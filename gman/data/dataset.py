@@ -237,7 +237,7 @@ def _check_index(index, num_steps: int, where: str, interval_hint) -> pd.Datetim
             at = int(np.argmax(steps != steps[0])) + 1
             raise DataError(
                 f"{where}: irregular interval: {index[at] - index[at - 1]} between {index[at - 1]} and {index[at]}"
-                f" (expected {index[1] - index[0]}; the readers' fill_gaps option turns missing timestamps into missing readings)"
+                f" (expected {index[1] - index[0]}; the readers' fill_gaps option, gman data import --fill-gaps, turns missing timestamps into missing readings)"
             )
         interval = pd.Timedelta(index[1] - index[0])
     else:

@@ -509,12 +509,15 @@ def _fill_gaps(values: np.ndarray, index: pd.DatetimeIndex, interval, where: str
         return values, index
     if not index.is_monotonic_increasing or index.has_duplicates:
         raise DataError(f"{where}: timestamps are not sorted and unique; cannot fill gaps")
-    if interval is None:
-        interval = pd.Timedelta(np.diff(index.asi8).min(), unit="ns")
+    given = interval is not None
+    if not given:  # the most common step: one stray timestamp must not set the grid
+        steps, counts = np.unique(np.diff(index.asi8), return_counts=True)
+        interval = pd.Timedelta(int(steps[np.argmax(counts)]), unit="ns")
     full = pd.date_range(index[0], index[-1], freq=interval)
     off_grid = ~index.isin(full)
     if off_grid.any():
-        raise DataError(f"{where}: timestamp {index[off_grid][0]} is not on the {interval} grid from {index[0]}")
+        grid = f"{interval} grid" if given else f"{interval} grid (the most common step; give interval to set it)"
+        raise DataError(f"{where}: timestamp {index[off_grid][0]} is not on the {grid} from {index[0]}")
     frame = pd.DataFrame(values, index=index).reindex(full)
     return frame.to_numpy(dtype=np.float64), full
 

@@ -65,14 +65,15 @@ class StandardScaler:
         self.std = std
 
     @classmethod
-    def fit(cls, values: np.ndarray, mask: np.ndarray) -> "StandardScaler":
-        """Mean and (population) std of ``values[mask]``: masked readings carry no statistics."""
+    def fit(cls, values: np.ndarray, mask: np.ndarray, where: str = "scaler") -> "StandardScaler":
+        """Mean and (population) std of ``values[mask]``: masked readings carry no statistics.
+        ``where`` names the readings in errors (e.g. the data set's training split)."""
         observed = np.asarray(values, dtype=np.float64)[np.asarray(mask, dtype=bool)]
         if observed.size == 0:
-            raise DataError("scaler: no observed readings to fit on (all missing)")
+            raise DataError(f"{where}: no observed readings to fit the scaler on (all missing)")
         std = float(observed.std())
         if std == 0.0:
-            raise DataError(f"scaler: all observed readings equal {observed[0]}; cannot normalise (std = 0)")
+            raise DataError(f"{where}: all observed readings equal {observed[0]}; cannot normalise (std = 0)")
         return cls(float(observed.mean()), std)
 
     def transform(self, values):
