@@ -127,6 +127,11 @@ def test_node2vec_is_seeded_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(embedding, "BiasedRandomWalker", no_walks)
     assert np.array_equal(node2vec_embedding(graph, cache_dir=tmp_path, seed=3, **SMALL), first)
     monkeypatch.undo()
+    # a damaged entry is computed again (and rewritten), with a warning
+    files[0].write_text(files[0].read_text().splitlines()[0] + "\n")
+    with pytest.warns(UserWarning, match="is unreadable .* computing the embedding again"):
+        assert np.array_equal(node2vec_embedding(graph, cache_dir=tmp_path, seed=3, **SMALL), first)
+    assert np.array_equal(read_word2vec(files[0]), first)
     # a different parameter is a different cache entry; the same seed without cache gives the same vectors
     node2vec_embedding(graph, cache_dir=tmp_path, seed=4, **SMALL)
     assert len(list(tmp_path.iterdir())) == 2

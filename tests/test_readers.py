@@ -235,6 +235,8 @@ def write(tmp_path, name, text):
         ("long_gap.csv", "timestamp,sensor_id,value\n2024-01-01 00:00,a,1\n2024-01-01 00:00,,2\n",
          "empty 'sensor_id' in data row 2"),
         ("noheader.csv", "64.375,67.625\n62.667,68.125\n", "the first row holds readings .* give header: false"),
+        ("huge.csv", "timestamp,a,b\n2024-01-01 00:00,1,2\n2024-01-01 00:05,1e40,3\n",
+         "value beyond float32's range 1e\\+40 at 2024-01-01 00:05:00, sensor 'a'"),
     ],
 )
 def test_bad_files_raise_one_line_data_errors_naming_the_file(tmp_path, name, text, message):
@@ -297,3 +299,25 @@ def test_ids_stay_text_and_agree_across_data_and_graph(tmp_path):
     write(tmp_path, "noheader.csv", "64.375,67.625\n62.667,68.125\n")
     plain = load_dataset(tmp_path / "noheader.csv", header=False, start_time="2024-01-01", interval="5min")
     assert plain.num_steps == 2 and plain.values[0, 0] == pytest.approx(64.375)
+
+
+def test_a_folder_a_keyless_npz_and_timestamps_given_twice(tmp_path):
+    (tmp_path / "data.csv").mkdir()
+    with pytest.raises(DataError, match=r"data\.csv: is a folder, not a data file"):
+        load_dataset(tmp_path / "data.csv")
+    np.savez(tmp_path / "two.npz", speed=np.ones((5, 2)), flow=np.ones((5, 2)))
+    with pytest.raises(DataError, match=r"no array 'data' in the npz and several others \(\['speed', 'flow'\]\); give key="):
+        load_dataset(tmp_path / "two.npz", start_time="2024-01-01", interval="5min")
+    small_frame().to_csv(tmp_path / "stamped.csv")
+    with pytest.raises(ConfigError, match=r"start_time: given, but .*stamped\.csv has its own timestamps \(column 'timestamp'\)"):
+        load_dataset(tmp_path / "stamped.csv", start_time="2024-01-01", interval="5min")
+
+
+def test_ids_given_twice_are_refused(tmp_path):
+    small_frame().to_csv(tmp_path / "v.csv")
+    (tmp_path / "ids.txt").write_text("x\ny\nz\n")
+    with pytest.raises(ConfigError, match=r"sensor_ids: given, but .*v\.csv names its sensors itself"):
+        load_dataset(tmp_path / "v.csv", sensor_ids=str(tmp_path / "ids.txt"))
+    (tmp_path / "g.csv").write_text("a,b,c\n1,0,0\n0,1,0\n0,0,1\n")
+    with pytest.raises(DataError, match="header row names its sensors; drop the graph sensor ids"):
+        load_dataset(tmp_path / "v.csv", graph_path=tmp_path / "g.csv", graph_sensor_ids=["c", "b", "a"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -355,7 +356,11 @@ def node2vec_embedding(
     if cache_dir is not False:
         cache_path = _cache_root(cache_dir) / f"{node2vec_cache_key(adjacency, params)}.txt"
         if cache_path.is_file():
-            return read_word2vec(cache_path, num_nodes=adjacency.shape[0])
+            try:
+                return read_word2vec(cache_path, num_nodes=adjacency.shape[0])
+            except DataError as err:  # a damaged cache entry (a disk or a hand edit): computed again below
+                warnings.warn(f"node2vec cache {cache_path} is unreadable ({err}); computing the embedding again",
+                              stacklevel=2)
 
     # The tensors here are small (walkers x 1 per walk step, N x N scores): splitting them over
     # threads costs more in synchronisation than it saves, and on a busy machine an intra-op barrier

@@ -247,10 +247,14 @@ def load_adjacency(
     nodes = _id_map(id_map) if id_map is not None else None
 
     if fmt == "dcrnn-pickle":
+        if nodes is not None:
+            raise DataError(f"{path}: a DCRNN pickle names its sensors itself; drop the graph sensor ids")
         return read_dcrnn_pickle(path)
 
     if fmt in ("dense-csv", "distance-matrix"):
         matrix, ids = _read_dense_csv(path)
+        if ids is not None and nodes is not None:
+            raise DataError(f"{path}: the matrix's header row names its sensors; drop the graph sensor ids")
         if fmt == "distance-matrix":
             if (matrix < 0).any():
                 raise DataError(f"{path}: negative distance in the distance matrix")

@@ -17,9 +17,10 @@
 - a pandas DataFrame (wide with a DatetimeIndex or timestamp column, or long);
 - a dataset card name (``gman.data.registry.card_reader_options(name)`` gives the options).
 
-Missing readings: NaN always, plus every reading equal to ``missing_value``
+Missing readings: NaN always (in CSV files: empty cells and pandas' NA words
+such as ``NA``, ``N/A``, ``null``, ``NaN``), plus every reading equal to ``missing_value``
 (default 0.0, the convention of METR-LA / PEMS-BAY; ``None`` = only NaN).
-+/-Inf, text in numeric columns, duplicate / unsorted timestamps and irregular
++/-Inf, other text in numeric columns, duplicate / unsorted timestamps and irregular
 intervals are errors (``fill_gaps=True`` turns missing timestamps into missing
 readings instead).
 
@@ -192,6 +193,8 @@ def _read_file(path: Path, options: dict) -> _Table:
         raise ConfigError(f"{path}: cannot tell the format from the extension; give format= one of {', '.join(VALUE_FORMATS)}")
     if fmt not in VALUE_FORMATS:
         raise ConfigError(f"format: unknown value {fmt!r} for {path}; choose from {', '.join(VALUE_FORMATS)}")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a data file")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.stat().st_size == 0:
@@ -285,6 +288,8 @@ def _read_wide(frame: pd.DataFrame, where: str, options: dict) -> _Table:
                 f"{where}: no timestamp column (first column {first!r} is numeric); "
                 "give timestamp_column, or start_time and interval"
             )
+    elif frame.columns[0].lower() in _TIMESTAMP_NAMES:
+        raise ConfigError(f"start_time: given, but {where} has its own timestamps (column {frame.columns[0]!r})")
     if timestamp_column is not None:
         index = pd.DatetimeIndex(_parse_timestamps(frame[timestamp_column], where, timestamp_column, options))
         frame = frame.drop(columns=[timestamp_column])
@@ -340,6 +345,8 @@ def _read_npz(path: Path, options: dict) -> _Table:
     with archive:
         keys = list(archive.files)
         key = options.get("key") or ("data" if "data" in keys else (keys[0] if len(keys) == 1 else None))
+        if key is None:
+            raise DataError(f"{path}: no array 'data' in the npz and several others ({keys[:5]}); give key=")
         if key not in keys:
             raise DataError(f"{path}: no array {key!r} in the npz (has {keys[:5]}); give key=")
         try:
@@ -399,11 +406,13 @@ def _finish(table: _Table, where: str, options: dict, default_name: str) -> Sens
     if options.get("fill_gaps"):
         values, index = _fill_gaps(values, index, interval, where)
 
-    infinite = np.isinf(values)
+    # readings are stored as float32: a finite float64 beyond its range would become inf there
+    infinite = np.isinf(values) | (np.abs(np.nan_to_num(values)) > np.finfo(np.float32).max)
     if infinite.any():
         t, n = np.argwhere(infinite)[0]
-        sensor = table.sensor_ids[n] if table.sensor_ids else n
-        raise DataError(f"{where}: infinite value {values[t, n]} at {index[t]}, sensor {sensor}")
+        sensor = repr(table.sensor_ids[n]) if table.sensor_ids else f"column {n}"
+        what = "infinite value" if np.isinf(values[t, n]) else "value beyond float32's range"
+        raise DataError(f"{where}: {what} {values[t, n]} at {index[t]}, sensor {sensor}")
 
     mask = ~np.isnan(values)
     missing_value = options.get("missing_value", 0.0)
@@ -416,6 +425,9 @@ def _finish(table: _Table, where: str, options: dict, default_name: str) -> Sens
     values = np.where(mask, values, 0.0)
 
     sensor_ids = table.sensor_ids
+    if sensor_ids is not None and options.get("sensor_ids") is not None:
+        raise ConfigError(f"sensor_ids: given, but {where} names its sensors itself (for a CSV without a header row "
+                          "give header: false)")
     if sensor_ids is None and options.get("sensor_ids") is not None:
         sensor_ids = _read_id_list(options["sensor_ids"], "sensor_ids")
         if len(sensor_ids) != values.shape[1]:
