@@ -207,3 +207,10 @@ def test_dense_csv_with_header_keeps_its_ids(tmp_path):
 def test_missing_graph_file(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_adjacency(tmp_path / "nope.pkl")
+
+
+@pytest.mark.parametrize("labels", [None, ["a", "b", "c"]])
+def test_a_matrix_saved_with_its_index_is_named_as_such(tmp_path, labels):
+    pd.DataFrame(np.eye(3), columns=["a", "b", "c"], index=labels).to_csv(tmp_path / "m.csv")
+    with pytest.raises(DataError, match=r"m\.csv: matrix has a row-label column; save it without the index"):
+        load_adjacency(tmp_path / "m.csv")

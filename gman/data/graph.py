@@ -445,6 +445,8 @@ def _read_dense_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
     if not all(_is_number(f) for f in first) or len(lines) == len(first) + 1:
         ids = [id_text(f.strip('"')) for f in first]
         lines = lines[1:]
+        if ids[0] == "":  # the empty corner cell of a matrix saved with pandas' index
+            raise DataError(f"{path}: matrix has a row-label column; save it without the index")
     try:
         rows = [[float(f) for f in ln.split(",")] for ln in lines]
     except ValueError:
@@ -455,8 +457,6 @@ def _read_dense_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
         raise DataError(f"{path}: matrix rows have different lengths {sorted(widths)[:4]}")
     matrix = np.array(rows, dtype=np.float64)
     if ids is not None:
-        if len(ids) == matrix.shape[1] + 1 and ids[0] == "":  # a pandas index column header
-            raise DataError(f"{path}: matrix has a row-label column; save it without the index")
         if len(ids) != matrix.shape[1]:
             raise DataError(f"{path}: header has {len(ids)} ids but rows have {matrix.shape[1]} values")
         _check_unique(ids, path)
