@@ -42,12 +42,13 @@ trainer:
 
 
 class SigkillAt(Callback):
-    """Kills its own process with SIGKILL at ``GMAN_TEST_SIGKILL_AT=epoch:batch`` (inert without it)."""
+    """Sends its own process SIGKILL (or ``GMAN_TEST_SIGNAL``) at ``GMAN_TEST_SIGKILL_AT=epoch:batch``
+    (inert without it)."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         spec = os.environ.get("GMAN_TEST_SIGKILL_AT")
         if spec and (trainer.current_epoch, batch_idx) == tuple(int(v) for v in spec.split(":")):
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, os.environ.get("GMAN_TEST_SIGNAL", "SIGKILL")))
 
 
 class RaiseAt(Callback):
@@ -153,6 +154,18 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_test_metrics(uninterrupted
     expected = {k: v for k, v in mlflow_run(workdir, straight_id).data.metrics.items() if k.startswith("test_")}
     got = {k: v for k, v in mlflow_run(workdir, run_id).data.metrics.items() if k.startswith("test_")}
     assert len(expected) == 3 * 12 + 3 and got == expected
+
+
+def test_sigterm_ends_the_run_killed_with_a_failing_status(workdir):
+    """Lightning stops on SIGTERM with a bare SystemExit; gman must not exit 0 for a run it did not finish."""
+    stopped = gman(["train", "--config", "tiny.yaml", "--output-dir", "runs/termed"], workdir,
+                   GMAN_TEST_SIGKILL_AT="1:3", GMAN_TEST_SIGNAL="SIGTERM")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert "resume it with: gman train --resume" in stopped.stderr
+    partial = workdir / "runs" / "termed.partial"
+    run = json.loads((partial / "run.json").read_text())
+    assert run["status"] == "KILLED" and mlflow_run(workdir, run["run_id"]).info.status == "KILLED"
+    assert not (workdir / "runs" / "termed").exists()
 
 
 def test_evaluate_a_checkpoint_and_an_mlflow_run_reproduce_the_test_metrics(uninterrupted, workdir, monkeypatch,

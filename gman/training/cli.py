@@ -45,6 +45,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -314,8 +315,11 @@ def train(argv: list[str]) -> int:
     except BaseException as err:
         if writer:
             # Lightning turns Ctrl-C into SystemExit(1) after its own clean-up
-            logger.finish("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
+            logger.finish(_end_status(err))
             _handle_failed_folder(work_dir, err)
+        if isinstance(err, SystemExit) and not err.code:
+            # Lightning stops on SIGTERM with a bare SystemExit (status 0): a killed run must not look successful
+            raise SystemExit(128 + signal.SIGTERM) from None
         raise
     if writer:
         logger.finish("FINISHED")
@@ -347,6 +351,11 @@ def _check_sync_batchnorm(config, module) -> None:
         raise ConfigError(SYNC_BATCHNORM_ERROR.format(batch_norm=module.hparams.batch_norm))
 
 
+def _end_status(err: BaseException) -> str:
+    """MLflow's run status for a run that ended with ``err``: KILLED for Ctrl-C or SIGTERM, else FAILED."""
+    return "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+
+
 def _handle_failed_folder(work_dir: Path, err: BaseException) -> None:
     """A failed run keeps its ``.partial`` folder only where there is a checkpoint to resume from."""
     last = work_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
@@ -355,7 +364,7 @@ def _handle_failed_folder(work_dir: Path, err: BaseException) -> None:
     if last.is_file():
         try:
             run = json.loads((work_dir / RUN_FILE).read_text())
-            run.update(status="FAILED", error=_one_line(f"{type(err).__name__}: {err}"))
+            run.update(status=_end_status(err), error=_one_line(f"{type(err).__name__}: {err}"))
             _write_json(work_dir / RUN_FILE, run)
         except (OSError, ValueError):
             pass
