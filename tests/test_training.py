@@ -338,3 +338,25 @@ def test_the_package_records_the_time_zone_of_the_training_data(tmp_path):
     module = GMANLightningModule(**TINY)
     module.build_for(naive)
     assert module.package_fields(naive)["timezone"] is None
+
+
+def test_node2vec_is_computed_as_wide_as_model_se_dim():
+    """The demo's model.se_dim (16) is the node2vec width, not node2vec's own default (64)."""
+    from gman.training.cli import parse_train_args
+
+    demo = parse_train_args([])
+    assert demo.config.model.se_dim == 16 and demo.datamodule.hparams.node2vec_options["dim"] == 16
+    wide = parse_train_args(["--model.se_dim", "24"])
+    assert wide.datamodule.hparams.node2vec_options["dim"] == 24
+    with pytest.raises(ConfigError, match="data.node2vec_options.dim 8 differs from model.se_dim 16; set one of them"):
+        parse_train_args(["--data.node2vec_options", "{dim: 8}"])
+
+
+def test_a_given_embedding_width_replaces_model_se_dim_with_a_warning(tmp_path):
+    dm = GMANDataModule(**{**DATA, "spatial_embedding": "learnable"})
+    dm.setup()
+    dm.spatial_embedding = torch.zeros(dm.num_nodes, 12)  # as a 12-wide embedding file would give
+    module = GMANLightningModule(**{**TINY, "se_dim": 8})
+    with pytest.warns(UserWarning, match="model.se_dim 8 is replaced by the width of the data's spatial embedding, 12"):
+        module.build_for(dm)
+    assert module.hparams.se_dim == 12

@@ -147,6 +147,7 @@ def _lightning_cli_class():
             self.config = parser.parse_args(args)
 
         def instantiate_classes(self) -> None:
+            _node2vec_width_from_model(self.config)
             instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes
             self.config_init = instantiate(self.config)
             self.datamodule = self._get(self.config_init, "data")
@@ -154,6 +155,20 @@ def _lightning_cli_class():
             self.trainer = None
 
     return GMANCli
+
+
+def _node2vec_width_from_model(config) -> None:
+    """A node2vec embedding is computed ``model.se_dim`` wide (it would be 64 otherwise, and the
+    model would silently take that width); an explicit, different ``dim`` is an error."""
+    data, model = config.data, config.model
+    if data.spatial_embedding != "node2vec":
+        return
+    options = dict(data.node2vec_options or {})
+    dim = options.get("dim")
+    if dim is not None and dim != model.se_dim:
+        raise ConfigError(f"data.node2vec_options.dim {dim} differs from model.se_dim {model.se_dim}; set one of them")
+    options["dim"] = model.se_dim
+    data.node2vec_options = options
 
 
 def parse_train_args(argv: list[str]):

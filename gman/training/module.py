@@ -28,6 +28,7 @@ run.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal, Union
 
 import lightning as L
@@ -185,7 +186,11 @@ class GMANLightningModule(L.LightningModule):
 
     def build_for(self, datamodule) -> None:
         """Build the network for a set-up ``GMANDataModule``: its sizes into hparams, its embedding into the net."""
-        self.hparams.update(data_hparams(datamodule, se_dim=self.hparams.se_dim))
+        derived = data_hparams(datamodule, se_dim=self.hparams.se_dim)
+        if derived["se_dim"] != self.hparams.se_dim:
+            warnings.warn(f"model.se_dim {self.hparams.se_dim} is replaced by the width of the data's spatial embedding, "
+                          f"{derived['se_dim']} (node2vec: data.node2vec_options.dim)", stacklevel=2)
+        self.hparams.update(derived)
         self._build()
         if self.hparams.day_of_week is not False:
             _warn_unseen_days(datamodule, self.hparams.day_of_week)
@@ -345,7 +350,6 @@ def unseen_days(datamodule, day_of_week: bool | str = True) -> list[str]:
 def _warn_unseen_days(datamodule, day_of_week: bool | str) -> None:
     days = unseen_days(datamodule, day_of_week)
     if days:
-        import warnings
 
         warnings.warn(
             f"{', '.join(days)} occur(s) in the validation/test steps but not in the training steps: their "
