@@ -197,6 +197,13 @@ def test_evaluate_a_checkpoint_and_an_mlflow_run_reproduce_the_test_metrics(unin
     (["--data.dataset", "nowhere/speeds.csv"], "nowhere/speeds.csv"),
     (["--data.dataset", "empty.csv"], "empty.csv"),
     (["--config", "tiny.yaml", "--model.num_heads", "0"], "num_heads"),
+    (["--config", "section.yaml"], "section.yaml: section 'model' must be a mapping of settings, got 3"),
+    (["--config", "list.yaml"], "list.yaml: expected a YAML mapping of sections"),
+    (["--config", "picture.png"], "picture.png: not a text file"),
+    (["--config", "nothere.yaml"], "nothere.yaml: no such file"),
+    (["--patience", "-1"], "patience: expected an integer >= 1"),
+    (["--data.node2vec_options", "{bogus: 1}"], "data.node2vec_options: unknown option 'bogus'"),
+    (["--tracking_uri", "bogus://x"], "tracking_uri: bogus://x: cannot use this MLflow tracking store"),
 ])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(args, key, tmp_path, monkeypatch, capsys):
     from gman.cli import main
@@ -204,12 +211,36 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(args, key, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "unknown-key.yaml").write_text("model:\n  wrong_key: 3\n")
+    (tmp_path / "section.yaml").write_text("model: 3\n")
+    (tmp_path / "list.yaml").write_text("- model\n- data\n")
+    (tmp_path / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "tiny.yaml").write_text(TINY_CONFIG)
     assert main(["train", *args]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gman: error:")]
     assert len(err) == 1 and key in err[0], err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--trainer.max_epochs", "-2"], "trainer: `max_epochs` must be a non-negative integer or -1"),
+    (["--trainer.accelerator", "tpu"], "trainer: "),
+])
+def test_bad_trainer_settings_are_one_line_and_start_no_run(args, key, tmp_path, monkeypatch, capsys):
+    """The trainer is built once the MLflow experiment is known: no run folder and no MLflow run come of it."""
+    from mlflow.tracking import MlflowClient
+
+    from gman.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "tiny.yaml").write_text(TINY_CONFIG)
+    assert main(["train", "--config", "tiny.yaml", *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gman: error:")]
+    assert len(err) == 1 and key in err[0], err
+    assert not (tmp_path / "runs").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
 @pytest.mark.parametrize("existing, message", [

@@ -96,6 +96,15 @@ class GMANDataModule(LightningDataModule):
                 f"data.spatial_embedding: expected 'learnable', 'node2vec' or a path to a word2vec file, "
                 f"got {spatial_embedding!r}"
             )
+        if node2vec_options:
+            import inspect
+
+            from gman.data.embedding import node2vec_embedding
+
+            known = set(inspect.signature(node2vec_embedding).parameters) - {"adjacency"}
+            unknown = sorted(set(node2vec_options) - known)
+            if unknown:
+                raise ConfigError(f"data.node2vec_options: unknown option {unknown[0]!r}; known: {', '.join(sorted(known))}")
         if split is not None:
             chronological_split(100, split)  # validates (ConfigError) before any data is read
         self.save_hyperparameters(logger=False)

@@ -157,6 +157,34 @@ def _lightning_cli_class():
     return GMANCli
 
 
+def _check_config_files(argv: list[str]) -> None:
+    """Each ``--config FILE`` must be a readable YAML mapping whose sections are mappings (jsonargparse
+    would otherwise fail with a traceback, or print the whole file in its message)."""
+    import yaml
+
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--config")]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"--config: {path}: no such file")
+        try:
+            content = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"--config: {path}: not a text file (a YAML config is expected)") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config: {path}: not valid YAML ({_one_line(err)})") from None
+        if content is None:
+            continue
+        if not isinstance(content, dict):
+            raise ConfigError(f"--config: {path}: expected a YAML mapping of sections (model:, data:, trainer:, ...), "
+                              f"got a {type(content).__name__}")
+        for section in ("model", "data", "trainer"):
+            if content.get(section) is not None and not isinstance(content[section], dict):
+                raise ConfigError(f"--config: {path}: section {section!r} must be a mapping of settings, "
+                                  f"got {content[section]!r}")
+
+
 def _node2vec_width_from_model(config) -> None:
     """A node2vec embedding is computed ``model.se_dim`` wide (it would be 64 otherwise, and the
     model would silently take that width); an explicit, different ``dim`` is an error."""
@@ -176,6 +204,7 @@ def parse_train_args(argv: list[str]):
     from gman.data.datamodule import GMANDataModule
     from gman.training.module import GMANLightningModule
 
+    _check_config_files(argv)
     cli_class = _lightning_cli_class()
     cli_class.use_demo_defaults = not any(a in ("-c", "--config") or a.startswith("--config=") for a in argv)
     try:
@@ -285,6 +314,8 @@ def train(argv: list[str]) -> int:
         argv = ["--config", str(work_dir / CONFIG_FILE), *argv]
     cli = parse_train_args(argv)
     config = cli.config
+    if config.patience < 1:
+        raise ConfigError(f"patience: expected an integer >= 1 (epochs without a better validation MAE), got {config.patience}")
     datamodule, module = cli.datamodule, cli.model
     if config.threads is not None:
         if config.threads < 1:
@@ -320,8 +351,14 @@ def train(argv: list[str]) -> int:
         raise ConfigError(f"output_dir: {final_dir} already exists; cannot finish the resumed run into it")
 
     if writer:
-        logger = make_logger(experiment, tracking_uri, run_id=saved_run.get("run_id"), run_name=final_dir.name,
-                             tags={"gman.output_dir": str(final_dir), "gman.dataset": dataset_name})
+        try:
+            logger = make_logger(experiment, tracking_uri, run_id=saved_run.get("run_id"), run_name=final_dir.name,
+                                 tags={"gman.output_dir": str(final_dir), "gman.dataset": dataset_name})
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for an unusable store
+            raise ConfigError(f"tracking_uri: {tracking_uri}: cannot use this MLflow tracking store "
+                              f"({type(err).__name__}: {_one_line(err)[:200]})") from None
     else:
         logger = OtherRankLogger()
     try:
@@ -390,6 +427,7 @@ def _handle_failed_folder(work_dir: Path, err: BaseException) -> None:
 
 def _fit_test_and_report(cli, logger, work_dir: Path, final_dir: Path, experiment: str, tracking_uri: str,
                          resuming: bool, writer: bool = True) -> dict[str, Any]:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
     from gman.training.module import DATA_DERIVED, data_hparams
@@ -402,8 +440,12 @@ def _fit_test_and_report(cli, logger, work_dir: Path, final_dir: Path, experimen
     callbacks = [checkpoint, EarlyStopping(monitor=MONITOR, mode="min", patience=config.patience),
                  LearningRateMonitor(logging_interval="epoch")]
     user_callbacks = cli._get(cli.config_init, "trainer", default={}).get("callbacks") or []
-    trainer = cli.instantiate_trainer(logger=logger, callbacks=[*callbacks, *list(user_callbacks)],
-                                      default_root_dir=str(work_dir))
+    try:
+        trainer = cli.instantiate_trainer(logger=logger, callbacks=[*callbacks, *list(user_callbacks)],
+                                          default_root_dir=str(work_dir))
+    except (MisconfigurationException, ModuleNotFoundError, ValueError, RuntimeError) as err:
+        # e.g. max_epochs -2, an accelerator whose package is missing, devices more than the machine has
+        raise ConfigError(f"trainer: {_one_line(err)}") from None
     if trainer.is_global_zero != writer:  # e.g. a stray SLURM_PROCID=1 in a one-process run; nothing written yet
         raise ConfigError(f"trainer: the launcher's environment ({_rank_environment()}) and Lightning (global rank "
                           f"{trainer.global_rank} of {trainer.world_size}) disagree on whether this process is rank 0; "
