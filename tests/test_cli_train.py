@@ -180,6 +180,12 @@ def test_evaluate_a_checkpoint_and_an_mlflow_run_reproduce_the_test_metrics(unin
     assert out[-1] == str(workdir / "runs" / "eval-ckpt") and any(line.startswith("GMAN ") for line in out)
     run_id = json.loads((uninterrupted / "run.json").read_text())["run_id"]
     assert main(["evaluate", "--run-id", run_id, "--output-dir", "runs/eval-run"]) == 0
+    # a data error names where the data settings came from
+    assert main(["evaluate", "--checkpoint", str(uninterrupted / "checkpoints" / "best.ckpt"),
+                 "--data.options", "{num_sensors: 10, bogus: 1}", "--output-dir", "runs/eval-bad"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown option 'bogus'" in err and f"data settings default to the training run's {uninterrupted / 'config.yaml'}" in err
+    assert not (workdir / "runs" / "eval-bad").exists()
     expected = gman_rows(uninterrupted)
     for folder in ("eval-ckpt", "eval-run"):
         got = gman_rows(workdir / "runs" / folder)

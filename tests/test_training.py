@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import pytest
+import yaml
 import torch
 
 from gman.data.datamodule import GMANDataModule
@@ -360,3 +362,22 @@ def test_a_given_embedding_width_replaces_model_se_dim_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="model.se_dim 8 is replaced by the width of the data's spatial embedding, 12"):
         module.build_for(dm)
     assert module.hparams.se_dim == 12
+
+
+def test_relative_data_paths_are_stored_absolute(tmp_path, monkeypatch):
+    """A run's config.yaml names its files absolutely, so gman evaluate and --resume work from anywhere."""
+    from gman.training.cli import parse_train_args
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    index = pd.date_range("2024-01-01", periods=300, freq="5min", name="timestamp")
+    pd.DataFrame({"a": 1.0, "b": 2.0}, index=index).to_csv(tmp_path / "data" / "v.csv")
+    (tmp_path / "data" / "g.csv").write_text("a,b\n1,1\n1,1\n")
+    (tmp_path / "data" / "se.txt").write_text("2 4\na 0 0 0 1\nb 0 0 1 0\n")
+    cli = parse_train_args(["--data.dataset", "data/v.csv", "--data.graph_path", "data/g.csv",
+                            "--data.spatial_embedding", "data/se.txt", "--model.se_dim", "4"])
+    dumped = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))["data"]
+    assert dumped["dataset"] == str(tmp_path / "data" / "v.csv")
+    assert dumped["graph_path"] == str(tmp_path / "data" / "g.csv")
+    assert dumped["spatial_embedding"] == str(tmp_path / "data" / "se.txt")
+    assert parse_train_args(["--data.dataset", "synthetic"]).config.data.dataset == "synthetic"

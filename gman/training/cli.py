@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gman.errors import ConfigError
+from gman.errors import ConfigError, DataError
 
 DEFAULT_RUNS_DIR = "runs"
 PARTIAL_SUFFIX = ".partial"
@@ -148,6 +148,7 @@ def _lightning_cli_class():
 
         def instantiate_classes(self) -> None:
             _node2vec_width_from_model(self.config)
+            _absolute_data_paths(self.config)
             instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes
             self.config_init = instantiate(self.config)
             self.datamodule = self._get(self.config_init, "data")
@@ -183,6 +184,30 @@ def _check_config_files(argv: list[str]) -> None:
             if content.get(section) is not None and not isinstance(content[section], dict):
                 raise ConfigError(f"--config: {path}: section {section!r} must be a mapping of settings, "
                                   f"got {content[section]!r}")
+
+
+_PATH_OPTIONS = ("values_path", "graph_path", "graph_sensor_ids", "sensor_ids")
+
+
+def _absolute_data_paths(config) -> None:
+    """Relative file paths in ``data`` are read from the working directory; they are made absolute here
+    so that the run's config.yaml (used by ``gman evaluate`` and ``--resume``) works from anywhere."""
+    from gman.data.readers import source_is_path
+
+    data = config.data
+
+    def absolute(value):
+        return str(Path(value).resolve()) if isinstance(value, str) and Path(value).exists() else value
+
+    if isinstance(data.dataset, str) and data.dataset != "synthetic" and source_is_path(data.dataset):
+        data.dataset = absolute(data.dataset)
+    for key in _PATH_OPTIONS:
+        if hasattr(data, key):
+            setattr(data, key, absolute(getattr(data, key)))
+    if data.spatial_embedding not in ("learnable", "node2vec"):
+        data.spatial_embedding = absolute(data.spatial_embedding)
+    if data.options:
+        data.options = {k: absolute(v) if k in _PATH_OPTIONS else v for k, v in data.options.items()}
 
 
 def _node2vec_width_from_model(config) -> None:
@@ -673,10 +698,13 @@ def evaluate_command(argv: list[str]) -> int:
             args = _evaluate_parser(data_defaults).parse_args(argv)
         except argparse.ArgumentError as err:
             raise ConfigError(_one_line(err)) from None
-        return _evaluate(checkpoint, args)
+        source = None
+        if train_config is not None:
+            source = str(train_config) if known.checkpoint else f"config.yaml (MLflow run {known.run_id})"
+        return _evaluate(checkpoint, args, source)
 
 
-def _evaluate(checkpoint: Path, args) -> int:
+def _evaluate(checkpoint: Path, args, train_config: str | None = None) -> int:
     import lightning as L
     import torch
 
@@ -684,13 +712,21 @@ def _evaluate(checkpoint: Path, args) -> int:
     from gman.training import evaluate
     from gman.training.module import GMANLightningModule
 
-    datamodule = GMANDataModule(**args.data.as_dict())
-    datamodule.prepare_data()
-    datamodule.setup("test")
+    try:
+        datamodule = GMANDataModule(**args.data.as_dict())
+        datamodule.prepare_data()
+        datamodule.setup("test")
+    except (ConfigError, DataError) as err:
+        if train_config is None:
+            raise
+        # the data settings not given on the command line came from the training run
+        raise type(err)(f"{err} (data settings default to the training run's {train_config}; "
+                        "override them with --data.KEY VALUE or --data FILE.yaml)") from None
     try:
         module = GMANLightningModule.load_from_checkpoint(str(checkpoint), map_location="cpu")
     except (RuntimeError, KeyError, TypeError, EOFError, OSError) as err:
-        raise ConfigError(f"--checkpoint: {checkpoint} is not a gman checkpoint ({_one_line(err)[:120]})") from None
+        raise ConfigError(f"--checkpoint: {checkpoint} is not a checkpoint written by gman train "
+                          f"({type(err).__name__}: {_one_line(err)[:120]})") from None
     hp = module.hparams
     for name in ("num_nodes", "history_steps", "horizon_steps", "steps_per_day"):
         if int(hp[name]) != int(getattr(datamodule, name)):
