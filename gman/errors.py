@@ -21,3 +21,7 @@ class ConfigError(GmanError):
 
 class ForecastInputError(GmanError):
     """A history passed to a forecaster cannot be used (sensors, interval, length, values)."""
+
+
+class UnknownDatasetError(DataError):
+    """No dataset card has that name."""

@@ -321,3 +321,11 @@ def test_ids_given_twice_are_refused(tmp_path):
     (tmp_path / "g.csv").write_text("a,b,c\n1,0,0\n0,1,0\n0,0,1\n")
     with pytest.raises(DataError, match="header row names its sensors; drop the graph sensor ids"):
         load_dataset(tmp_path / "v.csv", graph_path=tmp_path / "g.csv", graph_sensor_ids=["c", "b", "a"])
+
+
+def test_a_graph_threshold_outside_zero_one_is_refused(tmp_path):
+    small_frame().to_csv(tmp_path / "v.csv")
+    (tmp_path / "d.csv").write_text("from,to,cost\na,b,1\na,a,0\nb,b,0\nc,c,0\n")
+    for bad in (-1, 1.5, "high"):
+        with pytest.raises(ConfigError, match=r"graph_threshold: expected a Gaussian-kernel weight cut-off in \[0, 1\)"):
+            load_dataset(tmp_path / "v.csv", graph_path=tmp_path / "d.csv", graph_threshold=bad)

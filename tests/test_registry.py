@@ -292,6 +292,19 @@ def test_fetch_of_a_file_without_url_points_at_its_page(data_root, server, capsy
     assert "no direct download for values.csv; get it from https://example.org/values" in capsys.readouterr().err
 
 
+def test_a_failed_first_fetch_leaves_no_empty_folder_and_timeouts_are_checked(data_root, monkeypatch, capsys):
+    def unreachable(entry, target, **kwargs):
+        raise DataError(f"{target}: cannot reach the server")
+
+    monkeypatch.setattr(registry, "download", unreachable)
+    assert run_cli("fetch", "los-loop", "--no-progress") == 2
+    assert "cannot reach the server" in capsys.readouterr().err
+    assert not (data_root / "los-loop").exists()
+    for bad in ("0", "-1"):
+        assert run_cli("fetch", "los-loop", "--timeout", bad) == 2
+        assert "timeout: expected a number of seconds > 0" in capsys.readouterr().err
+
+
 def test_fetch_unknown_dataset_fails(data_root, capsys):
     assert run_cli("fetch", "nope") == 2
     assert "unknown dataset" in capsys.readouterr().err

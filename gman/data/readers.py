@@ -46,7 +46,7 @@ import pandas as pd
 
 from gman.data.dataset import MixedOffsetsError, SensorDataset, parse_timestamps
 from gman.data.graph import id_text
-from gman.errors import ConfigError, DataError
+from gman.errors import ConfigError, DataError, UnknownDatasetError
 
 #: Options of file / DataFrame sources (``load_dataset`` keyword arguments).
 READER_OPTIONS = {
@@ -155,7 +155,11 @@ def _load_card(name: str, options: dict) -> SensorDataset:
         if err.name != "gman.data.registry":
             raise
         raise DataError(f"{name}: not a file, and no dataset cards are available") from None
-    card_options = dict(card_reader_options(name))
+    try:
+        card_options = dict(card_reader_options(name))
+    except UnknownDatasetError as err:  # perhaps meant as a file
+        raise DataError(f"{err}; as a data file it is not found (a path needs a '/', a data file extension, "
+                        "or to exist)") from None
     card_options.setdefault("name", name)
     card_options.pop("split", None)  # a card's split is the data module's business
     # explicit options win over the card's, except unset (None) ones; missing_value=None means "only NaN"
@@ -469,7 +473,10 @@ def _match_graph(data_ids: list[str] | None, num_nodes: int, where: str, options
         raise ConfigError(f"unmatched_sensors: expected 'error' or 'drop', got {unmatched!r}")
     kwargs = {}
     if options.get("graph_threshold") is not None:
-        kwargs["threshold"] = float(options["graph_threshold"])
+        threshold = options["graph_threshold"]
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+            raise ConfigError(f"graph_threshold: expected a Gaussian-kernel weight cut-off in [0, 1), got {threshold!r}")
+        kwargs["threshold"] = float(threshold)
     # Data without ids (npz) are in node-index order: ids "0".."N-1" unless the graph names its nodes.
     index_ids = [str(i) for i in range(num_nodes)]
     if options.get("graph_sensor_ids") is not None:

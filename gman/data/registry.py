@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from gman.errors import ConfigError, DataError
+from gman.errors import ConfigError, DataError, UnknownDatasetError
 
 CARD_FILE = "dataset.yaml"
 ENV_DATASETS_DIR = "GMAN_DATASETS_DIR"
@@ -97,7 +97,7 @@ def _find_card_file(name: str) -> Path:
         if path.is_file():
             return path
     known = ", ".join(card_names()) or "none"
-    raise DataError(f"{name}: unknown dataset (known: {known}); a path to a data file must contain '/' or an extension")
+    raise UnknownDatasetError(f"{name}: unknown dataset (known: {known})")
 
 
 # ----------------------------------------------------------------------------- the card
@@ -287,19 +287,27 @@ def fetch(name: str, only: list[str] | None = None, progress: bool = True, timeo
         unknown = sorted(set(only) - {f.name for f in card.files})
         if unknown:
             raise DataError(f"{card.card_path}: no file {unknown[0]!r} in dataset {name!r}")
+    if not timeout > 0:
+        raise ConfigError(f"timeout: expected a number of seconds > 0, got {timeout!r}")
+    created = not card.data_dir.exists()
     card.data_dir.mkdir(parents=True, exist_ok=True)
     manual = []
-    for entry in entries:
-        target = card.data_dir / entry.name
-        if target.is_file():
-            verify_file(target, entry)
-            log(f"{entry.name}: present")
-            continue
-        if not entry.urls:
-            manual.append(entry)
-            continue
-        download(entry, target, progress=progress, timeout=timeout, log=log)
-    if manual:
+    try:
+        for entry in entries:
+            target = card.data_dir / entry.name
+            if target.is_file():
+                verify_file(target, entry)
+                log(f"{entry.name}: present")
+                continue
+            if not entry.urls:
+                manual.append(entry)
+                continue
+            download(entry, target, progress=progress, timeout=timeout, log=log)
+    except BaseException:
+        if created and not any(card.data_dir.iterdir()):  # a failed first fetch leaves no empty folder
+            card.data_dir.rmdir()
+        raise
+    if manual:  # the folder stays: the message says to put the file there
         entry = manual[0]
         where = entry.page or "the source named in the card"
         raise DataError(
