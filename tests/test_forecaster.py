@@ -222,6 +222,26 @@ def test_checkpoint_with_package_metadata_loads_like_the_package(forecaster, tmp
         Forecaster.load(tmp_path / "missing.ckpt")
 
 
+def test_a_file_that_is_no_model_is_refused_in_one_plain_line(tmp_path, capsys):
+    from gman.cli import main as gman_main
+
+    (tmp_path / "horizons.csv").write_text("step,mae\n1,2.0\n")
+    (tmp_path / "notackpt.ckpt").write_text("hi\n")
+    torch.save({"state_dict": {}, "when": pd.Timestamp("2024-01-01")}, tmp_path / "objects.ckpt")  # not weights only
+    for name, why in [("horizons.csv", "torch cannot read it as a checkpoint"),
+                      ("notackpt.ckpt", "torch cannot read it as a checkpoint"),
+                      ("objects.ckpt", "Python objects beyond tensors")]:
+        with pytest.raises(DataError) as err:
+            Forecaster.load(tmp_path / name)
+        message = str(err.value)
+        assert message.startswith(f"{tmp_path / name}: not a gman model (package folder, Lightning checkpoint or "
+                                  "MLflow model): ") and why in message, message
+        assert "weights_only" not in message and "(" not in message.split("):", 1)[1], message  # no torch lecture or codes
+        argv = ["predict", "--model", str(tmp_path / name), "--input", "h.csv", "--output", str(tmp_path / "f.csv")]
+        assert gman_main(argv) == 2
+        assert capsys.readouterr().err == f"gman: error: {message}\n"  # nothing else: no torch warning either
+
+
 def test_checkpoint_without_package_metadata_takes_the_ids_from_the_runs_package(forecaster, tmp_path):
     """A checkpoint of only hyper_parameters and weights, in <run>/checkpoints/, beside <run>/model."""
     meta = forecaster.metadata

@@ -222,13 +222,19 @@ class Forecaster:
            beside the checkpoint folder (``<run>/model/gman.json`` for
            ``<run>/checkpoints/<name>.ckpt``): the checkpoint holds no sensor ids.
         """
+        import pickle
+
         torch = _import_torch()
         path = Path(path)
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # UnpicklingError for non-weights content, RuntimeError for non-torch files
-            detail = " ".join(str(err).split())[:200]
-            raise DataError(f"{path}: not a checkpoint readable with torch.load(weights_only=True) ({detail})") from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's note on the pickle protocol of files it then refuses
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # UnpicklingError for non-weights content, RuntimeError/KeyError... for other files
+            why = ("it holds Python objects beyond tensors and plain containers, which a weights-only load refuses"
+                   if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower()
+                   else "torch cannot read it as a checkpoint")
+            raise DataError(f"{path}: not a gman model (package folder, Lightning checkpoint or MLflow model): {why}") from None
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise DataError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
         state = {}
