@@ -611,6 +611,9 @@ def evaluate_command(argv: list[str]) -> int:
 
 
 def _evaluate(checkpoint: Path, args) -> int:
+    import pickle
+    import warnings
+
     import lightning as L
     import torch
 
@@ -622,9 +625,20 @@ def _evaluate(checkpoint: Path, args) -> int:
     datamodule.prepare_data()
     datamodule.setup("test")
     try:
-        module = GMANLightningModule.load_from_checkpoint(str(checkpoint), map_location="cpu")
-    except (RuntimeError, KeyError, TypeError, EOFError, OSError) as err:
-        raise ConfigError(f"--checkpoint: {checkpoint} is not a gman checkpoint ({_one_line(err)[:120]})") from None
+        with warnings.catch_warnings():  # torch's note on the pickle protocol of a file it then refuses
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            module = GMANLightningModule.load_from_checkpoint(str(checkpoint), map_location="cpu")
+    except (RuntimeError, KeyError, TypeError, EOFError, OSError, IndexError, pickle.UnpicklingError) as err:
+        # torch's unpickler fails on a text file with KeyError(105), IndexError...: such details say nothing
+        detail = _one_line(err)[:120]
+        if isinstance(err, pickle.UnpicklingError) and "weights only" in detail.lower():
+            detail = ": it holds Python objects beyond tensors and plain containers, which a weights-only load refuses"
+        elif isinstance(err, (IndexError, EOFError, pickle.UnpicklingError)) or not detail or detail.strip("'\"").isdigit():
+            detail = ""
+        else:
+            detail = f" ({detail})"
+        raise ConfigError(f"--checkpoint: {checkpoint} is not a gman checkpoint (a .ckpt file written by "
+                          f"gman train){detail}") from None
     hp = module.hparams
     for name in ("num_nodes", "history_steps", "horizon_steps", "steps_per_day"):
         if int(hp[name]) != int(getattr(datamodule, name)):
