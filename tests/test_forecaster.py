@@ -339,6 +339,35 @@ def test_gman_predict_over_a_dataset_split(forecaster, tmp_path, monkeypatch):
     assert list(issued_all) == list(frame.index[P - 1 : 120 - Q])
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--input", "h.csv", "--split", "val"], "--split: belongs to --dataset and has no effect with --input"),
+     (["--input", "h.csv", "--split-fractions", "0.6,0.2,0.2"], "--split-fractions: belongs to --dataset"),
+     (["--input", "h.csv", "--stride", "2"], "--stride: belongs to --dataset"),
+     (["--input", "h.csv", "--sensors", "400001"], "--sensors: belongs to --dataset"),
+     (["--input", "h.csv", "--plot-days", "1"], "--plot-days: belongs to --dataset"),
+     (["--input", "h.csv", "--no-plots"], "--no-plots: belongs to --dataset"),
+     (["--input", "h.csv", "--batch-size", "8"], "--batch-size: belongs to --dataset"),
+     (["--input", "h.csv", "--data-option", "days=2"], "--data-option: belongs to --dataset"),
+     (["--dataset", "synthetic", "--layout", "wide"], "--layout: belongs to --input and has no effect with --dataset"),
+     (["--dataset", "synthetic", "--plot-days", "0"], "--plot-days: must be a number of days more than 0, got 0"),
+     (["--dataset", "synthetic", "--plot-days", "-2"], "--plot-days: must be a number of days more than 0, got -2"),
+     (["--dataset", "synthetic", "--plot-days", "nan"], "--plot-days: must be a number of days more than 0, got nan"),
+     (["--dataset", "synthetic", "--stride", "0"], "--stride: must be at least 1, got 0"),
+     (["--dataset", "synthetic", "--split-fractions", "0.7,0.3"], "--split-fractions: expected three numbers")],
+)
+def test_gman_predict_refuses_ignored_and_bad_options_before_any_work(tmp_path, monkeypatch, extra, message):
+    from gman.serving.cli import main
+
+    def no_load(cls, source, **options):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(Forecaster, "load", classmethod(no_load))
+    with pytest.raises(ConfigError, match=message) as err:
+        main("predict", ["--model", "m", "--output", str(tmp_path / "f.csv"), *extra])
+    assert "\n" not in str(err.value) and not list(tmp_path.iterdir())
+
+
 def test_error_map_uses_sensor_locations(shared_data, tmp_path):
     from gman.serving.cli import plot_error_map, read_locations
 

@@ -119,30 +119,30 @@ def predict_command(argv: list[str]) -> int:
     source.add_argument("--input", help="history file (.csv or .parquet): timestamps x sensor ids, or long")
     source.add_argument("--dataset", help="data set card name, 'synthetic', or a data file: rolling forecasts over a split")
     parser.add_argument("--output", required=True, help="forecast file (.csv or .parquet)")
-    parser.add_argument("--layout", choices=("tidy", "wide"), default="tidy", help="--input only: output layout")
-    parser.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="--dataset: reader / synthetic option, e.g. num_sensors=10 (repeatable; YAML values)")
-    parser.add_argument("--split", choices=(*SPLITS, "all"), default="test",
-                        help="--dataset: which split (default test); 'all' forecasts over the whole series "
+    parser.add_argument("--layout", choices=("tidy", "wide"), default=None, help="--input only: output layout (default tidy)")
+    parser.add_argument("--data-option", action="append", default=None, metavar="KEY=VALUE",
+                        help="--dataset only: reader / synthetic option, e.g. num_sensors=10 (repeatable; YAML values)")
+    parser.add_argument("--split", choices=(*SPLITS, "all"), default=None,
+                        help="--dataset only: which split (default test); 'all' forecasts over the whole series "
                              "(new data the model has not seen)")
     parser.add_argument("--split-fractions", default=None,
-                        help="--dataset: train,val,test fractions (default: the card's split, else 0.7,0.1,0.2)")
-    parser.add_argument("--stride", type=int, default=1, help="--dataset: issue a forecast every STRIDE steps")
-    parser.add_argument("--sensors", default=None, help="--dataset: comma-separated sensor ids to plot (default: 3)")
-    parser.add_argument("--plot-days", type=float, default=2.0, help="--dataset: days shown in the forecast plot")
-    parser.add_argument("--no-plots", action="store_true", help="--dataset: skip the PNGs")
+                        help="--dataset only: train,val,test fractions (default: the card's split, else 0.7,0.1,0.2)")
+    parser.add_argument("--stride", type=int, default=None, help="--dataset only: issue a forecast every STRIDE steps (default 1)")
+    parser.add_argument("--sensors", default=None, help="--dataset only: comma-separated sensor ids to plot (default: 3)")
+    parser.add_argument("--plot-days", type=float, default=None,
+                        help="--dataset only: days shown in the forecast plot (default 2; more than 0)")
+    parser.add_argument("--no-plots", action="store_true", help="--dataset only: skip the PNGs")
     parser.add_argument("--device", default=None,
                         help="torch device of the network, e.g. cuda (default: cpu, or GMAN_DEVICE)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="--dataset: windows per forward pass (default: 16 on the CPU, 256 on a GPU)")
+                        help="--dataset only: windows per forward pass (default: 16 on the CPU, 256 on a GPU)")
     args = parser.parse_args(argv)
+    _check_mode_options(parser, args)
 
     output = Path(args.output)
     writer = _frame_writer(output, "--output")
     from gman.serving.forecaster import Forecaster
 
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error(f"--batch-size: must be at least 1, got {args.batch_size}")
     forecaster = Forecaster.load(args.model, device=args.device)
     if args.input is not None:
         history = read_history(Path(args.input), forecaster.timezone)
@@ -152,14 +152,12 @@ def predict_command(argv: list[str]) -> int:
         print(f"{len(forecast)} rows -> {output}")
         return 0
 
-    if args.stride < 1:
-        raise ConfigError(f"--stride: must be >= 1, got {args.stride}")
     from gman.data.readers import load_dataset
     from gman.data.windows import chronological_split
 
-    fractions = _parse_fractions(args.split_fractions) if args.split_fractions else _card_split(args.dataset)
+    fractions = args.split_fractions or _card_split(args.dataset)
     sensors = _choose_sensors(args.sensors, forecaster.sensor_ids)  # before the work, not after
-    dataset = load_dataset(args.dataset, **_parse_options(args.data_option))
+    dataset = load_dataset(args.dataset, **_parse_options(args.data_option or []))
     if args.split == "all":
         start, stop = 0, dataset.num_steps
     else:
@@ -182,6 +180,32 @@ def predict_command(argv: list[str]) -> int:
         lines += [f"plots -> {vs_truth}, {error_map}" + ("" if locations is not None else " (no sensor locations: bar chart)")]
     print("\n".join(lines))
     return 0
+
+
+# the options that belong to one mode only: (dest, flag) -> the mode's source option
+_DATASET_ONLY = {"data_option": "--data-option", "split": "--split", "split_fractions": "--split-fractions",
+                 "stride": "--stride", "sensors": "--sensors", "plot_days": "--plot-days", "no_plots": "--no-plots",
+                 "batch_size": "--batch-size"}
+_INPUT_ONLY = {"layout": "--layout"}
+
+
+def _check_mode_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse an option of the other mode (it would be ignored) and bad numbers, before any work; fill defaults."""
+    mode, other, foreign = ("--input", "--dataset", _DATASET_ONLY) if args.input is not None else ("--dataset", "--input", _INPUT_ONLY)
+    given = [flag for dest, flag in foreign.items() if getattr(args, dest) not in (None, False)]
+    if given:
+        parser.error(f"{given[0]}: belongs to {other} and has no effect with {mode}")
+    for name, value, bound in (("--stride", args.stride, 1), ("--batch-size", args.batch_size, 1)):
+        if value is not None and value < bound:
+            parser.error(f"{name}: must be at least {bound}, got {value}")
+    if args.plot_days is not None and not 0 < args.plot_days < float("inf"):  # also NaN
+        parser.error(f"--plot-days: must be a number of days more than 0, got {args.plot_days:g}")
+    if args.split_fractions is not None:
+        args.split_fractions = _parse_fractions(args.split_fractions)
+    args.layout = args.layout or "tidy"
+    args.split = args.split or "test"
+    args.stride = args.stride or 1
+    args.plot_days = args.plot_days or 2.0
 
 
 def _frame_writer(path: Path, option: str):
