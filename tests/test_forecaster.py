@@ -368,6 +368,21 @@ def test_gman_predict_refuses_ignored_and_bad_options_before_any_work(tmp_path, 
     assert "\n" not in str(err.value) and not list(tmp_path.iterdir())
 
 
+def test_forecast_plot_labels_the_lead_time_in_minutes(monkeypatch, tmp_path):
+    from gman.serving import cli
+
+    issued = pd.date_range("2024-03-04", periods=30, freq="10min")  # a 10-minute model, Q = 4
+    rows = [{"sensor_id": "a", "issued_at": t, "target_time": t + k * pd.Timedelta("10min"), "step": k,
+             "minutes_ahead": 10.0 * k, "prediction": 1.0, "truth": 1.0} for t in issued for k in range(1, 5)]
+    forecast = pd.DataFrame(rows)
+    figures = []
+    monkeypatch.setattr(cli, "_save_figure", lambda fig, path: figures.append(fig))
+    for days in (1.0, 25 / 1440):  # the whole day; 25 minutes: no step-3 or step-4 rows are shown
+        cli.plot_forecast_vs_truth(forecast, ["a"], tmp_path / "p.png", days=days, units="mph")
+        labels = [text.get_text() for text in figures[-1].axes[0].get_legend().get_texts()]
+        assert labels == ["truth", "forecast 30 min ahead", "forecast 40 min ahead"], (days, labels)
+
+
 def test_error_map_uses_sensor_locations(shared_data, tmp_path):
     from gman.serving.cli import plot_error_map, read_locations
 

@@ -436,6 +436,7 @@ def plot_forecast_vs_truth(forecast: "pd.DataFrame", sensors: list[str], path: P
     plt = _pyplot()
     q = int(forecast["step"].max())
     steps = sorted({min(3, q), q})
+    minutes_per_step = float(forecast["minutes_ahead"].iloc[0]) / int(forecast["step"].iloc[0])
     first = forecast["target_time"].min()
     shown = forecast[forecast["target_time"] < first + pd.Timedelta(days=days)]
     fig, axes = plt.subplots(len(sensors), 1, figsize=(11, 2.6 * len(sensors)), sharex=True, squeeze=False)
@@ -446,7 +447,7 @@ def plot_forecast_vs_truth(forecast: "pd.DataFrame", sensors: list[str], path: P
         ax.plot(truth.index, truth.to_numpy(), color="black", linewidth=1.0, label="truth")
         for step in steps:
             at = rows[rows["step"] == step]
-            minutes = at["minutes_ahead"].iloc[0] if len(at) else step
+            minutes = step * minutes_per_step  # the lead time, also where this sensor has no row at this step
             ax.plot(at["target_time"], at["prediction"], linewidth=0.9, label=f"forecast {minutes:g} min ahead")
         ax.set_title(f"sensor {sensor}", fontsize=9)
         ax.set_ylabel(units or "value")
