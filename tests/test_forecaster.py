@@ -409,6 +409,41 @@ def test_history_files_across_a_daylight_saving_change_are_read_as_instants(tmp_
         read_history(tmp_path / "bad.csv")
 
 
+def test_history_files_whose_header_pandas_would_mend_are_refused(forecaster, tmp_path, monkeypatch):
+    from gman.serving.cli import main, read_history
+
+    frame = series().iloc[:P + 2].fillna(50.0).rename_axis("timestamp")
+    monkeypatch.setattr(Forecaster, "load", classmethod(lambda cls, source, **options: forecaster))
+    argv = ["--model", "m", "--output", str(tmp_path / "f.csv"), "--input"]
+
+    # a repeated sensor column: pandas would call the copy '400001.1' and the forecast would use the first
+    frame.assign(extra=frame["400001"] + 1).to_csv(tmp_path / "dup.csv", header=["400001", *SENSORS[1:], "400001"])
+    with pytest.raises(DataError, match=r"dup.csv: the header names column '400001' twice \(columns 2 and 7\)"):
+        main("predict", [*argv, str(tmp_path / "dup.csv")])
+    assert not (tmp_path / "f.csv").exists()
+
+    # no header row: the first row of readings would become the column names
+    frame.to_csv(tmp_path / "bare.csv", header=False)
+    with pytest.raises(DataError, match=r"bare.csv: the first row \(2024-03-03 23:20:00, [0-9.]+, [0-9.]+, \.\.\.\) "
+                                        r"holds readings, not column names: the file needs a header row"):
+        read_history(tmp_path / "bare.csv")
+    frame.reset_index(drop=True).to_csv(tmp_path / "bare_values.csv", header=False, index=False)
+    with pytest.raises(DataError, match="holds readings, not column names"):
+        read_history(tmp_path / "bare_values.csv")
+
+    # the long format with its value column named otherwise
+    long = frame.reset_index().melt(id_vars="timestamp", var_name="sensor_id", value_name="speed")
+    long.to_csv(tmp_path / "long.csv", index=False)
+    with pytest.raises(DataError, match=r"long.csv: a 'sensor_id' column makes this the long format, which needs columns "
+                                        r"timestamp, sensor_id, value: no 'value' column \(columns found: "
+                                        r"\['timestamp', 'sensor_id', 'speed'\]\)"):
+        main("predict", [*argv, str(tmp_path / "long.csv")])
+    long.rename(columns={"speed": "value"}).to_csv(tmp_path / "long_ok.csv", index=False)
+    frame.to_csv(tmp_path / "wide.csv")  # sensor ids that are integers are no header of readings
+    pd.testing.assert_frame_equal(read_history(tmp_path / "long_ok.csv"), read_history(tmp_path / "wide.csv"))
+    assert main("predict", [*argv, str(tmp_path / "wide.csv")]) == 0
+
+
 def test_many_histories_run_in_batches_and_give_what_one_at_a_time_gives(forecaster):
     frame = series(steps=60).fillna(50.0)
     histories = [frame.iloc[i:i + P] for i in range(40)]  # 40 > batch_size: three forward passes

@@ -267,6 +267,7 @@ def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
+            _check_csv_header(path)
             frame = pd.read_csv(path)
         elif suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
@@ -277,7 +278,13 @@ def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
             raise
         raise DataError(f"{path}: cannot read ({' '.join(str(err).split())[:200]})") from None
     frame.columns = [str(c) for c in frame.columns]
-    if {"timestamp", "sensor_id", "value"} <= set(frame.columns):  # long layout
+    long_columns = ["timestamp", "sensor_id", "value"]
+    if "sensor_id" in frame.columns and not set(long_columns) <= set(frame.columns):
+        missing = [c for c in long_columns if c not in frame.columns]
+        found = list(frame.columns[:8]) + (["..."] if len(frame.columns) > 8 else [])
+        raise DataError(f"{path}: a 'sensor_id' column makes this the long format, which needs columns "
+                        f"{', '.join(long_columns)}: no {' or '.join(map(repr, missing))} column (columns found: {found})")
+    if set(long_columns) <= set(frame.columns):  # long layout
         duplicated = frame.duplicated(["timestamp", "sensor_id"])
         if duplicated.any():
             row = frame[duplicated].iloc[0]
@@ -293,6 +300,49 @@ def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
     except (TypeError, ValueError):
         raise ForecastInputError(f"{path}: column {column!r} does not hold timestamps (need a 'timestamp' column)") from None
     return frame.drop(columns=column).set_axis(index, axis=0)
+
+
+def _check_csv_header(path: Path) -> None:
+    """Refuse a header row that pandas would quietly mend: a repeated column name (pandas renames the copy
+    ``A01.1``, which then looks like an extra column) and a first row of readings (a file without a header)."""
+    import csv
+
+    import pandas as pd
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
+            header = next(csv.reader(handle), None)
+    except (OSError, csv.Error):
+        return  # pandas reports the problem
+    if not header:
+        return
+    cells = [cell.strip() for cell in header]
+    first: dict[str, int] = {}
+    for i, (raw, cell) in enumerate(zip(header, cells)):
+        if raw in first and cell:
+            raise DataError(f"{path}: the header names column {raw!r} twice (columns {first[raw] + 1} and {i + 1}); "
+                            "each sensor needs exactly one column")
+        first.setdefault(raw, i)
+
+    def fractional(cell: str) -> bool:
+        try:
+            float(cell)
+        except ValueError:
+            return False
+        return any(mark in cell for mark in ".eE") and not cell.lower().lstrip("+-") in ("inf", "infinity", "nan")
+
+    def timestamp(cell: str) -> bool:
+        try:
+            pd.Timestamp(cell)
+        except (ValueError, TypeError, OverflowError):
+            return False
+        return True
+
+    readings = [cell for cell in (cells[1:] if timestamp(cells[0]) else cells) if cell]
+    if readings and all(fractional(cell) for cell in readings):
+        shown = ", ".join(cells[:3]) + (", ..." if len(cells) > 3 else "")
+        raise DataError(f"{path}: the first row ({shown}) holds readings, not column names: the file needs a header "
+                        "row (timestamp, then one sensor id per column; or timestamp, sensor_id, value)")
 
 
 def rolling_forecast(
