@@ -68,6 +68,7 @@ if TYPE_CHECKING:  # pragma: no cover
 SPLITS = ("train", "val", "test")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PARITY_TOLERANCE = 1e-4
+EXPORT_SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -665,7 +666,9 @@ def export_command(argv: list[str]) -> int:
     parser = _Parser(prog="gman export", description="Export a model to ONNX or torch.export (.pt2).")
     parser.add_argument("--model", required=True, help="package folder, checkpoint, MLflow model folder or URI")
     parser.add_argument("--format", required=True, choices=("onnx", "torch-export"))
-    parser.add_argument("--output", default=None, help="output file (default gman-model.onnx / gman-model.pt2)")
+    parser.add_argument("--output", default=None,
+                        help="output file, ending in .onnx for onnx and .pt2 for torch-export "
+                             "(default gman-model.onnx / gman-model.pt2)")
     parser.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
     parser.add_argument("--into-package", action="store_true",
                         help="(onnx, --model a package folder) add the graph to the package as model.onnx, "
@@ -676,6 +679,9 @@ def export_command(argv: list[str]) -> int:
 
     if args.into_package and (args.format != "onnx" or not pkg.is_package(args.model) or args.output):
         parser.error("--into-package needs --format onnx, --model a package folder, and no --output")
+    suffix = EXPORT_SUFFIXES[args.format]
+    if args.output is not None and Path(args.output).suffix.lower() != suffix:
+        parser.error(f"--output: {args.output} must end in {suffix} for --format {args.format}")
     forecaster = Forecaster.load(args.model, backend="torch")
     default = "gman-model.onnx" if args.format == "onnx" else "gman-model.pt2"
     output = Path(args.output or default)
