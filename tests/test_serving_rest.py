@@ -231,9 +231,42 @@ def test_gman_serve_wraps_mlflow_on_loopback(registry, capsys):
     assert command[1:4] == ["models", "serve", "-m"] and command[4] == f"models:/{MODEL_NAME}/1"
     assert command[command.index("--env-manager") + 1] == "local"
     assert command[command.index("-h") + 1] == "127.0.0.1" and command[command.index("-p") + 1] == "5123"
-    # A package folder is wrapped as an MLflow model first.
-    assert serving_main("serve", [str(registry["package"]), "--dry-run"]) == 0
-    assert "mlflow-model" in capsys.readouterr().out
+    # A package folder is wrapped as an MLflow model first: with --dry-run in a folder that stays (next test).
+    with pytest.raises(ConfigError, match="--dry-run: .* add --mlflow-model DIR"):
+        serving_main("serve", [str(registry["package"]), "--dry-run"])
+
+
+def test_gman_serve_dry_run_prints_a_quoted_command_that_works_later(tmp_path, capsys):
+    import shlex
+
+    import torch
+
+    from gman.model import GMAN
+    from gman.serving.package import save_package
+
+    model = GMAN(num_nodes=3, steps_per_day=288, se_dim=4, history_steps=4, horizon_steps=2, num_layers=1,
+                 num_heads=2, head_dim=4)
+    model.set_spatial_embedding(torch.randn(3, 4))
+    package = save_package(tmp_path / "package", model.eval(), scaler_mean=50.0, scaler_std=9.0,
+                           sensor_ids=["a", "b", "c"], interval=pd.Timedelta("5min"), missing_value=0.0,
+                           dataset_name="toy")
+    folder = tmp_path / "served model"
+    assert serving_main("serve", [str(package), "--dry-run", "--host", "bad host", "--mlflow-model", str(folder)]) == 0
+    command = shlex.split(capsys.readouterr().out)
+    assert command[command.index("-h") + 1] == "bad host"  # quoted, one argument
+    served = Path(command[command.index("-m") + 1])
+    assert served == folder.resolve() and (served / "MLmodel").is_file()  # still there after gman returned
+    frame = pd.DataFrame(np.full((4, 3), 50.0), columns=["a", "b", "c"],
+                         index=pd.date_range("2024-01-01", periods=4, freq="5min"))
+    pd.testing.assert_frame_equal(Forecaster.load(served).predict(frame), Forecaster.load(package).predict(frame))
+    # an MLflow model folder is served as it is (by its absolute path); an existing --mlflow-model is refused
+    assert serving_main("serve", [str(served), "--dry-run"]) == 0
+    assert shlex.split(capsys.readouterr().out)[command.index("-m") + 1] == str(served)
+    for argv, message in [([str(package), "--mlflow-model", str(folder)], "--mlflow-model: .* already exists"),
+                          ([str(served), "--mlflow-model", str(tmp_path / "new")], "is an MLflow model already")]:
+        with pytest.raises(ConfigError, match=message):
+            serving_main("serve", [*argv, "--dry-run"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["package", "served model"]  # nothing half-written
 
 
 @pytest.mark.parametrize(

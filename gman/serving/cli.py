@@ -3,7 +3,7 @@
     gman predict --model SOURCE --input history.csv|.parquet --output forecast.csv|.parquet
     gman predict --model SOURCE --dataset NAME [--split test] --output forecast.parquet [--sensors ID,ID]
                  [--data-option num_sensors=10 ...]
-    gman serve MODEL [--host 127.0.0.1] [--port 5000] [--workers 1]
+    gman serve MODEL [--host 127.0.0.1] [--port 5000] [--workers 1] [--mlflow-model DIR] [--dry-run]
     gman export --model SOURCE --format onnx|torch-export [--output PATH | --into-package]
 
 SOURCE is anything ``Forecaster.load`` takes: a package folder, a Lightning
@@ -24,7 +24,11 @@ table is written as ``<output stem>_errors_by_sensor.csv``.
 
 *serve*: MLflow's scoring server (``mlflow models serve --env-manager local``)
 on loopback by default. A package folder or checkpoint is first wrapped as an
-MLflow pyfunc model in a temporary folder; MLflow URIs are served as they are.
+MLflow pyfunc model in a temporary folder, or in ``--mlflow-model DIR``, which is
+kept; MLflow URIs and MLflow model folders are served as they are. ``--dry-run``
+prints the shell-quoted ``mlflow models serve`` command instead of running it;
+for a package folder or checkpoint it needs ``--mlflow-model DIR`` (the printed
+command serves that folder, so it still works after gman has exited).
 
 *export*: the network with its scaling (:class:`gman.serving.scaled.ScaledGMAN`:
 raw readings with NaN for missing + time features in, data units out; batch
@@ -46,6 +50,8 @@ import contextlib
 import json
 import logging
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -551,22 +557,40 @@ def serve_command(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--timeout", type=int, default=60, help="seconds allowed per request")
-    parser.add_argument("--dry-run", action="store_true", help="print the mlflow command instead of running it")
+    parser.add_argument("--mlflow-model", default=None, metavar="DIR",
+                        help="a package folder or checkpoint is served as an MLflow model folder written first: "
+                             "write it to DIR (a new folder) and keep it (default: a temporary folder, removed "
+                             "when the server stops)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the mlflow command (shell-quoted) instead of running it; for a package folder "
+                             "or checkpoint, give --mlflow-model DIR: the folder is written there so that the "
+                             "printed command works later")
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:
         parser.error(f"--port: {args.port} is not a port number (1-65535)")
     for name in ("workers", "timeout"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: must be at least 1, got {getattr(args, name)}")
+    keep = None if args.mlflow_model is None else Path(args.mlflow_model)
+    if _is_mlflow_model(args.model):
+        if keep is not None:
+            parser.error(f"--mlflow-model: {args.model} is an MLflow model already and is served as it is")
+    elif keep is None and args.dry_run:
+        parser.error(f"--dry-run: {args.model} is served from an MLflow model folder written first; add "
+                     "--mlflow-model DIR to write it there, kept, for the printed command")
+    if keep is not None and keep.exists():
+        parser.error(f"--mlflow-model: {keep} already exists; name a new folder")
     if not args.dry_run:
         check_listenable(args.host, args.port)
     if args.host not in LOOPBACK:
         print(f"gman serve: binding {args.host}: the server has no authentication; "
               "anyone who can reach this address can query the model", file=sys.stderr)
-    with _mlflow_model_uri(args.model, dry_run=args.dry_run) as uri:
+    with _mlflow_model_uri(args.model, keep=keep) as uri:
         command = serve_command_line(uri, host=args.host, port=args.port, workers=args.workers, timeout=args.timeout)
+        if keep is not None:
+            print(f"gman serve: MLflow model folder -> {uri}", file=sys.stderr)
         if args.dry_run:
-            print(" ".join(command))
+            print(shlex.join(command))
             return 0
         return _run_until_stopped(command)
 
@@ -618,15 +642,24 @@ def serving_environment() -> dict[str, str]:
     return env
 
 
-@contextlib.contextmanager
-def _mlflow_model_uri(source: str, *, dry_run: bool = False):
-    """An MLflow model URI for ``source``: URIs and MLflow folders as they are, others wrapped in a temp folder."""
+def _is_mlflow_model(source: str) -> bool:
+    """An MLflow URI (``runs:/``, ``models:/``...) or an MLflow model folder: served as it is."""
     from gman.serving.forecaster import _URI_SCHEME
+
+    path = Path(source)
+    return bool(_URI_SCHEME.match(source) and not path.exists()) or (path / "MLmodel").is_file()
+
+
+@contextlib.contextmanager
+def _mlflow_model_uri(source: str, *, keep: Path | None = None):
+    """An MLflow model URI for ``source``: URIs and MLflow folders as they are; a package folder or
+    checkpoint wrapped as an MLflow model folder, written to ``keep`` (complete or not at all) or to a
+    temporary folder removed afterwards."""
     from gman.serving import package as pkg
 
     path = Path(source)
-    if (_URI_SCHEME.match(source) and not path.exists()) or (path / "MLmodel").is_file():
-        yield source
+    if _is_mlflow_model(source):
+        yield str(path.resolve()) if path.exists() else source  # a printed command may run elsewhere
         return
     with tempfile.TemporaryDirectory(prefix="gman-serve-") as tmp:
         if pkg.is_package(path):
@@ -637,11 +670,20 @@ def _mlflow_model_uri(source: str, *, dry_run: bool = False):
             forecaster = Forecaster.load(path)
             package = Path(tmp) / "package"
             _save_forecaster_package(forecaster, package)
-        model_dir = Path(tmp) / "mlflow-model"
-        if not dry_run:
-            from gman.serving.pyfunc import save_model
+        from gman.serving.pyfunc import save_model
 
+        if keep is None:
+            model_dir = Path(tmp) / "mlflow-model"
             save_model(package, model_dir)
+        else:
+            model_dir = keep.resolve()
+            model_dir.parent.mkdir(parents=True, exist_ok=True)
+            partial = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
+            try:
+                save_model(package, partial / "model")
+                os.replace(partial / "model", model_dir)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
         yield str(model_dir)
 
 
