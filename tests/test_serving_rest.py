@@ -201,18 +201,20 @@ def test_rest_server_answers_like_the_forecaster(registry, tmp_path):
                                    rtol=0, atol=1e-5)
         assert (wide["history_id"] == "early").sum() == len(late)
 
-        # Bad payloads: HTTP 400 carrying the validation message, not 500.
+        # Bad payloads: HTTP 400 whose message is the one-line validation message (no printout of the input), not 500.
         bad = {
-            "layout 'long' is not one of tidy, wide": {**split_payload(frame), "params": {"layout": "long"}},
-            "sensors missing from the columns": split_payload(frame.drop(columns=sensors[:2])),
-            "the model needs at least P=12": split_payload(frame.iloc[:5]),
-            "irregular timestamps": split_payload(frame.drop(index=frame.index[6])),
-            "is not numeric": split_payload(frame.astype(object).assign(**{sensors[0]: ["n/a"] * len(frame)})),
+            "params: layout 'long' is not one of tidy, wide": {**split_payload(frame), "params": {"layout": "long"}},
+            "history: 2 of the model's 10 sensors missing from the columns": split_payload(frame.drop(columns=sensors[:2])),
+            "history: 5 time steps, the model needs at least P=12": split_payload(frame.iloc[:5]),
+            "history: irregular timestamps": split_payload(frame.drop(index=frame.index[6])),
+            f"history: column {str(sensors[0])!r} is not numeric":
+                split_payload(frame.astype(object).assign(**{sensors[0]: ["n/a"] * len(frame)})),
         }
         for message, payload in bad.items():
             answer = requests.post(f"{url}/invocations", json=payload, timeout=30)
             assert answer.status_code == 400, (message, answer.status_code, answer.text[-300:])
-            assert message in answer.json()["message"], (message, answer.json()["message"][-300:])
+            served_message = answer.json()["message"]
+            assert served_message.startswith(message) and "\n" not in served_message, (message, served_message[:300])
         answer = requests.post(f"{url}/invocations", data="{not json", headers={"Content-Type": "application/json"}, timeout=30)
         assert 400 <= answer.status_code < 500
     finally:
