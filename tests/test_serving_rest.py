@@ -295,6 +295,19 @@ def test_gman_serve_refuses_a_taken_port_before_starting_mlflow(monkeypatch):
             serving_main("serve", ["some-model", "--port", str(port)])
 
 
+@pytest.mark.parametrize("variable, value", [("GMAN_THREADS", "abc"), ("GMAN_BACKEND", "tensorflow")])
+def test_gman_serve_refuses_a_bad_gman_variable_before_starting_mlflow(monkeypatch, variable, value):
+    from gman.errors import DataError
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("the server must not be started")
+
+    monkeypatch.setattr(subprocess, "Popen", no_server)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(DataError, match=f"^{variable}: .*{value!r}"):
+        serving_main("serve", ["models:/gman-tiny/1", "--port", str(_free_port())])  # served as it is
+
+
 def test_payload_timestamps_across_a_daylight_saving_change_are_read_as_instants():
     from gman.serving.pyfunc import frame_to_histories
 

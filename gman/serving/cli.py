@@ -571,6 +571,9 @@ def serve_command(argv: list[str]) -> int:
     for name in ("workers", "timeout"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: must be at least 1, got {getattr(args, name)}")
+    from gman.serving.forecaster import _backend, _threads
+
+    _backend(None), _threads(None)  # GMAN_BACKEND / GMAN_THREADS, which the server reads: refused here in one line
     keep = None if args.mlflow_model is None else Path(args.mlflow_model)
     if _is_mlflow_model(args.model):
         if keep is not None:
