@@ -287,3 +287,22 @@ def test_a_failing_run_is_marked_failed_and_its_folder_kept_only_if_resumable(wo
         if resumable:
             assert json.loads((partial / "run.json").read_text())["status"] == "FAILED"
             assert "--resume" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_file_that_is_no_checkpoint_in_one_plain_line(tmp_path, monkeypatch, capsys):
+    import pickle
+
+    from gman.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Path("notackpt.ckpt").write_text("hi\n")
+    Path("horizons.csv").write_text("step,mae\n1,2.0\n")
+    Path("objects.ckpt").write_bytes(pickle.dumps({"state_dict": {}, "when": object}))
+    for name, ending in [("notackpt.ckpt", "(a .ckpt file written by gman train)\n"),
+                         ("horizons.csv", "(a .ckpt file written by gman train)\n"),
+                         ("objects.ckpt", "which a weights-only load refuses\n")]:
+        assert main(["evaluate", "--checkpoint", name]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"gman: error: --checkpoint: {name} is not a gman checkpoint") and err.endswith(ending), err
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert not Path("runs").exists() or not any(Path("runs").iterdir())  # nothing written

@@ -85,3 +85,18 @@ def test_torch_export_program_matches_pytorch(package, tmp_path):
 def test_export_rejects_unknown_format(package):
     with pytest.raises(GmanError, match="--format: invalid choice"):
         serving_main("export", ["--model", str(package), "--format", "tflite"])
+
+
+@pytest.mark.parametrize(
+    "fmt, output",
+    [("onnx", "m.pt2"), ("onnx", "m.txt"), ("onnx", "m"), ("torch-export", "m.onnx"), ("torch-export", "m.pt")],
+)
+def test_export_refuses_an_output_whose_extension_is_not_the_formats(package, tmp_path, monkeypatch, fmt, output):
+    def no_load(cls, source, **options):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(Forecaster, "load", classmethod(no_load))
+    suffix = ".onnx" if fmt == "onnx" else ".pt2"
+    with pytest.raises(GmanError, match=f"--output: .*{output} must end in {suffix} for --format {fmt}") as err:
+        serving_main("export", ["--model", str(package), "--format", fmt, "--output", str(tmp_path / output)])
+    assert "\n" not in str(err.value) and not list(tmp_path.iterdir())

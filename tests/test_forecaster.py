@@ -222,6 +222,26 @@ def test_checkpoint_with_package_metadata_loads_like_the_package(forecaster, tmp
         Forecaster.load(tmp_path / "missing.ckpt")
 
 
+def test_a_file_that_is_no_model_is_refused_in_one_plain_line(tmp_path, capsys):
+    from gman.cli import main as gman_main
+
+    (tmp_path / "horizons.csv").write_text("step,mae\n1,2.0\n")
+    (tmp_path / "notackpt.ckpt").write_text("hi\n")
+    torch.save({"state_dict": {}, "when": pd.Timestamp("2024-01-01")}, tmp_path / "objects.ckpt")  # not weights only
+    for name, why in [("horizons.csv", "torch cannot read it as a checkpoint"),
+                      ("notackpt.ckpt", "torch cannot read it as a checkpoint"),
+                      ("objects.ckpt", "Python objects beyond tensors")]:
+        with pytest.raises(DataError) as err:
+            Forecaster.load(tmp_path / name)
+        message = str(err.value)
+        assert message.startswith(f"{tmp_path / name}: not a gman model (package folder, Lightning checkpoint or "
+                                  "MLflow model): ") and why in message, message
+        assert "weights_only" not in message and "(" not in message.split("):", 1)[1], message  # no torch lecture or codes
+        argv = ["predict", "--model", str(tmp_path / name), "--input", "h.csv", "--output", str(tmp_path / "f.csv")]
+        assert gman_main(argv) == 2
+        assert capsys.readouterr().err == f"gman: error: {message}\n"  # nothing else: no torch warning either
+
+
 def test_checkpoint_without_package_metadata_takes_the_ids_from_the_runs_package(forecaster, tmp_path):
     """A checkpoint of only hyper_parameters and weights, in <run>/checkpoints/, beside <run>/model."""
     meta = forecaster.metadata
@@ -319,6 +339,50 @@ def test_gman_predict_over_a_dataset_split(forecaster, tmp_path, monkeypatch):
     assert list(issued_all) == list(frame.index[P - 1 : 120 - Q])
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--input", "h.csv", "--split", "val"], "--split: belongs to --dataset and has no effect with --input"),
+     (["--input", "h.csv", "--split-fractions", "0.6,0.2,0.2"], "--split-fractions: belongs to --dataset"),
+     (["--input", "h.csv", "--stride", "2"], "--stride: belongs to --dataset"),
+     (["--input", "h.csv", "--sensors", "400001"], "--sensors: belongs to --dataset"),
+     (["--input", "h.csv", "--plot-days", "1"], "--plot-days: belongs to --dataset"),
+     (["--input", "h.csv", "--no-plots"], "--no-plots: belongs to --dataset"),
+     (["--input", "h.csv", "--batch-size", "8"], "--batch-size: belongs to --dataset"),
+     (["--input", "h.csv", "--data-option", "days=2"], "--data-option: belongs to --dataset"),
+     (["--dataset", "synthetic", "--layout", "wide"], "--layout: belongs to --input and has no effect with --dataset"),
+     (["--dataset", "synthetic", "--plot-days", "0"], "--plot-days: must be a number of days more than 0, got 0"),
+     (["--dataset", "synthetic", "--plot-days", "-2"], "--plot-days: must be a number of days more than 0, got -2"),
+     (["--dataset", "synthetic", "--plot-days", "nan"], "--plot-days: must be a number of days more than 0, got nan"),
+     (["--dataset", "synthetic", "--stride", "0"], "--stride: must be at least 1, got 0"),
+     (["--dataset", "synthetic", "--split-fractions", "0.7,0.3"], "--split-fractions: expected three numbers")],
+)
+def test_gman_predict_refuses_ignored_and_bad_options_before_any_work(tmp_path, monkeypatch, extra, message):
+    from gman.serving.cli import main
+
+    def no_load(cls, source, **options):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(Forecaster, "load", classmethod(no_load))
+    with pytest.raises(ConfigError, match=message) as err:
+        main("predict", ["--model", "m", "--output", str(tmp_path / "f.csv"), *extra])
+    assert "\n" not in str(err.value) and not list(tmp_path.iterdir())
+
+
+def test_forecast_plot_labels_the_lead_time_in_minutes(monkeypatch, tmp_path):
+    from gman.serving import cli
+
+    issued = pd.date_range("2024-03-04", periods=30, freq="10min")  # a 10-minute model, Q = 4
+    rows = [{"sensor_id": "a", "issued_at": t, "target_time": t + k * pd.Timedelta("10min"), "step": k,
+             "minutes_ahead": 10.0 * k, "prediction": 1.0, "truth": 1.0} for t in issued for k in range(1, 5)]
+    forecast = pd.DataFrame(rows)
+    figures = []
+    monkeypatch.setattr(cli, "_save_figure", lambda fig, path: figures.append(fig))
+    for days in (1.0, 25 / 1440):  # the whole day; 25 minutes: no step-3 or step-4 rows are shown
+        cli.plot_forecast_vs_truth(forecast, ["a"], tmp_path / "p.png", days=days, units="mph")
+        labels = [text.get_text() for text in figures[-1].axes[0].get_legend().get_texts()]
+        assert labels == ["truth", "forecast 30 min ahead", "forecast 40 min ahead"], (days, labels)
+
+
 def test_error_map_uses_sensor_locations(shared_data, tmp_path):
     from gman.serving.cli import plot_error_map, read_locations
 
@@ -343,6 +407,41 @@ def test_history_files_across_a_daylight_saving_change_are_read_as_instants(tmp_
     with pytest.raises(ForecastInputError, match="does not hold timestamps"):
         pd.DataFrame({"timestamp": ["x"] * 3, "400001": 1.0}).to_csv(tmp_path / "bad.csv", index=False)
         read_history(tmp_path / "bad.csv")
+
+
+def test_history_files_whose_header_pandas_would_mend_are_refused(forecaster, tmp_path, monkeypatch):
+    from gman.serving.cli import main, read_history
+
+    frame = series().iloc[:P + 2].fillna(50.0).rename_axis("timestamp")
+    monkeypatch.setattr(Forecaster, "load", classmethod(lambda cls, source, **options: forecaster))
+    argv = ["--model", "m", "--output", str(tmp_path / "f.csv"), "--input"]
+
+    # a repeated sensor column: pandas would call the copy '400001.1' and the forecast would use the first
+    frame.assign(extra=frame["400001"] + 1).to_csv(tmp_path / "dup.csv", header=["400001", *SENSORS[1:], "400001"])
+    with pytest.raises(DataError, match=r"dup.csv: the header names column '400001' twice \(columns 2 and 7\)"):
+        main("predict", [*argv, str(tmp_path / "dup.csv")])
+    assert not (tmp_path / "f.csv").exists()
+
+    # no header row: the first row of readings would become the column names
+    frame.to_csv(tmp_path / "bare.csv", header=False)
+    with pytest.raises(DataError, match=r"bare.csv: the first row \(2024-03-03 23:20:00, [0-9.]+, [0-9.]+, \.\.\.\) "
+                                        r"holds readings, not column names: the file needs a header row"):
+        read_history(tmp_path / "bare.csv")
+    frame.reset_index(drop=True).to_csv(tmp_path / "bare_values.csv", header=False, index=False)
+    with pytest.raises(DataError, match="holds readings, not column names"):
+        read_history(tmp_path / "bare_values.csv")
+
+    # the long format with its value column named otherwise
+    long = frame.reset_index().melt(id_vars="timestamp", var_name="sensor_id", value_name="speed")
+    long.to_csv(tmp_path / "long.csv", index=False)
+    with pytest.raises(DataError, match=r"long.csv: a 'sensor_id' column makes this the long format, which needs columns "
+                                        r"timestamp, sensor_id, value: no 'value' column \(columns found: "
+                                        r"\['timestamp', 'sensor_id', 'speed'\]\)"):
+        main("predict", [*argv, str(tmp_path / "long.csv")])
+    long.rename(columns={"speed": "value"}).to_csv(tmp_path / "long_ok.csv", index=False)
+    frame.to_csv(tmp_path / "wide.csv")  # sensor ids that are integers are no header of readings
+    pd.testing.assert_frame_equal(read_history(tmp_path / "long_ok.csv"), read_history(tmp_path / "wide.csv"))
+    assert main("predict", [*argv, str(tmp_path / "wide.csv")]) == 0
 
 
 def test_many_histories_run_in_batches_and_give_what_one_at_a_time_gives(forecaster):

@@ -124,6 +124,30 @@ def test_device_choice_and_its_errors(tmp_path, monkeypatch):
     assert gman_main([*argv, "--device", "cdua"]) == 2 and not (tmp_path / "f.csv").exists()
 
 
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [("GMAN_THREADS", "abc", "GMAN_THREADS: expected a positive integer, got 'abc'"),
+     ("GMAN_THREADS", "0", "GMAN_THREADS: expected a positive integer, got '0'"),
+     ("GMAN_BACKEND", "tensorflow", "GMAN_BACKEND: 'tensorflow' is not one of auto, torch, onnx"),
+     ("GMAN_DEVICE", "cdua", "GMAN_DEVICE: 'cdua' is not a torch device")],
+)
+def test_bad_gman_variables_are_one_line_errors_that_name_them(tmp_path, monkeypatch, capsys, variable, value, message):
+    from gman.cli import main as gman_main
+
+    path = save(tmp_path / "pkg", random_model())
+    history().rename_axis("timestamp").to_csv(tmp_path / "h.csv")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(DataError, match=message) as err:
+        Forecaster.load(path)
+    assert "\n" not in str(err.value)
+    argv = ["predict", "--model", str(path), "--input", str(tmp_path / "h.csv"), "--output", str(tmp_path / "f.csv")]
+    assert gman_main(argv) == 2 and not (tmp_path / "f.csv").exists()
+    err = capsys.readouterr().err
+    assert err.startswith(f"gman: error: {message}") and err.count("\n") == 1, err
+    monkeypatch.delenv(variable)
+    assert gman_main(argv) == 0  # the same command without the bad value works
+
+
 @pytest.fixture(scope="module")
 def onnx_package(tmp_path_factory):
     pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")

@@ -201,18 +201,20 @@ def test_rest_server_answers_like_the_forecaster(registry, tmp_path):
                                    rtol=0, atol=1e-5)
         assert (wide["history_id"] == "early").sum() == len(late)
 
-        # Bad payloads: HTTP 400 carrying the validation message, not 500.
+        # Bad payloads: HTTP 400 whose message is the one-line validation message (no printout of the input), not 500.
         bad = {
-            "layout 'long' is not one of tidy, wide": {**split_payload(frame), "params": {"layout": "long"}},
-            "sensors missing from the columns": split_payload(frame.drop(columns=sensors[:2])),
-            "the model needs at least P=12": split_payload(frame.iloc[:5]),
-            "irregular timestamps": split_payload(frame.drop(index=frame.index[6])),
-            "is not numeric": split_payload(frame.astype(object).assign(**{sensors[0]: ["n/a"] * len(frame)})),
+            "params: layout 'long' is not one of tidy, wide": {**split_payload(frame), "params": {"layout": "long"}},
+            "history: 2 of the model's 10 sensors missing from the columns": split_payload(frame.drop(columns=sensors[:2])),
+            "history: 5 time steps, the model needs at least P=12": split_payload(frame.iloc[:5]),
+            "history: irregular timestamps": split_payload(frame.drop(index=frame.index[6])),
+            f"history: column {str(sensors[0])!r} is not numeric":
+                split_payload(frame.astype(object).assign(**{sensors[0]: ["n/a"] * len(frame)})),
         }
         for message, payload in bad.items():
             answer = requests.post(f"{url}/invocations", json=payload, timeout=30)
             assert answer.status_code == 400, (message, answer.status_code, answer.text[-300:])
-            assert message in answer.json()["message"], (message, answer.json()["message"][-300:])
+            served_message = answer.json()["message"]
+            assert served_message.startswith(message) and "\n" not in served_message, (message, served_message[:300])
         answer = requests.post(f"{url}/invocations", data="{not json", headers={"Content-Type": "application/json"}, timeout=30)
         assert 400 <= answer.status_code < 500
     finally:
@@ -231,9 +233,42 @@ def test_gman_serve_wraps_mlflow_on_loopback(registry, capsys):
     assert command[1:4] == ["models", "serve", "-m"] and command[4] == f"models:/{MODEL_NAME}/1"
     assert command[command.index("--env-manager") + 1] == "local"
     assert command[command.index("-h") + 1] == "127.0.0.1" and command[command.index("-p") + 1] == "5123"
-    # A package folder is wrapped as an MLflow model first.
-    assert serving_main("serve", [str(registry["package"]), "--dry-run"]) == 0
-    assert "mlflow-model" in capsys.readouterr().out
+    # A package folder is wrapped as an MLflow model first: with --dry-run in a folder that stays (next test).
+    with pytest.raises(ConfigError, match="--dry-run: .* add --mlflow-model DIR"):
+        serving_main("serve", [str(registry["package"]), "--dry-run"])
+
+
+def test_gman_serve_dry_run_prints_a_quoted_command_that_works_later(tmp_path, capsys):
+    import shlex
+
+    import torch
+
+    from gman.model import GMAN
+    from gman.serving.package import save_package
+
+    model = GMAN(num_nodes=3, steps_per_day=288, se_dim=4, history_steps=4, horizon_steps=2, num_layers=1,
+                 num_heads=2, head_dim=4)
+    model.set_spatial_embedding(torch.randn(3, 4))
+    package = save_package(tmp_path / "package", model.eval(), scaler_mean=50.0, scaler_std=9.0,
+                           sensor_ids=["a", "b", "c"], interval=pd.Timedelta("5min"), missing_value=0.0,
+                           dataset_name="toy")
+    folder = tmp_path / "served model"
+    assert serving_main("serve", [str(package), "--dry-run", "--host", "bad host", "--mlflow-model", str(folder)]) == 0
+    command = shlex.split(capsys.readouterr().out)
+    assert command[command.index("-h") + 1] == "bad host"  # quoted, one argument
+    served = Path(command[command.index("-m") + 1])
+    assert served == folder.resolve() and (served / "MLmodel").is_file()  # still there after gman returned
+    frame = pd.DataFrame(np.full((4, 3), 50.0), columns=["a", "b", "c"],
+                         index=pd.date_range("2024-01-01", periods=4, freq="5min"))
+    pd.testing.assert_frame_equal(Forecaster.load(served).predict(frame), Forecaster.load(package).predict(frame))
+    # an MLflow model folder is served as it is (by its absolute path); an existing --mlflow-model is refused
+    assert serving_main("serve", [str(served), "--dry-run"]) == 0
+    assert shlex.split(capsys.readouterr().out)[command.index("-m") + 1] == str(served)
+    for argv, message in [([str(package), "--mlflow-model", str(folder)], "--mlflow-model: .* already exists"),
+                          ([str(served), "--mlflow-model", str(tmp_path / "new")], "is an MLflow model already")]:
+        with pytest.raises(ConfigError, match=message):
+            serving_main("serve", [*argv, "--dry-run"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["package", "served model"]  # nothing half-written
 
 
 @pytest.mark.parametrize(
@@ -258,6 +293,19 @@ def test_gman_serve_refuses_a_taken_port_before_starting_mlflow(monkeypatch):
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
             serving_main("serve", ["some-model", "--port", str(port)])
+
+
+@pytest.mark.parametrize("variable, value", [("GMAN_THREADS", "abc"), ("GMAN_BACKEND", "tensorflow")])
+def test_gman_serve_refuses_a_bad_gman_variable_before_starting_mlflow(monkeypatch, variable, value):
+    from gman.errors import DataError
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("the server must not be started")
+
+    monkeypatch.setattr(subprocess, "Popen", no_server)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(DataError, match=f"^{variable}: .*{value!r}"):
+        serving_main("serve", ["models:/gman-tiny/1", "--port", str(_free_port())])  # served as it is
 
 
 def test_payload_timestamps_across_a_daylight_saving_change_are_read_as_instants():

@@ -3,7 +3,7 @@
     gman predict --model SOURCE --input history.csv|.parquet --output forecast.csv|.parquet
     gman predict --model SOURCE --dataset NAME [--split test] --output forecast.parquet [--sensors ID,ID]
                  [--data-option num_sensors=10 ...]
-    gman serve MODEL [--host 127.0.0.1] [--port 5000] [--workers 1]
+    gman serve MODEL [--host 127.0.0.1] [--port 5000] [--workers 1] [--mlflow-model DIR] [--dry-run]
     gman export --model SOURCE --format onnx|torch-export [--output PATH | --into-package]
 
 SOURCE is anything ``Forecaster.load`` takes: a package folder, a Lightning
@@ -24,7 +24,11 @@ table is written as ``<output stem>_errors_by_sensor.csv``.
 
 *serve*: MLflow's scoring server (``mlflow models serve --env-manager local``)
 on loopback by default. A package folder or checkpoint is first wrapped as an
-MLflow pyfunc model in a temporary folder; MLflow URIs are served as they are.
+MLflow pyfunc model in a temporary folder, or in ``--mlflow-model DIR``, which is
+kept; MLflow URIs and MLflow model folders are served as they are. ``--dry-run``
+prints the shell-quoted ``mlflow models serve`` command instead of running it;
+for a package folder or checkpoint it needs ``--mlflow-model DIR`` (the printed
+command serves that folder, so it still works after gman has exited).
 
 *export*: the network with its scaling (:class:`gman.serving.scaled.ScaledGMAN`:
 raw readings with NaN for missing + time features in, data units out; batch
@@ -46,6 +50,8 @@ import contextlib
 import json
 import logging
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -68,6 +74,7 @@ if TYPE_CHECKING:  # pragma: no cover
 SPLITS = ("train", "val", "test")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PARITY_TOLERANCE = 1e-4
+EXPORT_SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,30 +126,30 @@ def predict_command(argv: list[str]) -> int:
     source.add_argument("--input", help="history file (.csv or .parquet): timestamps x sensor ids, or long")
     source.add_argument("--dataset", help="data set card name, 'synthetic', or a data file: rolling forecasts over a split")
     parser.add_argument("--output", required=True, help="forecast file (.csv or .parquet)")
-    parser.add_argument("--layout", choices=("tidy", "wide"), default="tidy", help="--input only: output layout")
-    parser.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="--dataset: reader / synthetic option, e.g. num_sensors=10 (repeatable; YAML values)")
-    parser.add_argument("--split", choices=(*SPLITS, "all"), default="test",
-                        help="--dataset: which split (default test); 'all' forecasts over the whole series "
+    parser.add_argument("--layout", choices=("tidy", "wide"), default=None, help="--input only: output layout (default tidy)")
+    parser.add_argument("--data-option", action="append", default=None, metavar="KEY=VALUE",
+                        help="--dataset only: reader / synthetic option, e.g. num_sensors=10 (repeatable; YAML values)")
+    parser.add_argument("--split", choices=(*SPLITS, "all"), default=None,
+                        help="--dataset only: which split (default test); 'all' forecasts over the whole series "
                              "(new data the model has not seen)")
     parser.add_argument("--split-fractions", default=None,
-                        help="--dataset: train,val,test fractions (default: the card's split, else 0.7,0.1,0.2)")
-    parser.add_argument("--stride", type=int, default=1, help="--dataset: issue a forecast every STRIDE steps")
-    parser.add_argument("--sensors", default=None, help="--dataset: comma-separated sensor ids to plot (default: 3)")
-    parser.add_argument("--plot-days", type=float, default=2.0, help="--dataset: days shown in the forecast plot")
-    parser.add_argument("--no-plots", action="store_true", help="--dataset: skip the PNGs")
+                        help="--dataset only: train,val,test fractions (default: the card's split, else 0.7,0.1,0.2)")
+    parser.add_argument("--stride", type=int, default=None, help="--dataset only: issue a forecast every STRIDE steps (default 1)")
+    parser.add_argument("--sensors", default=None, help="--dataset only: comma-separated sensor ids to plot (default: 3)")
+    parser.add_argument("--plot-days", type=float, default=None,
+                        help="--dataset only: days shown in the forecast plot (default 2; more than 0)")
+    parser.add_argument("--no-plots", action="store_true", help="--dataset only: skip the PNGs")
     parser.add_argument("--device", default=None,
                         help="torch device of the network, e.g. cuda (default: cpu, or GMAN_DEVICE)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="--dataset: windows per forward pass (default: 16 on the CPU, 256 on a GPU)")
+                        help="--dataset only: windows per forward pass (default: 16 on the CPU, 256 on a GPU)")
     args = parser.parse_args(argv)
+    _check_mode_options(parser, args)
 
     output = Path(args.output)
     writer = _frame_writer(output, "--output")
     from gman.serving.forecaster import Forecaster
 
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error(f"--batch-size: must be at least 1, got {args.batch_size}")
     forecaster = Forecaster.load(args.model, device=args.device)
     if args.input is not None:
         history = read_history(Path(args.input), forecaster.timezone)
@@ -152,14 +159,12 @@ def predict_command(argv: list[str]) -> int:
         print(f"{len(forecast)} rows -> {output}")
         return 0
 
-    if args.stride < 1:
-        raise ConfigError(f"--stride: must be >= 1, got {args.stride}")
     from gman.data.readers import load_dataset
     from gman.data.windows import chronological_split
 
-    fractions = _parse_fractions(args.split_fractions) if args.split_fractions else _card_split(args.dataset)
+    fractions = args.split_fractions or _card_split(args.dataset)
     sensors = _choose_sensors(args.sensors, forecaster.sensor_ids)  # before the work, not after
-    dataset = load_dataset(args.dataset, **_parse_options(args.data_option))
+    dataset = load_dataset(args.dataset, **_parse_options(args.data_option or []))
     if args.split == "all":
         start, stop = 0, dataset.num_steps
     else:
@@ -182,6 +187,32 @@ def predict_command(argv: list[str]) -> int:
         lines += [f"plots -> {vs_truth}, {error_map}" + ("" if locations is not None else " (no sensor locations: bar chart)")]
     print("\n".join(lines))
     return 0
+
+
+# the options that belong to one mode only: (dest, flag) -> the mode's source option
+_DATASET_ONLY = {"data_option": "--data-option", "split": "--split", "split_fractions": "--split-fractions",
+                 "stride": "--stride", "sensors": "--sensors", "plot_days": "--plot-days", "no_plots": "--no-plots",
+                 "batch_size": "--batch-size"}
+_INPUT_ONLY = {"layout": "--layout"}
+
+
+def _check_mode_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse an option of the other mode (it would be ignored) and bad numbers, before any work; fill defaults."""
+    mode, other, foreign = ("--input", "--dataset", _DATASET_ONLY) if args.input is not None else ("--dataset", "--input", _INPUT_ONLY)
+    given = [flag for dest, flag in foreign.items() if getattr(args, dest) not in (None, False)]
+    if given:
+        parser.error(f"{given[0]}: belongs to {other} and has no effect with {mode}")
+    for name, value, bound in (("--stride", args.stride, 1), ("--batch-size", args.batch_size, 1)):
+        if value is not None and value < bound:
+            parser.error(f"{name}: must be at least {bound}, got {value}")
+    if args.plot_days is not None and not 0 < args.plot_days < float("inf"):  # also NaN
+        parser.error(f"--plot-days: must be a number of days more than 0, got {args.plot_days:g}")
+    if args.split_fractions is not None:
+        args.split_fractions = _parse_fractions(args.split_fractions)
+    args.layout = args.layout or "tidy"
+    args.split = args.split or "test"
+    args.stride = args.stride or 1
+    args.plot_days = args.plot_days or 2.0
 
 
 def _frame_writer(path: Path, option: str):
@@ -243,6 +274,7 @@ def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
+            _check_csv_header(path)
             frame = pd.read_csv(path)
         elif suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
@@ -253,7 +285,13 @@ def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
             raise
         raise DataError(f"{path}: cannot read ({' '.join(str(err).split())[:200]})") from None
     frame.columns = [str(c) for c in frame.columns]
-    if {"timestamp", "sensor_id", "value"} <= set(frame.columns):  # long layout
+    long_columns = ["timestamp", "sensor_id", "value"]
+    if "sensor_id" in frame.columns and not set(long_columns) <= set(frame.columns):
+        missing = [c for c in long_columns if c not in frame.columns]
+        found = list(frame.columns[:8]) + (["..."] if len(frame.columns) > 8 else [])
+        raise DataError(f"{path}: a 'sensor_id' column makes this the long format, which needs columns "
+                        f"{', '.join(long_columns)}: no {' or '.join(map(repr, missing))} column (columns found: {found})")
+    if set(long_columns) <= set(frame.columns):  # long layout
         duplicated = frame.duplicated(["timestamp", "sensor_id"])
         if duplicated.any():
             row = frame[duplicated].iloc[0]
@@ -269,6 +307,49 @@ def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
     except (TypeError, ValueError):
         raise ForecastInputError(f"{path}: column {column!r} does not hold timestamps (need a 'timestamp' column)") from None
     return frame.drop(columns=column).set_axis(index, axis=0)
+
+
+def _check_csv_header(path: Path) -> None:
+    """Refuse a header row that pandas would quietly mend: a repeated column name (pandas renames the copy
+    ``A01.1``, which then looks like an extra column) and a first row of readings (a file without a header)."""
+    import csv
+
+    import pandas as pd
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
+            header = next(csv.reader(handle), None)
+    except (OSError, csv.Error):
+        return  # pandas reports the problem
+    if not header:
+        return
+    cells = [cell.strip() for cell in header]
+    first: dict[str, int] = {}
+    for i, (raw, cell) in enumerate(zip(header, cells)):
+        if raw in first and cell:
+            raise DataError(f"{path}: the header names column {raw!r} twice (columns {first[raw] + 1} and {i + 1}); "
+                            "each sensor needs exactly one column")
+        first.setdefault(raw, i)
+
+    def fractional(cell: str) -> bool:
+        try:
+            float(cell)
+        except ValueError:
+            return False
+        return any(mark in cell for mark in ".eE") and not cell.lower().lstrip("+-") in ("inf", "infinity", "nan")
+
+    def timestamp(cell: str) -> bool:
+        try:
+            pd.Timestamp(cell)
+        except (ValueError, TypeError, OverflowError):
+            return False
+        return True
+
+    readings = [cell for cell in (cells[1:] if timestamp(cells[0]) else cells) if cell]
+    if readings and all(fractional(cell) for cell in readings):
+        shown = ", ".join(cells[:3]) + (", ..." if len(cells) > 3 else "")
+        raise DataError(f"{path}: the first row ({shown}) holds readings, not column names: the file needs a header "
+                        "row (timestamp, then one sensor id per column; or timestamp, sensor_id, value)")
 
 
 def rolling_forecast(
@@ -412,6 +493,7 @@ def plot_forecast_vs_truth(forecast: "pd.DataFrame", sensors: list[str], path: P
     plt = _pyplot()
     q = int(forecast["step"].max())
     steps = sorted({min(3, q), q})
+    minutes_per_step = float(forecast["minutes_ahead"].iloc[0]) / int(forecast["step"].iloc[0])
     first = forecast["target_time"].min()
     shown = forecast[forecast["target_time"] < first + pd.Timedelta(days=days)]
     fig, axes = plt.subplots(len(sensors), 1, figsize=(11, 2.6 * len(sensors)), sharex=True, squeeze=False)
@@ -422,7 +504,7 @@ def plot_forecast_vs_truth(forecast: "pd.DataFrame", sensors: list[str], path: P
         ax.plot(truth.index, truth.to_numpy(), color="black", linewidth=1.0, label="truth")
         for step in steps:
             at = rows[rows["step"] == step]
-            minutes = at["minutes_ahead"].iloc[0] if len(at) else step
+            minutes = step * minutes_per_step  # the lead time, also where this sensor has no row at this step
             ax.plot(at["target_time"], at["prediction"], linewidth=0.9, label=f"forecast {minutes:g} min ahead")
         ax.set_title(f"sensor {sensor}", fontsize=9)
         ax.set_ylabel(units or "value")
@@ -475,22 +557,43 @@ def serve_command(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--timeout", type=int, default=60, help="seconds allowed per request")
-    parser.add_argument("--dry-run", action="store_true", help="print the mlflow command instead of running it")
+    parser.add_argument("--mlflow-model", default=None, metavar="DIR",
+                        help="a package folder or checkpoint is served as an MLflow model folder written first: "
+                             "write it to DIR (a new folder) and keep it (default: a temporary folder, removed "
+                             "when the server stops)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the mlflow command (shell-quoted) instead of running it; for a package folder "
+                             "or checkpoint, give --mlflow-model DIR: the folder is written there so that the "
+                             "printed command works later")
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:
         parser.error(f"--port: {args.port} is not a port number (1-65535)")
     for name in ("workers", "timeout"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: must be at least 1, got {getattr(args, name)}")
+    from gman.serving.forecaster import _backend, _threads
+
+    _backend(None), _threads(None)  # GMAN_BACKEND / GMAN_THREADS, which the server reads: refused here in one line
+    keep = None if args.mlflow_model is None else Path(args.mlflow_model)
+    if _is_mlflow_model(args.model):
+        if keep is not None:
+            parser.error(f"--mlflow-model: {args.model} is an MLflow model already and is served as it is")
+    elif keep is None and args.dry_run:
+        parser.error(f"--dry-run: {args.model} is served from an MLflow model folder written first; add "
+                     "--mlflow-model DIR to write it there, kept, for the printed command")
+    if keep is not None and keep.exists():
+        parser.error(f"--mlflow-model: {keep} already exists; name a new folder")
     if not args.dry_run:
         check_listenable(args.host, args.port)
     if args.host not in LOOPBACK:
         print(f"gman serve: binding {args.host}: the server has no authentication; "
               "anyone who can reach this address can query the model", file=sys.stderr)
-    with _mlflow_model_uri(args.model, dry_run=args.dry_run) as uri:
+    with _mlflow_model_uri(args.model, keep=keep) as uri:
         command = serve_command_line(uri, host=args.host, port=args.port, workers=args.workers, timeout=args.timeout)
+        if keep is not None:
+            print(f"gman serve: MLflow model folder -> {uri}", file=sys.stderr)
         if args.dry_run:
-            print(" ".join(command))
+            print(shlex.join(command))
             return 0
         return _run_until_stopped(command)
 
@@ -542,15 +645,24 @@ def serving_environment() -> dict[str, str]:
     return env
 
 
-@contextlib.contextmanager
-def _mlflow_model_uri(source: str, *, dry_run: bool = False):
-    """An MLflow model URI for ``source``: URIs and MLflow folders as they are, others wrapped in a temp folder."""
+def _is_mlflow_model(source: str) -> bool:
+    """An MLflow URI (``runs:/``, ``models:/``...) or an MLflow model folder: served as it is."""
     from gman.serving.forecaster import _URI_SCHEME
+
+    path = Path(source)
+    return bool(_URI_SCHEME.match(source) and not path.exists()) or (path / "MLmodel").is_file()
+
+
+@contextlib.contextmanager
+def _mlflow_model_uri(source: str, *, keep: Path | None = None):
+    """An MLflow model URI for ``source``: URIs and MLflow folders as they are; a package folder or
+    checkpoint wrapped as an MLflow model folder, written to ``keep`` (complete or not at all) or to a
+    temporary folder removed afterwards."""
     from gman.serving import package as pkg
 
     path = Path(source)
-    if (_URI_SCHEME.match(source) and not path.exists()) or (path / "MLmodel").is_file():
-        yield source
+    if _is_mlflow_model(source):
+        yield str(path.resolve()) if path.exists() else source  # a printed command may run elsewhere
         return
     with tempfile.TemporaryDirectory(prefix="gman-serve-") as tmp:
         if pkg.is_package(path):
@@ -561,11 +673,20 @@ def _mlflow_model_uri(source: str, *, dry_run: bool = False):
             forecaster = Forecaster.load(path)
             package = Path(tmp) / "package"
             _save_forecaster_package(forecaster, package)
-        model_dir = Path(tmp) / "mlflow-model"
-        if not dry_run:
-            from gman.serving.pyfunc import save_model
+        from gman.serving.pyfunc import save_model
 
+        if keep is None:
+            model_dir = Path(tmp) / "mlflow-model"
             save_model(package, model_dir)
+        else:
+            model_dir = keep.resolve()
+            model_dir.parent.mkdir(parents=True, exist_ok=True)
+            partial = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
+            try:
+                save_model(package, partial / "model")
+                os.replace(partial / "model", model_dir)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
         yield str(model_dir)
 
 
@@ -590,7 +711,9 @@ def export_command(argv: list[str]) -> int:
     parser = _Parser(prog="gman export", description="Export a model to ONNX or torch.export (.pt2).")
     parser.add_argument("--model", required=True, help="package folder, checkpoint, MLflow model folder or URI")
     parser.add_argument("--format", required=True, choices=("onnx", "torch-export"))
-    parser.add_argument("--output", default=None, help="output file (default gman-model.onnx / gman-model.pt2)")
+    parser.add_argument("--output", default=None,
+                        help="output file, ending in .onnx for onnx and .pt2 for torch-export "
+                             "(default gman-model.onnx / gman-model.pt2)")
     parser.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
     parser.add_argument("--into-package", action="store_true",
                         help="(onnx, --model a package folder) add the graph to the package as model.onnx, "
@@ -601,6 +724,9 @@ def export_command(argv: list[str]) -> int:
 
     if args.into_package and (args.format != "onnx" or not pkg.is_package(args.model) or args.output):
         parser.error("--into-package needs --format onnx, --model a package folder, and no --output")
+    suffix = EXPORT_SUFFIXES[args.format]
+    if args.output is not None and Path(args.output).suffix.lower() != suffix:
+        parser.error(f"--output: {args.output} must end in {suffix} for --format {args.format}")
     forecaster = Forecaster.load(args.model, backend="torch")
     default = "gman-model.onnx" if args.format == "onnx" else "gman-model.pt2"
     output = Path(args.output or default)

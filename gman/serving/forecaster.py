@@ -126,13 +126,16 @@ class Forecaster:
         ``threads``: intra-op threads of the backend; ``device``: torch device of the network
         ("cpu" by default, or ``GMAN_DEVICE``; "cuda", "cuda:1", ... imply the torch backend).
         """
-        device = device if device is not None else (os.environ.get("GMAN_DEVICE") or None)
+        _backend(backend), _threads(threads)  # bad arguments or GMAN_* variables: refused before any work
+        name = "device"
+        if device is None and os.environ.get("GMAN_DEVICE"):
+            device, name = os.environ["GMAN_DEVICE"], "GMAN_DEVICE"
         if device is not None and str(device) != "cpu":
             if _backend(backend) == "onnx":
-                raise DataError(f"device: {device!r} needs backend 'torch' (ONNX Runtime runs here on the CPU)")
+                raise DataError(f"{name}: {device!r} needs backend 'torch' (ONNX Runtime runs here on the CPU)")
             backend = "torch"
         forecaster = cls._load(source, backend=backend, threads=threads)
-        return forecaster if device is None else forecaster.to(device)
+        return forecaster if device is None else forecaster._to(device, name)
 
     @classmethod
     def _load(cls, source: str | os.PathLike, *, backend: str | None, threads: int | None) -> "Forecaster":
@@ -157,21 +160,25 @@ class Forecaster:
 
     def to(self, device: "str | torch.device") -> "Forecaster":
         """Run the PyTorch network on ``device`` from now on (returns ``self``, like ``nn.Module.to``)."""
+        return self._to(device, "device")
+
+    def _to(self, device: "str | torch.device", name: str) -> "Forecaster":
+        """:meth:`to`; errors name ``name`` (the argument, or the GMAN_DEVICE variable it came from)."""
         torch = _import_torch()
         try:
             target = torch.device(device)
         except (RuntimeError, TypeError, ValueError):
-            raise DataError(f"device: {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+            raise DataError(f"{name}: {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
         if target.type != "cpu" and self._session is not None:
-            raise DataError(f"device: {device!r} needs backend 'torch' (ONNX Runtime runs here on the CPU); "
+            raise DataError(f"{name}: {device!r} needs backend 'torch' (ONNX Runtime runs here on the CPU); "
                             "load with backend='torch'")
         if target.type == "cuda" and not torch.cuda.is_available():
-            raise DataError(f"device: {device!r}, but CUDA is not available to this torch ({torch.__version__})")
+            raise DataError(f"{name}: {device!r}, but CUDA is not available to this torch ({torch.__version__})")
         if self._session is None:
             try:
                 self._model = self.model.to(target)
             except (RuntimeError, AssertionError) as err:  # an index past the device count, a backend not built
-                raise DataError(f"device: cannot use {device!r} ({' '.join(str(err).split())[:200]})") from None
+                raise DataError(f"{name}: cannot use {device!r} ({' '.join(str(err).split())[:200]})") from None
             self._net = None if self._net is None else self._net.to(target)
         return self
 
@@ -215,13 +222,19 @@ class Forecaster:
            beside the checkpoint folder (``<run>/model/gman.json`` for
            ``<run>/checkpoints/<name>.ckpt``): the checkpoint holds no sensor ids.
         """
+        import pickle
+
         torch = _import_torch()
         path = Path(path)
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # UnpicklingError for non-weights content, RuntimeError for non-torch files
-            detail = " ".join(str(err).split())[:200]
-            raise DataError(f"{path}: not a checkpoint readable with torch.load(weights_only=True) ({detail})") from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's note on the pickle protocol of files it then refuses
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # UnpicklingError for non-weights content, RuntimeError/KeyError... for other files
+            why = ("it holds Python objects beyond tensors and plain containers, which a weights-only load refuses"
+                   if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower()
+                   else "torch cannot read it as a checkpoint")
+            raise DataError(f"{path}: not a gman model (package folder, Lightning checkpoint or MLflow model): {why}") from None
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise DataError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
         state = {}
@@ -626,15 +639,26 @@ def _find_package(folder: Path) -> Path | None:
 
 
 def _backend(backend: str | None) -> str:
-    choice = backend if backend is not None else os.environ.get("GMAN_BACKEND", "auto")
+    """``backend``, else ``GMAN_BACKEND``, else "auto"; errors name the argument or the variable."""
+    name, choice = "backend", backend
+    if backend is None:
+        name, choice = "GMAN_BACKEND", os.environ.get("GMAN_BACKEND") or "auto"
     if choice not in BACKENDS:
-        raise DataError(f"backend: {choice!r} is not one of {', '.join(BACKENDS)}")
+        raise DataError(f"{name}: {choice!r} is not one of {', '.join(BACKENDS)}")
     return choice
 
 
 def _threads(threads: int | None) -> int | None:
+    """``threads``, else ``GMAN_THREADS``, else None; errors name the argument or the variable."""
     if threads is None and os.environ.get("GMAN_THREADS"):
-        threads = int(os.environ["GMAN_THREADS"])
+        text = os.environ["GMAN_THREADS"]
+        try:
+            threads = int(text.strip())
+        except ValueError:
+            raise DataError(f"GMAN_THREADS: expected a positive integer, got {text!r}") from None
+        if threads < 1:
+            raise DataError(f"GMAN_THREADS: expected a positive integer, got {text!r}")
+        return threads
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise DataError(f"threads: expected a positive integer, got {threads!r}")
     return threads

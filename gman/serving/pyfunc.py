@@ -31,8 +31,10 @@ For N = 207 and Q = 12 that is 12 records against 2,484: a 73 kB answer
 instead of 413 kB, and MLflow's handler takes ~15 ms less per request
 (``experiments/rest_layout_inprocess.py``).
 
-A history the model cannot use answers HTTP 400 with the validation message
-(raised as ``MlflowException(INVALID_PARAMETER_VALUE)``), never 500.
+A history the model cannot use answers HTTP 400 whose JSON ``message`` is the
+one-line validation message (raised as :class:`InvalidHistory`, an
+``MlflowException(INVALID_PARAMETER_VALUE)`` that keeps MLflow's scoring server
+from prefixing a printout of the whole input), never 500.
 
 The model is logged with an explicit signature, an input example and explicit
 pip requirements (so MLflow does not spend seconds inferring them). The gman
@@ -97,7 +99,35 @@ class GMANPyfuncModel(mlflow.pyfunc.PythonModel):
             return forecast_to_json_frame(forecast, layout)
         except GmanError as err:
             # MLflow's scoring server turns INVALID_PARAMETER_VALUE into HTTP 400 with this message.
-            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+            raise InvalidHistory(str(err)) from None
+
+
+class InvalidHistory(MlflowException):
+    """A history the model cannot use: HTTP 400 whose ``message`` is the validation message alone.
+
+    MLflow's scoring server (``mlflow.pyfunc.scoring_server.invocations``, MLflow 3.x)
+    rewrites the message of every ``MlflowException`` raised by ``predict`` as
+    ``"Failed to predict data '<the whole input DataFrame printed>'. \nError: <message>"``,
+    by assigning ``e.message``, and turns any other exception into a generic
+    message without the text. It offers no setting or exception type that
+    passes a message through, so here ``message`` is a read-only view of the
+    validation message: the server's rewrite is kept aside as
+    ``server_message`` and the JSON answer carries the one-line message.
+    """
+
+    def __init__(self, message: str):
+        self._validation_message = message
+        self.server_message: str | None = None
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._validation_message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if value != self._validation_message:  # MlflowException.__init__ sets the same text; the server its own
+            self.server_message = value
 
 
 def frame_to_histories(frame: Any, timezone: str | None = None) -> pd.DataFrame | dict[str, pd.DataFrame]:

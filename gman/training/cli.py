@@ -705,6 +705,9 @@ def evaluate_command(argv: list[str]) -> int:
 
 
 def _evaluate(checkpoint: Path, args, train_config: str | None = None) -> int:
+    import pickle
+    import warnings
+
     import lightning as L
     import torch
 
@@ -723,10 +726,20 @@ def _evaluate(checkpoint: Path, args, train_config: str | None = None) -> int:
         raise type(err)(f"{err} (data settings default to the training run's {train_config}; "
                         "override them with --data.KEY VALUE or --data FILE.yaml)") from None
     try:
-        module = GMANLightningModule.load_from_checkpoint(str(checkpoint), map_location="cpu")
-    except (RuntimeError, KeyError, TypeError, EOFError, OSError) as err:
-        raise ConfigError(f"--checkpoint: {checkpoint} is not a checkpoint written by gman train "
-                          f"({type(err).__name__}: {_one_line(err)[:120]})") from None
+        with warnings.catch_warnings():  # torch's note on the pickle protocol of a file it then refuses
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            module = GMANLightningModule.load_from_checkpoint(str(checkpoint), map_location="cpu")
+    except (RuntimeError, KeyError, TypeError, EOFError, OSError, IndexError, pickle.UnpicklingError) as err:
+        # torch's unpickler fails on a text file with KeyError(105), IndexError...: such details say nothing
+        detail = _one_line(err)[:120]
+        if isinstance(err, pickle.UnpicklingError) and "weights only" in detail.lower():
+            detail = ": it holds Python objects beyond tensors and plain containers, which a weights-only load refuses"
+        elif isinstance(err, (IndexError, EOFError, pickle.UnpicklingError)) or not detail or detail.strip("'\"").isdigit():
+            detail = ""
+        else:
+            detail = f" ({detail})"
+        raise ConfigError(f"--checkpoint: {checkpoint} is not a gman checkpoint (a .ckpt file written by "
+                          f"gman train){detail}") from None
     hp = module.hparams
     for name in ("num_nodes", "history_steps", "horizon_steps", "steps_per_day"):
         if int(hp[name]) != int(getattr(datamodule, name)):
