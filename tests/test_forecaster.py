@@ -425,7 +425,7 @@ def test_history_files_whose_header_pandas_would_mend_are_refused(forecaster, tm
     # no header row: the first row of readings would become the column names
     frame.to_csv(tmp_path / "bare.csv", header=False)
     with pytest.raises(DataError, match=r"bare.csv: the first row \(2024-03-03 23:20:00, [0-9.]+, [0-9.]+, \.\.\.\) "
-                                        r"holds readings, not column names: the file needs a header row"):
+                                        r"holds readings, not column names; the file needs a header row"):
         read_history(tmp_path / "bare.csv")
     frame.reset_index(drop=True).to_csv(tmp_path / "bare_values.csv", header=False, index=False)
     with pytest.raises(DataError, match="holds readings, not column names"):

@@ -416,7 +416,7 @@ def test_import_a_csv_without_a_header_row_and_a_bad_missing_value(data_root, tm
     (tmp_path / "ids.txt").write_text("s1\ns2\ns3\n")
     base = ["import", "v", "--values", str(tmp_path / "V.csv"), "--start-time", "2024-01-01", "--interval", "5min"]
     assert run_cli(*base) == 2
-    assert "the first row holds readings" in capsys.readouterr().err
+    assert re.search(r"V\.csv: the first row \(.*\) holds readings, not column names; .*--no-header", capsys.readouterr().err)
     assert run_cli(*base, "--no-header", "--sensor-ids", str(tmp_path / "ids.txt"), "--missing-value", "abc") == 2
     assert "--missing-value: 'abc' is not a number or 'none'" in capsys.readouterr().err
     assert not any(data_root.iterdir())

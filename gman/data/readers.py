@@ -215,12 +215,13 @@ def _read_file(path: Path, options: dict) -> _Table:
             sensor_column = options.get("sensor_column", "sensor_id")  # long format: ids as text ("007" stays)
             frame = pd.read_csv(path, skipinitialspace=True, header=0 if options.get("header", True) else None,
                                 dtype={sensor_column: str})
-            if options.get("header", True):
-                _check_header(path)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty") from None
     except Exception as err:  # corrupt files raise all sorts (HDF5ExtError, ArrowInvalid, ParserError, ...)
         raise DataError(f"{path}: cannot read as {fmt} ({type(err).__name__}: {_first_line(err)})") from None
+    if fmt in ("csv", "long-csv") and options.get("header", True):
+        check_csv_header(path, "for a file without a header row give header: false "
+                               "(gman data import --no-header) and sensor_ids")
     if isinstance(frame, pd.Series):
         frame = frame.to_frame()
     if not isinstance(frame, pd.DataFrame):
@@ -233,31 +234,49 @@ def _read_file(path: Path, options: dict) -> _Table:
     return table
 
 
-def _check_header(path: Path) -> None:
-    """Refuse a header row that is readings (a file without one: ``header: false``) or that repeats a
-    cell (pandas would rename the second ``x`` to ``x.1``)."""
+def check_csv_header(path: Path, no_header_hint: str) -> None:
+    """Refuse a CSV header row that pandas would quietly mend: a repeated column name (pandas renames
+    the copy ``x.1``, which then looks like another sensor) and a first row of readings (a file without
+    a header row; a leading timestamp cell is allowed).  ``no_header_hint`` ends the second message."""
     import csv
 
-    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
-        header = [cell.strip() for cell in next(csv.reader(handle), [])]
-    numbers = [_as_float(cell) for cell in header if cell]
-    if numbers and all(n is not None for n in numbers) and any(not float(n).is_integer() for n in numbers):
-        raise DataError(
-            f"{path}: the first row holds readings ({', '.join(header[:3])}, ...), not sensor ids; "
-            "for a file without a header row give header: false (gman data import --no-header) and sensor_ids"
-        )
-    seen: set[str] = set()
-    for cell in header:
-        if cell and cell in seen:
-            raise DataError(f"{path}: column {cell!r} appears twice in the header")
-        seen.add(cell)
-
-
-def _as_float(text: str) -> float | None:
     try:
-        return float(text)
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
+            header = next(csv.reader(handle), None)
+    except (OSError, csv.Error):
+        return  # pandas reports the problem
+    if not header:
+        return
+    cells = [cell.strip() for cell in header]
+    first: dict[str, int] = {}
+    for i, cell in enumerate(cells):
+        if cell and cell in first:
+            raise DataError(f"{path}: the header names column {cell!r} twice (columns {first[cell] + 1} and {i + 1}); "
+                            "each sensor needs exactly one column")
+        first.setdefault(cell, i)
+    readings = [cell for cell in (cells[1:] if _is_timestamp(cells[0]) else cells) if cell]
+    if readings and all(_is_fractional_number(cell) for cell in readings):
+        shown = ", ".join(cells[:3]) + (", ..." if len(cells) > 3 else "")
+        raise DataError(f"{path}: the first row ({shown}) holds readings, not column names; {no_header_hint}")
+
+
+def _is_fractional_number(cell: str) -> bool:
+    """A number written with a decimal point or exponent (a reading; sensor ids are whole numbers or text)."""
+    try:
+        float(cell)
     except ValueError:
-        return None
+        return False
+    return any(mark in cell for mark in ".eE") and cell.lower().lstrip("+-") not in ("inf", "infinity", "nan")
+
+
+def _is_timestamp(cell: str) -> bool:
+    if _is_fractional_number(cell) or cell.lstrip("+-").isdigit():
+        return False
+    try:
+        pd.Timestamp(cell)
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return True
 
 
 def _read_frame(frame: pd.DataFrame, where: str, options: dict) -> _Table:

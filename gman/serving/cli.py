@@ -268,13 +268,15 @@ def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
     import pandas as pd
 
     from gman.data.dataset import parse_timestamps
+    from gman.data.readers import check_csv_header
 
     if not path.is_file():
         raise DataError(f"{path}: no such history file")
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            _check_csv_header(path)
+            check_csv_header(path, "the file needs a header row (timestamp, then one sensor id per column; "
+                                   "or timestamp, sensor_id, value)")
             frame = pd.read_csv(path)
         elif suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
@@ -307,49 +309,6 @@ def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
     except (TypeError, ValueError):
         raise ForecastInputError(f"{path}: column {column!r} does not hold timestamps (need a 'timestamp' column)") from None
     return frame.drop(columns=column).set_axis(index, axis=0)
-
-
-def _check_csv_header(path: Path) -> None:
-    """Refuse a header row that pandas would quietly mend: a repeated column name (pandas renames the copy
-    ``A01.1``, which then looks like an extra column) and a first row of readings (a file without a header)."""
-    import csv
-
-    import pandas as pd
-
-    try:
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
-            header = next(csv.reader(handle), None)
-    except (OSError, csv.Error):
-        return  # pandas reports the problem
-    if not header:
-        return
-    cells = [cell.strip() for cell in header]
-    first: dict[str, int] = {}
-    for i, (raw, cell) in enumerate(zip(header, cells)):
-        if raw in first and cell:
-            raise DataError(f"{path}: the header names column {raw!r} twice (columns {first[raw] + 1} and {i + 1}); "
-                            "each sensor needs exactly one column")
-        first.setdefault(raw, i)
-
-    def fractional(cell: str) -> bool:
-        try:
-            float(cell)
-        except ValueError:
-            return False
-        return any(mark in cell for mark in ".eE") and not cell.lower().lstrip("+-") in ("inf", "infinity", "nan")
-
-    def timestamp(cell: str) -> bool:
-        try:
-            pd.Timestamp(cell)
-        except (ValueError, TypeError, OverflowError):
-            return False
-        return True
-
-    readings = [cell for cell in (cells[1:] if timestamp(cells[0]) else cells) if cell]
-    if readings and all(fractional(cell) for cell in readings):
-        shown = ", ".join(cells[:3]) + (", ..." if len(cells) > 3 else "")
-        raise DataError(f"{path}: the first row ({shown}) holds readings, not column names: the file needs a header "
-                        "row (timestamp, then one sensor id per column; or timestamp, sensor_id, value)")
 
 
 def rolling_forecast(
