@@ -330,9 +330,6 @@ def _looks_like_pems_edge_list(path: Path) -> bool:
     """DCRNN distance files list every sensor's self-distance 0; PEMS0X edge lists (almost) never do."""
     table = _read_edge_table(path)
     frm, to, _ = _edge_columns(table, str(path), need_cost=False)
-    if format is None and fmt == "edge-list" and any(c in table.columns for c in ("cost", "distance", "weight")):
-        warnings.warn(f"{path}: read as an edge-list (connectivity 0/1, as PEMS0X are used): its cost column is "
-                      "ignored; give graph_format: distance-csv to weight edges by road distance", stacklevel=2)
     return int((frm == to).sum()) < 0.5 * len(set(frm))
 
 
