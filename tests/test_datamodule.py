@@ -217,11 +217,10 @@ def test_bad_settings_are_config_errors():
         GMANDataModule(history_steps=0)
     with pytest.raises(ConfigError, match="unknown option 'colour'"):
         GMANDataModule(options={"colour": "red"}).setup()
+    frame = pd.DataFrame({"a": np.arange(300.0) + 1}, index=pd.date_range("2024-01-01", periods=300, freq="5min"))
+    dm = GMANDataModule(spatial_embedding="node2vec")
+    dm.load = lambda: __import__("gman.data.readers", fromlist=["x"]).load_dataset(frame)
     with pytest.raises(ConfigError, match="node2vec needs a graph"):
-        frame = pd.DataFrame({"a": np.arange(300.0) + 1},
-                             index=pd.date_range("2024-01-01", periods=300, freq="5min"))
-        dm = GMANDataModule(spatial_embedding="node2vec")
-        dm.load = lambda: __import__("gman.data.readers", fromlist=["x"]).load_dataset(frame)
         dm.setup()
 
 

@@ -293,8 +293,8 @@ def test_gman_predict_from_csv_and_long_parquet(forecaster, tmp_path, monkeypatc
     assert main("predict", ["--model", "m", "--input", str(tmp_path / "history.parquet"), "--output", str(out), "--layout", "wide"]) == 0
     pd.testing.assert_frame_equal(pd.read_parquet(out), Forecaster.to_wide(expected), check_freq=False, check_names=False)
 
+    frame.iloc[:3].rename_axis("timestamp").to_csv(tmp_path / "short.csv")
     with pytest.raises(ForecastInputError, match="the model needs at least P=6"):
-        frame.iloc[:3].rename_axis("timestamp").to_csv(tmp_path / "short.csv")
         main("predict", ["--model", "m", "--input", str(tmp_path / "short.csv"), "--output", str(tmp_path / "g.csv")])
     assert not (tmp_path / "g.csv").exists()
 
@@ -404,8 +404,8 @@ def test_history_files_across_a_daylight_saving_change_are_read_as_instants(tmp_
     pd.DataFrame({"400001": 50.0}, index=stamps).to_csv(tmp_path / "h.csv")  # offsets -05:00 then -06:00
     assert read_history(tmp_path / "h.csv", "America/Chicago").index.equals(stamps)
     assert read_history(tmp_path / "h.csv").index.equals(stamps.tz_convert("UTC"))
+    pd.DataFrame({"timestamp": ["x"] * 3, "400001": 1.0}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ForecastInputError, match="does not hold timestamps"):
-        pd.DataFrame({"timestamp": ["x"] * 3, "400001": 1.0}).to_csv(tmp_path / "bad.csv", index=False)
         read_history(tmp_path / "bad.csv")
 
 
