@@ -329,3 +329,10 @@ def test_a_graph_threshold_outside_zero_one_is_refused(tmp_path):
     for bad in (-1, 1.5, "high"):
         with pytest.raises(ConfigError, match=r"graph_threshold: expected a Gaussian-kernel weight cut-off in \[0, 1\)"):
             load_dataset(tmp_path / "v.csv", graph_path=tmp_path / "d.csv", graph_threshold=bad)
+
+
+def test_a_single_time_step_takes_the_interval_option(tmp_path):
+    write(tmp_path, "one.csv", "timestamp,a\n2024-01-01 00:00,1\n")
+    with pytest.raises(DataError, match=r"one\.csv: a single time step needs an interval \(the interval option\)"):
+        load_dataset(tmp_path / "one.csv")
+    assert load_dataset(tmp_path / "one.csv", interval="5min").interval == pd.Timedelta("5min")

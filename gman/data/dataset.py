@@ -243,7 +243,7 @@ def _check_index(index, num_steps: int, where: str, interval_hint) -> pd.Datetim
     else:
         interval = interval_hint if interval_hint is not None else index.freq
         if interval is None:
-            raise DataError(f"{where}: a single time step needs an interval (interval_hint)")
+            raise DataError(f"{where}: a single time step needs an interval (the interval option)")
         interval = pd.Timedelta(interval)
     seconds = interval.total_seconds()
     if seconds < 1 or seconds != int(seconds) or SECONDS_PER_DAY % int(seconds) != 0:

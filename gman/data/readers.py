@@ -475,6 +475,7 @@ def _finish(table: _Table, where: str, options: dict, default_name: str) -> Sens
             units=str(options.get("units", "")),
             missing_value=missing_value,
             graph_node_ids=graph_node_ids,
+            interval_hint=interval,  # the interval option: what a single time step cannot show
         )
     except DataError as err:
         message = str(err).removeprefix(f"dataset {name!r}: ")
