@@ -208,6 +208,8 @@ def test_evaluate_a_checkpoint_and_an_mlflow_run_reproduce_the_test_metrics(unin
     (["--config", "picture.png"], "picture.png: not a text file"),
     (["--config", "nothere.yaml"], "nothere.yaml: no such file"),
     (["--patience", "-1"], "patience: expected an integer >= 1"),
+    (["--model.day_of_week", "maybe"], "model.day_of_week: 'maybe' is not valid; expected true | false, 'weekend'"),
+    (["--data.split", "0.5,0.5"], "data.split: '0.5,0.5' is not valid; expected a list of numbers, e.g. [0.7, 0.1, 0.2], null"),
     (["--data.node2vec_options", "{bogus: 1}"], "data.node2vec_options: unknown option 'bogus'"),
     (["--tracking_uri", "bogus://x"], "tracking_uri: bogus://x: cannot use this MLflow tracking store"),
 ])

@@ -110,6 +110,24 @@ def _one_line(message: str) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+def _parse_error(err: Exception) -> str:
+    """jsonargparse's error as one line; its "Does not validate against any of the Union subtypes"
+    report (every subtype, every error) is shortened to the key, the value and what it takes."""
+    import re
+
+    text = _one_line(err)
+    key = re.search(r'Parser key "([^"]+)"', text)
+    subtypes = re.search(r"Subtypes: \[(.*)\] Errors:", text)
+    given = re.search(r"Given value: (.*)$", text)
+    if not (key and subtypes and given and "Union subtypes" in text):
+        return text
+    kinds = re.sub(r"typing\.Literal\[([^\]]*)\]", lambda m: m.group(1).replace(", ", " | "), subtypes.group(1))
+    kinds = re.sub(r"<class '([^']+)'>", lambda m: {"NoneType": "null", "bool": "true | false"}.get(m.group(1), m.group(1)),
+                   kinds)
+    kinds = kinds.replace("list[float]", "a list of numbers, e.g. [0.7, 0.1, 0.2]")
+    return f"{key.group(1)}: {given.group(1)!r} is not valid; expected {kinds}"
+
+
 def _lightning_cli_class():
     from lightning.pytorch.cli import LightningCLI
 
@@ -246,7 +264,7 @@ def parse_train_args(argv: list[str]):
             parser_kwargs={"exit_on_error": False, "prog": "gman train", "description": TRAIN_DESCRIPTION},
         )
     except argparse.ArgumentError as err:
-        raise ConfigError(_one_line(err)) from None
+        raise ConfigError(_parse_error(err)) from None
 
 
 def _split_resume(argv: list[str]) -> tuple[list[str], Path | None]:
@@ -697,7 +715,7 @@ def evaluate_command(argv: list[str]) -> int:
         try:
             args = _evaluate_parser(data_defaults).parse_args(argv)
         except argparse.ArgumentError as err:
-            raise ConfigError(_one_line(err)) from None
+            raise ConfigError(_parse_error(err)) from None
         source = None
         if train_config is not None:
             source = str(train_config) if known.checkpoint else f"config.yaml (MLflow run {known.run_id})"
