@@ -30,10 +30,21 @@ def test_default_synthetic_split_scaler_and_sizes(default_module):
     assert (dm.num_nodes, dm.steps_per_day, dm.interval) == (64, 288, pd.Timedelta("5min"))
     assert dm.sensor_ids == ds.sensor_ids and dm.missing_value == 0.0 and dm.spatial_embedding is None
     assert [len(w) for w in (dm.train_windows, dm.val_windows, dm.test_windows)] == [5645 - 23, 806 - 23, 1613 - 23]
-    # scalar z-score on observed training readings only (zeros = missing are left out)
+    # the authors' scalar z-score: np.mean / np.std of trainX, the training input windows, zeros included
+    train_x = np.stack([ds.values[s:s + 12] for s in dm.train_windows.starts]).astype(np.float64)
+    assert np.isclose(dm.scaler.mean, train_x.mean()) and np.isclose(dm.scaler.std, train_x.std())
+    assert np.isclose(dm.scaler.missing_input, -train_x.mean() / train_x.std())
+    x = dm.train_windows[0]
+    assert torch.equal(x["x"][~x["x_mask"]], torch.full_like(x["x"][~x["x_mask"]], np.float32(dm.scaler.missing_input)))
+    assert (~x["x_mask"]).any()
+    # the named alternative: observed training readings only (zeros = missing are left out), missing inputs at 0
+    observed = GMANDataModule(normalisation="observed")
+    observed.setup("fit")
     train = ds.values[:5645][ds.mask[:5645]].astype(np.float64)
-    assert np.isclose(dm.scaler.mean, train.mean()) and np.isclose(dm.scaler.std, train.std())
-    assert dm.scaler.mean > ds.values[:5645].mean() + 2  # would be dragged down by the zeros
+    assert np.isclose(observed.scaler.mean, train.mean()) and np.isclose(observed.scaler.std, train.std())
+    assert observed.scaler.mean > dm.scaler.mean + 2 and observed.scaler.missing_input == 0.0
+    with pytest.raises(ConfigError, match="data.normalisation: expected one of authors, observed, got 'zscore'"):
+        GMANDataModule(normalisation="zscore")
     # no window crosses a split boundary
     for windows, (start, stop) in zip((dm.train_windows, dm.val_windows, dm.test_windows), dm.split_ranges):
         assert windows.starts[0] == start and windows.starts[-1] + 24 == stop

@@ -453,3 +453,32 @@ def test_many_histories_run_in_batches_and_give_what_one_at_a_time_gives(forecas
         alone = forecaster.predict(histories[i])
         got = together[together["history"] == i].drop(columns="history").reset_index(drop=True)
         pd.testing.assert_frame_equal(got, alone, rtol=1e-5)
+
+
+def test_missing_inputs_take_the_scalers_missing_input_in_predict_and_in_exports(forecaster, tmp_path):
+    """A model trained with the authors' statistics sees a missing input as (0 - mean) / std: the package
+    records it, and predict, the ONNX / .pt2 module and the training windows all agree."""
+    missing_input = (0.0 - MEAN) / STD
+    path = pkg.save_package(tmp_path / "authors", forecaster.model, scaler_mean=MEAN, scaler_std=STD,
+                            sensor_ids=SENSORS, interval=pd.Timedelta("5min"), missing_value=0.0, dataset_name="toy",
+                            units="mph", scaler_missing_input=missing_input)
+    authors = Forecaster.load(path, backend="torch")
+    assert authors.metadata["scaler"]["missing_input"] == pytest.approx(missing_input)
+    frame = series()
+    observed = frame.notna().to_numpy() & (frame.to_numpy() != 0.0)
+    dataset = SensorDataset(values=np.nan_to_num(frame.to_numpy()).astype(np.float32), mask=observed,
+                            index=frame.index, sensor_ids=SENSORS, name="toy")
+    windows = WindowDataset(dataset, P, Q, StandardScaler(MEAN, STD, missing_input))
+    i = next(i for i in range(len(windows)) if not windows[i]["x_mask"].all())  # a window with missing inputs
+    item = windows[i]
+    with torch.no_grad():
+        expected = authors.model(item["x"][None], item["time"][None])[0] * STD + MEAN
+        module = authors.as_module(fold=True)
+        raw = torch.from_numpy(np.where(observed, frame.to_numpy(), np.nan)[i:i + P].astype(np.float32))[None]
+        exported = module(raw, item["time"][None])[0]
+    got = Forecaster.to_wide(authors.predict(frame.iloc[i:i + P])).to_numpy()
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(exported.numpy(), expected.numpy(), rtol=1e-5, atol=1e-3)
+    # the same window read as the older 0-for-missing model differs
+    older = Forecaster.to_wide(forecaster.predict(frame.iloc[i:i + P])).to_numpy()
+    assert np.abs(older - got).max() > 1e-3

@@ -58,7 +58,7 @@ def test_round_trip_rebuilds_the_same_network(tmp_path, learnable):
     meta = json.loads((path / "gman.json").read_text())
     assert meta["format_version"] == pkg.FORMAT_VERSION
     assert meta["model"]["config"] == model.config
-    assert meta["scaler"] == {"mean": 55.0, "std": 12.5}
+    assert meta["scaler"] == {"mean": 55.0, "std": 12.5, "missing_input": 0.0}
     assert meta["sensor_ids"] == SENSORS
     assert (meta["interval_seconds"], meta["steps_per_day"]) == (300, 288)
     assert (meta["history_steps"], meta["horizon_steps"]) == (4, 3)

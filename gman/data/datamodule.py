@@ -2,7 +2,7 @@
 
     dataset (card name, "synthetic", or a path) --load_dataset--> SensorDataset [T, N]
         --chronological_split (70/10/20)--> three step ranges
-        --StandardScaler.fit(observed train readings)--> one mean, one std
+        --StandardScaler.fit_authors (train input windows) or .fit (observed train readings)--> mean, std
         --WindowDataset per part (P history -> Q future, never across a boundary)--> DataLoaders
 
 Every constructor argument is a plain type (str / int / float / list / dict /
@@ -26,7 +26,14 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from gman.data.dataset import SensorDataset
-from gman.data.windows import DEFAULT_SPLIT, SPLIT_NAMES, StandardScaler, WindowDataset, chronological_split
+from gman.data.windows import (
+    DEFAULT_SPLIT,
+    NORMALISATIONS,
+    SPLIT_NAMES,
+    StandardScaler,
+    WindowDataset,
+    chronological_split,
+)
 from gman.errors import ConfigError, DataError
 
 SPATIAL_EMBEDDINGS = ("learnable", "node2vec")  # or a path to a word2vec text file
@@ -55,6 +62,11 @@ class GMANDataModule(LightningDataModule):
         node2vec_options: keyword options of
             :func:`gman.data.embedding.node2vec_embedding` (``dim``, ``p``, ``q``, ...).
         seed: seeds the training order (per epoch) and node2vec.
+        normalisation: ``"authors"`` (default, the authors' code): one mean and std over the
+            training input windows with missing readings as 0, so a missing input enters the
+            network as ``(0 - mean) / std``; ``"observed"`` (not in the authors' code): over the
+            observed training readings only, a missing input entering as 0 (the mean).  See
+            :class:`gman.data.windows.StandardScaler`.
     """
 
     def __init__(
@@ -81,6 +93,7 @@ class GMANDataModule(LightningDataModule):
         spatial_embedding: str = "learnable",
         node2vec_options: dict[str, Any] | None = None,
         seed: int = 0,
+        normalisation: str = "authors",
     ):
         super().__init__()
         for option, value, low in (("history_steps", history_steps, 1), ("horizon_steps", horizon_steps, 1),
@@ -96,6 +109,8 @@ class GMANDataModule(LightningDataModule):
                 f"data.spatial_embedding: expected 'learnable', 'node2vec' or a path to a word2vec file, "
                 f"got {spatial_embedding!r}"
             )
+        if normalisation not in NORMALISATIONS:
+            raise ConfigError(f"data.normalisation: expected one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
         if node2vec_options:
             import inspect
 
@@ -175,8 +190,12 @@ class GMANDataModule(LightningDataModule):
                 f"({parts}) for history + horizon = {window} in every part; use a longer series or another split"
             )
         train_start, train_stop = ranges[0]
-        scaler = StandardScaler.fit(dataset.values[train_start:train_stop], dataset.mask[train_start:train_stop],
-                                    where=f"{self._source()}: training split (steps {train_start}..{train_stop - 1})")
+        where = f"{self._source()}: training split (steps {train_start}..{train_stop - 1})"
+        train_values, train_mask = dataset.values[train_start:train_stop], dataset.mask[train_start:train_stop]
+        if self.hparams.normalisation == "authors":
+            scaler = StandardScaler.fit_authors(train_values, train_mask, self.history_steps, self.horizon_steps, where)
+        else:
+            scaler = StandardScaler.fit(train_values, train_mask, where)
         windows = [
             WindowDataset(dataset, self.history_steps, self.horizon_steps, scaler, start, stop, name=part)
             for part, (start, stop) in zip(SPLIT_NAMES, ranges)

@@ -3,12 +3,13 @@
 The authors' protocol: split the raw series chronologically (70/10/20 by
 default), then cut windows of P history and Q future steps *inside* each part,
 so that no window crosses a split boundary; normalise with one scalar mean and
-standard deviation fitted on the observed training readings only.
+standard deviation fitted on the training split only (see :class:`StandardScaler`
+for the authors' statistics and the ``observed`` alternative).
 
 A window is a start index into tensors shared by all its windows (no copy of
 the series per window):
 
-    x      = (values[s : s+P] - mean) / std, 0 where missing   [P, N] float32
+    x      = (values[s : s+P] - mean) / std, scaler.missing_input where missing   [P, N] float32
     x_mask = mask[s : s+P]                                      [P, N] bool
     time   = (day_of_week, time_of_day)[s : s+P+Q]              [P+Q, 2] int64
     y      = values[s+P : s+P+Q]  (data units, 0 where missing) [Q, N] float32
@@ -51,22 +52,38 @@ def chronological_split(num_steps: int, fractions: Sequence[float] = DEFAULT_SPL
     return [train, val, test]
 
 
+NORMALISATIONS = ("authors", "observed")
+
+
 class StandardScaler:
-    """Scalar z-score: z = (v - mean) / std, one mean and one std for all sensors.
+    """Scalar z-score: z = (v - mean) / std, one mean and one std for all sensors, and the
+    normalised value a missing input reading takes (``missing_input``).
+
+    Two ways to fit it (``GMANDataModule(normalisation=...)``):
+
+    * ``"authors"`` (:meth:`fit_authors`, the authors' code: ``np.mean(trainX)``,
+      ``np.std(trainX)``): over the training input windows, each step counted once
+      per window that holds it, missing readings counted as the 0 they are in the
+      authors' files; a missing input then enters the network as ``(0 - mean) / std``.
+    * ``"observed"`` (:meth:`fit`, not in the authors' code): over the observed
+      training readings only; a missing input enters as 0, the training mean.
 
     Works on numpy arrays and torch tensors alike (plain arithmetic).
     """
 
-    def __init__(self, mean: float, std: float):
-        mean, std = float(mean), float(std)
-        if not (math.isfinite(mean) and math.isfinite(std)) or std <= 0:
-            raise DataError(f"scaler: need a finite mean and a positive std, got mean={mean}, std={std}")
+    def __init__(self, mean: float, std: float, missing_input: float = 0.0):
+        mean, std, missing_input = float(mean), float(std), float(missing_input)
+        if not (math.isfinite(mean) and math.isfinite(std) and math.isfinite(missing_input)) or std <= 0:
+            raise DataError(f"scaler: need a finite mean, a positive std and a finite missing input, got "
+                            f"mean={mean}, std={std}, missing_input={missing_input}")
         self.mean = mean
         self.std = std
+        self.missing_input = missing_input
 
     @classmethod
     def fit(cls, values: np.ndarray, mask: np.ndarray, where: str = "scaler") -> "StandardScaler":
-        """Mean and (population) std of ``values[mask]``: masked readings carry no statistics.
+        """``"observed"``: mean and (population) std of ``values[mask]``: masked readings carry no
+        statistics, and a missing input becomes 0 (the mean).
         ``where`` names the readings in errors (e.g. the data set's training split)."""
         observed = np.asarray(values, dtype=np.float64)[np.asarray(mask, dtype=bool)]
         if observed.size == 0:
@@ -76,6 +93,31 @@ class StandardScaler:
             raise DataError(f"{where}: all observed readings equal {observed[0]}; cannot normalise (std = 0)")
         return cls(float(observed.mean()), std)
 
+    @classmethod
+    def fit_authors(cls, values: np.ndarray, mask: np.ndarray, history_steps: int, horizon_steps: int,
+                    where: str = "scaler") -> "StandardScaler":
+        """``"authors"``: mean and (population) std of every input reading of the training windows
+        (``values`` [T, N] of the training split, missing readings as 0), as the authors' code
+        computes them over ``trainX`` [windows, P, N]: step ``t`` weighs as many windows as hold it."""
+        values = np.where(np.asarray(mask, dtype=bool), np.asarray(values, dtype=np.float64), 0.0)
+        num_windows = values.shape[0] - history_steps - horizon_steps + 1
+        if num_windows < 1:
+            raise DataError(f"{where}: {values.shape[0]} steps hold no window of {history_steps} + {horizon_steps} steps")
+        if not np.asarray(mask, dtype=bool).any():
+            raise DataError(f"{where}: no observed readings to fit the scaler on (all missing)")
+        weights = np.convolve(np.ones(num_windows), np.ones(history_steps))  # windows holding each input step
+        inputs = values[: len(weights)]
+        total = weights.sum() * values.shape[1]
+        mean = float((weights @ inputs).sum() / total)
+        std = float(np.sqrt((weights @ (inputs - mean) ** 2).sum() / total))
+        if std == 0.0:
+            raise DataError(f"{where}: all training inputs equal {mean}; cannot normalise (std = 0)")
+        return cls(mean, std, missing_input=(0.0 - mean) / std)
+
+    def normalise(self, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """(v - mean) / std where observed, ``missing_input`` elsewhere, float32."""
+        return np.where(mask, self.transform(np.asarray(values, dtype=np.float64)), self.missing_input).astype(np.float32)
+
     def transform(self, values):
         return (values - self.mean) / self.std
 
@@ -83,14 +125,14 @@ class StandardScaler:
         return values * self.std + self.mean
 
     def to_dict(self) -> dict:
-        return {"mean": self.mean, "std": self.std}
+        return {"mean": self.mean, "std": self.std, "missing_input": self.missing_input}
 
     @classmethod
     def from_dict(cls, data: dict) -> "StandardScaler":
-        return cls(data["mean"], data["std"])
+        return cls(data["mean"], data["std"], data.get("missing_input", 0.0))
 
     def __repr__(self) -> str:
-        return f"StandardScaler(mean={self.mean:.6g}, std={self.std:.6g})"
+        return f"StandardScaler(mean={self.mean:.6g}, std={self.std:.6g}, missing_input={self.missing_input:.6g})"
 
 
 class WindowDataset(Dataset):
@@ -134,7 +176,7 @@ class WindowDataset(Dataset):
 
         values = dataset.values[start:stop]
         mask = dataset.mask[start:stop]
-        normalised = np.where(mask, scaler.transform(values), 0.0).astype(np.float32)
+        normalised = scaler.normalise(values, mask)
         # torch.from_numpy shares memory with the (contiguous) numpy arrays: no extra copy.
         self.values = torch.from_numpy(np.ascontiguousarray(values))
         self.mask = torch.from_numpy(np.ascontiguousarray(mask))

@@ -659,7 +659,7 @@ def _save_forecaster_package(forecaster: "Forecaster", path: Path) -> Path:
         path, forecaster.model, scaler_mean=meta["scaler"]["mean"], scaler_std=meta["scaler"]["std"],
         sensor_ids=forecaster.sensor_ids, interval=pd.Timedelta(seconds=meta["interval_seconds"]),
         missing_value=meta.get("missing_value"), dataset_name=meta.get("dataset_name", ""), units=meta.get("units", ""),
-        timezone=meta.get("timezone"),
+        timezone=meta.get("timezone"), scaler_missing_input=meta["scaler"].get("missing_input", 0.0),
     )
 
 

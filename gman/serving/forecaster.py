@@ -110,6 +110,7 @@ class Forecaster:
         self._interval = pd.Timedelta(seconds=int(metadata["interval_seconds"]))
         self._mean = float(metadata["scaler"]["mean"])
         self._std = float(metadata["scaler"]["std"])
+        self._missing_input = float(metadata["scaler"].get("missing_input", 0.0))
         missing = metadata.get("missing_value")
         self._missing_value = None if missing is None else float(missing)
         self._timezone: str | None = metadata.get("timezone")
@@ -491,8 +492,9 @@ class Forecaster:
         return pd.DatetimeIndex(last.repeat(len(offsets)) + pd.TimedeltaIndex(offsets))
 
     def normalise(self, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """x = (v - mean) / std where observed, 0 elsewhere (float32) — as ``WindowDataset`` does."""
-        return np.where(mask, (values - self._mean) / self._std, 0.0).astype(np.float32)
+        """x = (v - mean) / std where observed, the scaler's missing input elsewhere (float32) — as
+        ``WindowDataset`` does."""
+        return np.where(mask, (values - self._mean) / self._std, self._missing_input).astype(np.float32)
 
     def predict_arrays(self, values: np.ndarray, mask: np.ndarray, time: np.ndarray,
                        batch_size: int | None = None) -> np.ndarray:
@@ -550,7 +552,7 @@ class Forecaster:
             from gman.serving.inference import fold_batch_norm
 
             model = fold_batch_norm(model)
-        return ScaledGMAN(model, self._mean, self._std, self._missing_value).eval()
+        return ScaledGMAN(model, self._mean, self._std, self._missing_value, self._missing_input).eval()
 
     def _tidy(self, prediction: np.ndarray, future: pd.DatetimeIndex) -> pd.DataFrame:
         """[Q, N] forecast at the Q ``future`` timestamps -> Q*N tidy rows, step-major, sensors in model order."""
@@ -610,7 +612,8 @@ def _metadata_from_hparams(path: Path, hparams: dict[str, Any]) -> dict[str, Any
     return {
         **names,
         "model": {"class": "gman.model.GMAN", "config": config},
-        "scaler": {"mean": float(hparams["scaler_mean"]), "std": float(hparams["scaler_std"])},
+        "scaler": {"mean": float(hparams["scaler_mean"]), "std": float(hparams["scaler_std"]),
+                   "missing_input": float(hparams.get("scaler_missing_input") or 0.0)},
         "interval_seconds": interval_seconds,
         "steps_per_day": int(hparams["steps_per_day"]),
         "history_steps": int(hparams["history_steps"]),

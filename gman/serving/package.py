@@ -19,7 +19,8 @@ only. ``gman.json`` also records the SHA-256 of the weights file, checked at loa
 
     format, format_version, gman_version
     model: {class, config}           config = GMAN.config, so GMAN(**config) rebuilds the network
-    scaler: {mean, std}              scalar z-score fitted on observed training readings
+    scaler: {mean, std, missing_input}  scalar z-score of the training split, and the normalised
+                                     value of a missing input (absent in older packages: 0.0)
     sensor_ids: [N str]              column order of the model's inputs and outputs
     interval_seconds, steps_per_day  e.g. 300 and 288 for 5-minute data
     history_steps P, horizon_steps Q
@@ -98,6 +99,7 @@ def package_metadata(
     dataset_name: str,
     units: str = "",
     timezone: str | None = None,
+    scaler_missing_input: float = 0.0,
 ) -> dict[str, Any]:
     """The ``gman.json`` content for ``model`` (without the ``weights`` entry), validated.
 
@@ -123,9 +125,10 @@ def package_metadata(
             f"interval: {interval_seconds} s gives {steps_per_day} steps per day "
             f"but the model was built for {config['steps_per_day']}"
         )
-    mean, std = float(scaler_mean), float(scaler_std)
-    if not (math.isfinite(mean) and math.isfinite(std)) or std <= 0:
-        raise ConfigError(f"scaler: need a finite mean and a positive std, got mean={mean}, std={std}")
+    mean, std, missing_input = float(scaler_mean), float(scaler_std), float(scaler_missing_input)
+    if not (math.isfinite(mean) and math.isfinite(std) and math.isfinite(missing_input)) or std <= 0:
+        raise ConfigError(f"scaler: need a finite mean, a positive std and a finite missing input, got mean={mean}, "
+                          f"std={std}, missing_input={missing_input}")
     if missing_value is not None:
         missing_value = float(missing_value)
         if not math.isfinite(missing_value):
@@ -139,7 +142,7 @@ def package_metadata(
         "format_version": FORMAT_VERSION,
         "gman_version": gman.__version__,
         "model": {"class": "gman.model.GMAN", "config": config},
-        "scaler": {"mean": mean, "std": std},
+        "scaler": {"mean": mean, "std": std, "missing_input": missing_input},
         "sensor_ids": ids,
         "interval_seconds": interval_seconds,
         "steps_per_day": steps_per_day,
@@ -193,6 +196,7 @@ def save_package(
     dataset_name: str,
     units: str = "",
     timezone: str | None = None,
+    scaler_missing_input: float = 0.0,
 ) -> Path:
     """Write ``model`` and everything needed to serve it to the folder ``path``; returns ``path``.
 
@@ -210,6 +214,7 @@ def save_package(
         dataset_name=dataset_name,
         units=units,
         timezone=timezone,
+        scaler_missing_input=scaler_missing_input,
     )
     if target.exists():
         if not target.is_dir():
@@ -301,6 +306,9 @@ def check_metadata(metadata: Any, where: str) -> None:
     std = metadata["scaler"].get("std") if isinstance(metadata["scaler"], dict) else None
     if not isinstance(std, (int, float)) or not std > 0:
         raise DataError(f"{where}: scaler.std must be a positive number")
+    missing_input = metadata["scaler"].get("missing_input", 0.0)
+    if isinstance(missing_input, bool) or not isinstance(missing_input, (int, float)) or not math.isfinite(missing_input):
+        raise DataError(f"{where}: scaler.missing_input must be a finite number")
     interval = metadata["interval_seconds"]
     if not isinstance(interval, int) or interval < 1 or SECONDS_PER_DAY % interval != 0:
         raise DataError(f"{where}: interval_seconds must be a whole number of seconds dividing one day, got {interval!r}")

@@ -42,7 +42,7 @@ from gman.training.metrics import HorizonErrors, HorizonMetrics, masked_mae
 
 # data-dependent hyper-parameters: filled from the data module when left None
 DATA_DERIVED = ("num_nodes", "steps_per_day", "history_steps", "horizon_steps",
-                "scaler_mean", "scaler_std", "interval_minutes", "learnable_spatial_embedding")
+                "scaler_mean", "scaler_std", "scaler_missing_input", "interval_minutes", "learnable_spatial_embedding")
 MIN_BN_MOMENTUM = 0.01
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Lightning's sync_batchnorm runs nn.SyncBatchNorm.convert_sync_batchnorm, which swaps every nn.BatchNorm1d
@@ -76,7 +76,7 @@ class GMANLightningModule(L.LightningModule):
         GPU). On the CPU it replaces the memory-lean hand-written training path with plain
         autograd (slower), and compiling takes about a minute.
     Args (from the data, normally left None): ``num_nodes``, ``steps_per_day``,
-        ``history_steps``, ``horizon_steps``, ``scaler_mean``, ``scaler_std``,
+        ``history_steps``, ``horizon_steps``, ``scaler_mean``, ``scaler_std``, ``scaler_missing_input``,
         ``interval_minutes``, ``learnable_spatial_embedding`` (True when the data
         module gives no spatial embedding).
 
@@ -119,6 +119,7 @@ class GMANLightningModule(L.LightningModule):
         horizon_steps: int | None = None,
         scaler_mean: float | None = None,
         scaler_std: float | None = None,
+        scaler_missing_input: float | None = None,
         interval_minutes: float | None = None,
         learnable_spatial_embedding: bool | None = None,
     ) -> None:
@@ -141,7 +142,8 @@ class GMANLightningModule(L.LightningModule):
         self._test_metrics: HorizonMetrics | None = None
         self.test_errors: HorizonErrors | None = None
         self._batch_seed_base = 0
-        if all(self.hparams[name] is not None for name in DATA_DERIVED):
+        # scaler_missing_input may stay None: checkpoints written before it existed normalised missing inputs to 0
+        if all(self.hparams[name] is not None for name in DATA_DERIVED if name != "scaler_missing_input"):
             self._build()
 
     # ------------------------------------------------------------------ network
@@ -220,6 +222,7 @@ class GMANLightningModule(L.LightningModule):
         dataset = datamodule.dataset
         return dict(
             scaler_mean=self.hparams.scaler_mean, scaler_std=self.hparams.scaler_std,
+            scaler_missing_input=self.hparams.get("scaler_missing_input") or 0.0,
             sensor_ids=list(datamodule.sensor_ids), interval=dataset.interval,
             missing_value=getattr(datamodule, "missing_value", None), dataset_name=dataset.name,
             units=getattr(dataset, "units", ""),
@@ -372,6 +375,7 @@ def data_hparams(datamodule, se_dim: int) -> dict[str, Any]:
         "horizon_steps": int(datamodule.horizon_steps),
         "scaler_mean": float(datamodule.scaler.mean),
         "scaler_std": float(datamodule.scaler.std),
+        "scaler_missing_input": float(datamodule.scaler.missing_input),
         "interval_minutes": seconds / 60.0,
         "learnable_spatial_embedding": se is None,
         # a given embedding fixes the width; a learnable one takes the configured se_dim
