@@ -56,7 +56,9 @@ class GMANDataModule(LightningDataModule):
         split: train / val / test fractions of the raw steps; None = the card's
             split, else 0.7 / 0.1 / 0.2.
         batch_size, eval_batch_size (None = batch_size), num_workers.
-        spatial_embedding: ``"learnable"`` (None: the model learns a table),
+        spatial_embedding: ``"learnable"`` (default, so that data without a graph trains; not the
+            authors', whose embedding is a fixed node2vec of the graph: ``"node2vec"``, which
+            ``gman train``'s demo and the shipped configs set; None: the model learns a table),
             ``"node2vec"`` (computed from the graph, cached), or a path to a
             word2vec text file whose rows are in the graph's node order.
         node2vec_options: keyword options of

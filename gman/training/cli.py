@@ -72,7 +72,8 @@ RANK_ENV_KEYS = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"
 
 # `gman train` without --config: the built-in synthetic network and a small, fast
 # model (experiments/demo.yaml spells the same values out).  With --config, unset
-# values are the classes' own defaults (the authors' settings), not these.
+# values are the classes' own defaults (the authors' METR-LA settings, except L = 3, the
+# paper's best, and a learnable spatial embedding where no graph is configured), not these.
 DEMO_DEFAULTS: dict[str, Any] = {
     "model.num_layers": 1,
     "model.num_heads": 2,
