@@ -196,6 +196,34 @@ def test_evaluate_a_checkpoint_and_an_mlflow_run_reproduce_the_test_metrics(unin
         assert (workdir / "runs" / folder / "forecast_vs_truth.png").is_file()
 
 
+def test_evaluate_normalises_with_the_checkpoints_scaler_whatever_the_config_says(uninterrupted, workdir, monkeypatch):
+    """A run from before data.normalisation existed (fitted on observed readings) must not be re-scored with a
+    scaler fitted again another way: evaluate takes the scaler from the checkpoint."""
+    import shutil
+
+    import yaml
+
+    from gman.cli import main
+    from gman.training.cli import _settings_older_runs_had
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    old = workdir / "runs" / "other-normalisation"
+    shutil.copytree(uninterrupted, old)
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    assert config["data"]["normalisation"] == "authors"
+    config["data"]["normalisation"] = "observed"  # a different scaler than the one the weights were trained with
+    (old / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["evaluate", "--checkpoint", str(old / "checkpoints" / "best.ckpt"), "--output-dir", "runs/eval-other"]) == 0
+    got, expected = gman_rows(workdir / "runs" / "eval-other"), gman_rows(uninterrupted)
+    assert [float(r["mae"]) for r in got] == pytest.approx([float(r["mae"]) for r in expected], rel=1e-5)
+    # --resume of a run whose config predates the option keeps the observed statistics it started with
+    del config["data"]["normalisation"]
+    (old / "config.yaml").write_text(yaml.safe_dump(config))
+    assert _settings_older_runs_had(old / "config.yaml") == ["--data.normalisation", "observed"]
+    assert _settings_older_runs_had(uninterrupted / "config.yaml") == []
+
+
 @pytest.mark.parametrize("args, key", [
     (["--model.bogus", "1"], "model.bogus"),
     (["--data.batch_size", "many"], "data.batch_size"),

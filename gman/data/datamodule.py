@@ -142,6 +142,7 @@ class GMANDataModule(LightningDataModule):
         self.missing_value: float | None = None if missing_value == "auto" else missing_value  # type: ignore[assignment]
         self.spatial_embedding: torch.Tensor | None = None  # type: ignore[assignment]
         self.split_ranges: list[tuple[int, int]] | None = None
+        self._given_scaler: StandardScaler | None = None
         self.train_windows: WindowDataset | None = None
         self.val_windows: WindowDataset | None = None
         self.test_windows: WindowDataset | None = None
@@ -163,6 +164,13 @@ class GMANDataModule(LightningDataModule):
                 raise ConfigError(f"data.options: {key!r} is also set as data.{key}; set it once")
             options[key] = value
         return options
+
+    def use_scaler(self, scaler: StandardScaler) -> None:
+        """Normalise with ``scaler`` instead of fitting one in :meth:`setup` (call before it): a trained
+        model is evaluated with the scaler it was trained with, whatever ``normalisation`` says."""
+        if self.dataset is not None:
+            raise RuntimeError("GMANDataModule.use_scaler: call it before setup()")
+        self._given_scaler = scaler
 
     def load(self) -> SensorDataset:
         """Read the configured data set (no splitting or scaling)."""
@@ -194,7 +202,9 @@ class GMANDataModule(LightningDataModule):
         train_start, train_stop = ranges[0]
         where = f"{self._source()}: training split (steps {train_start}..{train_stop - 1})"
         train_values, train_mask = dataset.values[train_start:train_stop], dataset.mask[train_start:train_stop]
-        if self.hparams.normalisation == "authors":
+        if self._given_scaler is not None:
+            scaler = self._given_scaler
+        elif self.hparams.normalisation == "authors":
             scaler = StandardScaler.fit_authors(train_values, train_mask, self.history_steps, self.horizon_steps, where)
         else:
             scaler = StandardScaler.fit(train_values, train_mask, where)

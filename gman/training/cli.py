@@ -355,7 +355,7 @@ def train(argv: list[str]) -> int:
     if resume is not None:
         work_dir = _resume_folder(resume)
         saved_run = json.loads((work_dir / RUN_FILE).read_text())
-        argv = ["--config", str(work_dir / CONFIG_FILE), *argv]
+        argv = ["--config", str(work_dir / CONFIG_FILE), *_settings_older_runs_had(work_dir / CONFIG_FILE), *argv]
     cli = parse_train_args(argv)
     config = cli.config
     if config.patience < 1:
@@ -445,6 +445,15 @@ def _check_sync_batchnorm(config, module) -> None:
     if getattr(trainer_config, "sync_batchnorm", False) and any(
             isinstance(m, BatchNorm) for m in module.net.modules()):
         raise ConfigError(SYNC_BATCHNORM_ERROR.format(batch_norm=module.hparams.batch_norm))
+
+
+def _settings_older_runs_had(config_file: Path) -> list[str]:
+    """Arguments that keep a run written by an older gman resuming as it started: before session 9
+    the scaler was fitted on observed readings only (now ``data.normalisation: authors`` by default)."""
+    import yaml
+
+    data = (yaml.safe_load(config_file.read_text()) or {}).get("data") or {}
+    return [] if "normalisation" in data else ["--data.normalisation", "observed"]
 
 
 def _end_status(err: BaseException) -> str:
@@ -731,19 +740,10 @@ def _evaluate(checkpoint: Path, args, train_config: str | None = None) -> int:
     import torch
 
     from gman.data.datamodule import GMANDataModule
+    from gman.data.windows import StandardScaler
     from gman.training import evaluate
     from gman.training.module import GMANLightningModule
 
-    try:
-        datamodule = GMANDataModule(**args.data.as_dict())
-        datamodule.prepare_data()
-        datamodule.setup("test")
-    except (ConfigError, DataError) as err:
-        if train_config is None:
-            raise
-        # the data settings not given on the command line came from the training run
-        raise type(err)(f"{err} (data settings default to the training run's {train_config}; "
-                        "override them with --data.KEY VALUE or --data FILE.yaml)") from None
     try:
         with warnings.catch_warnings():  # torch's note on the pickle protocol of a file it then refuses
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -759,6 +759,20 @@ def _evaluate(checkpoint: Path, args, train_config: str | None = None) -> int:
             detail = f" ({detail})"
         raise ConfigError(f"--checkpoint: {checkpoint} is not a gman checkpoint (a .ckpt file written by "
                           f"gman train){detail}") from None
+    try:
+        datamodule = GMANDataModule(**args.data.as_dict())
+        # the inputs are normalised as in training: the checkpoint's scaler, not one fitted again (runs from
+        # before session 9 have no normalisation setting and no missing input: theirs was 0)
+        datamodule.use_scaler(StandardScaler(module.hparams.scaler_mean, module.hparams.scaler_std,
+                                             module.hparams.get("scaler_missing_input") or 0.0))
+        datamodule.prepare_data()
+        datamodule.setup("test")
+    except (ConfigError, DataError) as err:
+        if train_config is None:
+            raise
+        # the data settings not given on the command line came from the training run
+        raise type(err)(f"{err} (data settings default to the training run's {train_config}; "
+                        "override them with --data.KEY VALUE or --data FILE.yaml)") from None
     hp = module.hparams
     for name in ("num_nodes", "history_steps", "horizon_steps", "steps_per_day"):
         if int(hp[name]) != int(getattr(datamodule, name)):
