@@ -1,7 +1,9 @@
 """Serving: the self-contained model package, `Forecaster`, the MLflow pyfunc wrapper, `gman predict/serve/export`.
 
 Names are imported lazily: ``from gman.serving import Forecaster`` pulls in
-torch and pandas, but never Lightning or PyG; MLflow only for ``log_model``.
+pandas and numpy (torch only when a PyTorch network is loaded; a package with
+``model.onnx`` served by ONNX Runtime never imports it), never Lightning or PyG;
+MLflow only for ``log_model``.
 """
 from __future__ import annotations
 

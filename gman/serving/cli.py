@@ -513,9 +513,9 @@ def serve_command(argv: list[str]) -> int:
     parser = _Parser(prog="gman serve", description="Serve a model over REST with MLflow's scoring server.")
     parser.add_argument("model", help="package folder, checkpoint, MLflow model folder or URI (runs:/, models:/)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
-    parser.add_argument("--timeout", type=int, default=60, help="seconds allowed per request")
+    parser.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    parser.add_argument("--timeout", type=int, default=60, help="seconds allowed per request (default 60)")
     parser.add_argument("--mlflow-model", default=None, metavar="DIR",
                         help="a package folder or checkpoint is served as an MLflow model folder written first: "
                              "write it to DIR (a new folder) and keep it (default: a temporary folder, removed "

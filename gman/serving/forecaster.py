@@ -18,7 +18,7 @@ per (sensor, future step)::
 
 Preparing the model input repeats the data pipeline exactly (``WindowDataset``):
 
-    x    = (v - mean) / std at observed readings, 0 (= the mean) at missing ones   [B, P, N]
+    x    = (v - mean) / std at observed readings, the scaler's missing input at missing ones   [B, P, N]
     time = (day_of_week, time_of_day) of the P history + Q future timestamps      [B, P+Q, 2]
     prediction = GMAN(x, time) * std + mean                                      [B, Q, N]
 

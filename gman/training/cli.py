@@ -95,7 +95,9 @@ DEMO_DEFAULTS: dict[str, Any] = {
 TRAIN_DESCRIPTION = (
     "Train GMAN, test the best checkpoint against two baselines, log everything to MLflow. "
     "Without --config: the built-in synthetic data set and a small demo model (experiments/demo.yaml). "
-    "With --config FILE.yaml: that file over the authors' defaults. Any key can be overridden, e.g. "
+    "With --config FILE.yaml: that file over the classes' defaults (the authors' METR-LA settings, except "
+    "L = 3 and a learnable spatial embedding unless data.spatial_embedding says node2vec). Any key can be "
+    "overridden, e.g. "
     "--trainer.max_epochs 20 --model.num_layers 3 --data.batch_size 32."
 )
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -155,7 +157,8 @@ def _lightning_cli_class():
             parser.add_argument("--patience", type=int, default=10,
                                 help="early stopping: epochs without a better validation MAE")
             parser.add_argument("--threads", type=int | None, default=None,
-                                help="torch CPU threads for training (default: torch's choice)")
+                                help="torch CPU threads for training (default: torch's choice; 1 in the demo "
+                                     "of gman train without --config)")
             parser.add_argument("--resume", type=str | None, default=None,
                                 help="continue the interrupted run in this folder (its .partial folder)")
             if self.use_demo_defaults:
