@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gman.model import GMAN, SPATIAL_ATTENTIONS, BatchNorm, SpatialAttention
+from gman.model.layers import FC
 
 STEPS_PER_DAY = 288
 
@@ -175,6 +176,15 @@ def test_batch_norm_placement_and_momentum():
     # the final 1-channel output layer never gets batch-norm
     assert not isinstance(every.output_fc.norms[-1], BatchNorm)
     assert all(bn.eps == 1e-3 and bn.momentum == 0.5 for bn in act.modules() if isinstance(bn, BatchNorm))
+    # "activation" (the authors' code): batch-norm exactly on the FC layers with a ReLU, nowhere else
+    fcs = [m for m in act.modules() if isinstance(m, FC)]
+    assert len(fcs) > 10
+    for fc in fcs:
+        assert [isinstance(n, BatchNorm) for n in fc.norms] == list(fc.activations), fc
+    assert not any(isinstance(n, BatchNorm) for n in act.output_fc.norms[-1:])
+    fusion = act.encoder[0].fusion
+    assert not isinstance(fusion.xs.norms[0], BatchNorm) and not isinstance(fusion.xt.norms[0], BatchNorm)
+    assert count(act) == sum(sum(fc.activations) for fc in fcs)
     act.set_bn_momentum(0.1)
     assert all(bn.momentum == 0.1 for bn in act.modules() if isinstance(bn, BatchNorm))
     for model in (every, none):
@@ -459,3 +469,31 @@ def test_cpu_dropout_keeps_the_expectation_and_masks_the_gradient():
     assert dropout(z, 0.5, training=False) is z
     assert torch.equal(dropout(z, 0.0), z)
     assert torch.equal(dropout(z, 1.0), torch.zeros_like(z))
+
+
+def test_dropout_sits_before_the_two_output_layers_only_and_is_off_in_eval(monkeypatch):
+    """The authors' METR-LA code: dropout 0.1 on the input of each of the two output FC layers, nowhere else."""
+    from gman.model import gman as gman_module
+    from gman.model import layers
+
+    calls = []
+    original = layers.dropout
+
+    def recording(x, p, training=True):
+        calls.append((tuple(x.shape), p, training))
+        return original(x, p, training)
+
+    monkeypatch.setattr(layers, "dropout", recording)
+    monkeypatch.setattr(gman_module, "dropout", recording, raising=False)
+    model = small_model(dropout=0.1, head_dim=4)  # D = K·d = 8
+    x, time = torch.randn(2, 4, 6), make_time(2, 7)
+    model.train()
+    model(x, time)
+    assert [(shape, p) for shape, p, _ in calls] == [((2, 3, 6, 8), 0.1), ((2, 3, 6, 8), 0.1)]
+    assert all(training for _, _, training in calls)
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        first = model(x, time)
+        again = model(x, time)
+    assert torch.equal(first, again) and not any(training for _, _, training in calls)

@@ -71,6 +71,12 @@ class GMANLightningModule(L.LightningModule):
 
     Defaults are the authors' METR-LA settings (``experiments/metr-la.yaml`` spells them out),
     except ``num_layers`` = 3, the paper's best L (their code runs 5 on METR-LA, 1 on PEMS-BAY).
+
+    Small differences from the authors' training loop, each of negligible effect: early stopping
+    and the best checkpoint need a strict improvement of ``val_mae`` (theirs counts a tie,
+    ``<=``); ``val_mae`` is pooled over all observed labels (theirs averages per-batch masked
+    MAEs); PyTorch's batch-norm running variance is the unbiased one, starting at 1 (TensorFlow's
+    moving average tracks the population variance from zero, with a start-up correction).
     Args (speed): ``compile_mode`` (None: eager; ``default``, ``reduce-overhead`` (CUDA
         graphs), ``max-autotune``, ``max-autotune-no-cudagraphs``) runs the network through
         ``torch.compile`` with ``compile_backend`` (``inductor``; ``aot_eager`` etc. for
