@@ -381,3 +381,38 @@ def test_relative_data_paths_are_stored_absolute(tmp_path, monkeypatch):
     assert dumped["graph_path"] == str(tmp_path / "data" / "g.csv")
     assert dumped["spatial_embedding"] == str(tmp_path / "data" / "se.txt")
     assert parse_train_args(["--data.dataset", "synthetic"]).config.data.dataset == "synthetic"
+
+
+def test_the_best_epoch_not_the_last_is_what_gets_tested(tmp_path):
+    """A known defect of a popular port: "best" kept a reference to the live weights. Here the best
+    validation MAE is forced into epoch 0 of 3; the test stage must run epoch 0's weights."""
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from gman.training.cli import run_test_on_best_checkpoint
+
+    class ValMaeIsTheEpoch(Callback):
+        """Replaces the logged val_mae by epoch + 1 (epoch 0 best) and keeps each epoch's weights."""
+
+        def __init__(self):
+            self.weights = []
+
+        def on_validation_end(self, trainer, pl_module):  # after the module logged val_mae, before ModelCheckpoint
+            if not trainer.sanity_checking:
+                trainer.callback_metrics["val_mae"] = torch.tensor(float(trainer.current_epoch + 1))
+                self.weights.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    L.seed_everything(0)
+    datamodule = GMANDataModule(**DATA)
+    module = GMANLightningModule(**TINY, learning_rate=0.05)
+    forced = ValMaeIsTheEpoch()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val_mae", mode="min")
+    trainer = tiny_trainer(tmp_path, max_epochs=3, callbacks=[forced, checkpoint])
+    trainer.fit(module, datamodule=datamodule)
+    assert checkpoint.best_model_score.item() == 1.0 and len(forced.weights) == 3
+    name = next(k for k in forced.weights[0] if k.endswith("output_fc.linears.0.weight"))
+    assert not torch.equal(forced.weights[0][name], forced.weights[-1][name])
+    assert torch.equal(module.state_dict()[name], forced.weights[-1][name])  # live weights: the last epoch's
+    run_test_on_best_checkpoint(trainer, module, datamodule)
+    tested = module.state_dict()
+    for key, value in forced.weights[0].items():
+        torch.testing.assert_close(tested[key], value, rtol=0, atol=0, msg=key)
