@@ -397,6 +397,7 @@ def train(argv: list[str]) -> int:
     if writer and final_dir.exists():
         raise ConfigError(f"output_dir: {final_dir} already exists; cannot finish the resumed run into it")
 
+    trainer = _build_trainer(cli, work_dir, writer)
     if writer:
         try:
             logger = make_logger(experiment, tracking_uri, run_id=saved_run.get("run_id"), run_name=final_dir.name,
@@ -409,8 +410,8 @@ def train(argv: list[str]) -> int:
     else:
         logger = OtherRankLogger()
     try:
-        result = _fit_test_and_report(cli, logger, work_dir, final_dir, experiment, tracking_uri, resume is not None,
-                                      writer)
+        result = _fit_test_and_report(cli, trainer, logger, work_dir, final_dir, experiment, tracking_uri,
+                                      resume is not None, writer)
     except BaseException as err:
         if writer:
             # Lightning turns Ctrl-C into SystemExit(1) after its own clean-up
@@ -481,14 +482,13 @@ def _handle_failed_folder(work_dir: Path, err: BaseException) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _fit_test_and_report(cli, logger, work_dir: Path, final_dir: Path, experiment: str, tracking_uri: str,
-                         resuming: bool, writer: bool = True) -> dict[str, Any]:
+def _build_trainer(cli, work_dir: Path, writer: bool):
+    """The Lightning trainer with gman's callbacks, still without its logger: built before the MLflow
+    experiment is touched, so that a trainer setting Lightning refuses leaves nothing behind."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
-    from gman.training.module import DATA_DERIVED, data_hparams
-
-    config, datamodule, module = cli.config, cli.datamodule, cli.model
+    config = cli.config
     # every rank gets the same callbacks; ModelCheckpoint takes rank 0's folder (a broadcast) and only
     # rank 0 saves, but all ranks track the best checkpoint, which they all load for the test stage
     checkpoint = ModelCheckpoint(dirpath=work_dir / CHECKPOINT_DIR, filename=BEST_CHECKPOINT, monitor=MONITOR,
@@ -497,7 +497,7 @@ def _fit_test_and_report(cli, logger, work_dir: Path, final_dir: Path, experimen
                  LearningRateMonitor(logging_interval="epoch")]
     user_callbacks = cli._get(cli.config_init, "trainer", default={}).get("callbacks") or []
     try:
-        trainer = cli.instantiate_trainer(logger=logger, callbacks=[*callbacks, *list(user_callbacks)],
+        trainer = cli.instantiate_trainer(logger=False, callbacks=[*callbacks, *list(user_callbacks)],
                                           default_root_dir=str(work_dir))
     except (MisconfigurationException, ModuleNotFoundError, ValueError, RuntimeError) as err:
         # e.g. max_epochs -2, an accelerator whose package is missing, devices more than the machine has
@@ -506,6 +506,15 @@ def _fit_test_and_report(cli, logger, work_dir: Path, final_dir: Path, experimen
         raise ConfigError(f"trainer: the launcher's environment ({_rank_environment()}) and Lightning (global rank "
                           f"{trainer.global_rank} of {trainer.world_size}) disagree on whether this process is rank 0; "
                           f"match trainer.devices / trainer.num_nodes to the launcher or unset those variables")
+    return trainer
+
+
+def _fit_test_and_report(cli, trainer, logger, work_dir: Path, final_dir: Path, experiment: str, tracking_uri: str,
+                         resuming: bool, writer: bool = True) -> dict[str, Any]:
+    from gman.training.module import DATA_DERIVED, data_hparams
+
+    config, datamodule, module = cli.config, cli.datamodule, cli.model
+    trainer.logger = logger
 
     last = work_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     ckpt_path = str(last) if resuming and last.is_file() else None
@@ -543,7 +552,7 @@ def _fit_test_and_report(cli, logger, work_dir: Path, final_dir: Path, experimen
         else:
             os.environ[RUN_DIR_ENV] = previous
     run_test_on_best_checkpoint(trainer, module, datamodule)
-    return _report(module, datamodule, checkpoint, logger, work_dir, final_dir, config.register)
+    return _report(module, datamodule, trainer.checkpoint_callback, logger, work_dir, final_dir, config.register)
 
 
 def run_test_on_best_checkpoint(trainer, module, datamodule) -> None:
