@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from gman.data.graph import repeated
 from gman.errors import DataError
 
 SECONDS_PER_DAY = 86_400
@@ -255,9 +256,8 @@ def _check_sensor_ids(sensor_ids, num_nodes: int, where: str) -> list[str]:
     ids = [str(s) for s in sensor_ids]
     if len(ids) != num_nodes:
         raise DataError(f"{where}: {len(ids)} sensor ids for {num_nodes} value columns")
-    if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        dupes = [s for s in ids if s in seen or seen.add(s)]
+    dupes = repeated(ids)
+    if dupes:
         raise DataError(f"{where}: duplicate sensor ids {dupes[:5]}")
     return ids
 

@@ -533,11 +533,16 @@ def _check_square(matrix: np.ndarray, source) -> np.ndarray:
     return matrix
 
 
+def repeated(ids: Sequence[str]) -> list[str]:
+    """The entries of ``ids`` that repeat an earlier one, in order (empty when all are unique)."""
+    seen: set[str] = set()
+    return [s for s in ids if s in seen or seen.add(s)]
+
+
 def _check_unique(ids: Sequence[str], source) -> None:
-    if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        duplicate = next(s for s in ids if s in seen or seen.add(s))
-        raise DataError(f"{source}: duplicate sensor id {duplicate!r}")
+    duplicates = repeated(ids)
+    if duplicates:
+        raise DataError(f"{source}: duplicate sensor id {duplicates[0]!r}")
 
 
 def id_text(value) -> str:

@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from gman.data.dataset import MixedOffsetsError, SensorDataset, parse_timestamps
-from gman.data.graph import id_text
+from gman.data.graph import id_text, repeated
 from gman.errors import ConfigError, DataError, UnknownDatasetError
 
 #: Options of file / DataFrame sources (``load_dataset`` keyword arguments).
@@ -325,7 +325,9 @@ def _read_wide(frame: pd.DataFrame, where: str, options: dict) -> _Table:
             "remove it or name it"
         )
     ids = [id_text(c) for c in frame.columns]
-    _check_unique_ids(ids, where)
+    duplicates = repeated(ids)
+    if duplicates:
+        raise DataError(f"{where}: sensor id {duplicates[0]!r} names two columns")
     values = _numeric_values(frame, where)
     return _Table(values, index, ids)
 
@@ -636,11 +638,6 @@ def _read_id_list(ids, option: str) -> list[str]:
     return read_sensor_ids(ids)
 
 
-def _check_unique_ids(ids: list[str], where: str) -> None:
-    if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        duplicate = next(s for s in ids if s in seen or seen.add(s))
-        raise DataError(f"{where}: sensor id {duplicate!r} names two columns")
 
 
 def _first_line(err: BaseException) -> str:

@@ -99,11 +99,12 @@ class StandardScaler:
         """``"authors"``: mean and (population) std of every input reading of the training windows
         (``values`` [T, N] of the training split, missing readings as 0), as the authors' code
         computes them over ``trainX`` [windows, P, N]: step ``t`` weighs as many windows as hold it."""
-        values = np.where(np.asarray(mask, dtype=bool), np.asarray(values, dtype=np.float64), 0.0)
+        mask = np.asarray(mask, dtype=bool)
+        values = np.where(mask, np.asarray(values, dtype=np.float64), 0.0)
         num_windows = values.shape[0] - history_steps - horizon_steps + 1
         if num_windows < 1:
             raise DataError(f"{where}: {values.shape[0]} steps hold no window of {history_steps} + {horizon_steps} steps")
-        if not np.asarray(mask, dtype=bool).any():
+        if not mask.any():
             raise DataError(f"{where}: no observed readings to fit the scaler on (all missing)")
         weights = np.convolve(np.ones(num_windows), np.ones(history_steps))  # windows holding each input step
         inputs = values[: len(weights)]

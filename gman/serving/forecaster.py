@@ -63,6 +63,7 @@ import numpy as np
 import pandas as pd
 
 from gman.data.dataset import time_features
+from gman.data.graph import repeated
 from gman.errors import DataError, ForecastInputError
 from gman.serving import package as pkg
 
@@ -441,8 +442,7 @@ class Forecaster:
         names = [str(c) for c in key]
         position = {name: i for i, name in enumerate(names)}
         if len(position) != len(names):
-            seen: set[str] = set()
-            dupes = [c for c in names if c in seen or seen.add(c)]
+            dupes = repeated(names)
             raise ForecastInputError(f"{where}: duplicate sensor columns {dupes[:5]}")
         absent = [s for s in self._sensor_ids if s not in position]
         if absent:
