@@ -11,7 +11,7 @@ import torch
 from gman.data.datamodule import GMANDataModule
 from gman.data.embedding import write_word2vec
 from gman.errors import ConfigError
-from gman.training.metrics import horizon_errors
+from gman.training.metrics import horizon_errors, masked_mae
 from gman.training.module import GMANLightningModule, horizon_metric_names
 
 TINY = dict(num_layers=1, num_heads=2, head_dim=4, se_dim=8)
@@ -66,6 +66,27 @@ def test_loss_is_masked_mae_in_data_units():
     with torch.no_grad():
         loss = module.training_step({**batch, "y": y, "y_mask": y_mask}, 0)
     assert loss.item() == pytest.approx(2.0, abs=1e-4)
+
+
+def test_under_bf16_autocast_forecasts_and_the_loss_stay_float32():
+    module = GMANLightningModule(**TINY, num_nodes=3, steps_per_day=24, history_steps=2, horizon_steps=2,
+                                 scaler_mean=60.0, scaler_std=10.0, interval_minutes=60.0,
+                                 learnable_spatial_embedding=True)
+    module.eval()
+    x, time = torch.randn(4, 2, 3), torch.zeros(4, 4, 2, dtype=torch.long)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        normalised = module.net(x, time)
+        pred = module(x, time)
+    assert normalised.dtype == torch.bfloat16 and pred.dtype == torch.float32
+    # scaled in float32: near 60 bf16 can only hold multiples of 0.25
+    torch.testing.assert_close(pred, normalised.float() * 10.0 + 60.0)
+    assert (pred * 4 != (pred * 4).round()).any()
+
+    # the label count of the loss is exact: 1 + 256 observed labels in bf16 would count as 256
+    pred = torch.full((1, 1, 257), 1.0, dtype=torch.bfloat16)
+    target = torch.zeros(1, 1, 257)
+    loss = masked_mae(pred, target, torch.ones(1, 1, 257, dtype=torch.bool))
+    assert loss.dtype == torch.float32 and loss.item() == 1.0
 
 
 def test_learning_rate_follows_the_staircase_down_to_the_floor():

@@ -26,8 +26,13 @@ MAPE_EPS = 1e-4
 
 
 def masked_mae(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scalar masked mean absolute error; 0 when nothing is observed (keeps the loss finite)."""
-    mask = mask.to(pred.dtype)
+    """Scalar masked mean absolute error; 0 when nothing is observed (keeps the loss finite).
+
+    Computed in at least float32: a bf16 count of observed labels would be
+    rounded (36,565 labels count as 36,352).
+    """
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    pred, mask = pred.to(dtype), mask.to(dtype)
     return (mask * (pred - target).abs()).sum() / mask.sum().clamp_min(1.0)
 
 

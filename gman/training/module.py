@@ -242,8 +242,13 @@ class GMANLightningModule(L.LightningModule):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        """x [B, P, N] normalised, time [B, P+Q, 2] -> forecast [B, Q, N] in data units."""
-        return self.net(x, time) * self.hparams.scaler_std + self.hparams.scaler_mean
+        """x [B, P, N] normalised, time [B, P+Q, 2] -> forecast [B, Q, N] in data units (float32).
+
+        The network's output is cast to float32 before it is scaled: under
+        bf16 autocast it is bf16, whose 8-bit mantissa would round a 61 mph
+        forecast to a multiple of 0.25 and so bias every loss and metric.
+        """
+        return self.net(x, time).float() * self.hparams.scaler_std + self.hparams.scaler_mean
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         pred = self(batch["x"], batch["time"])
