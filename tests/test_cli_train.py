@@ -224,6 +224,33 @@ def test_evaluate_normalises_with_the_checkpoints_scaler_whatever_the_config_say
     assert _settings_older_runs_had(uninterrupted / "config.yaml") == []
 
 
+def test_evaluate_lays_the_data_out_in_the_checkpoints_sensor_order(uninterrupted, workdir, monkeypatch, capsys):
+    """The same readings with the columns reversed (and no graph) score as trained; a sensor the data lacks
+    is a one-line error that leaves no output folder."""
+    import yaml
+
+    from gman.cli import main
+    from gman.data.datamodule import GMANDataModule
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = yaml.safe_load((uninterrupted / "config.yaml").read_text())["data"]
+    frame = GMANDataModule(dataset=data["dataset"], options=data["options"]).load().to_frame()
+    frame.iloc[:, ::-1].to_csv(workdir / "reversed.csv", index_label="timestamp")
+    frame.iloc[:, 1:].to_csv(workdir / "one-short.csv", index_label="timestamp")
+    checkpoint = str(uninterrupted / "checkpoints" / "best.ckpt")
+    assert main(["evaluate", "--checkpoint", checkpoint, "--data.dataset", "reversed.csv", "--data.options", "{}",
+                 "--output-dir", "runs/eval-reversed"]) == 0
+    got, expected = gman_rows(workdir / "runs" / "eval-reversed"), gman_rows(uninterrupted)
+    assert [float(r["mae"]) for r in got] == pytest.approx([float(r["mae"]) for r in expected], rel=1e-5)
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", checkpoint, "--data.dataset", "one-short.csv", "--data.options", "{}",
+                 "--output-dir", "runs/eval-short"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"1 of the model's 10 sensors are not in the data (first: {str(frame.columns[0])!r})" in err
+    assert len(err.splitlines()) == 1 and not list((workdir / "runs").glob("eval-short*"))
+
+
 @pytest.mark.parametrize("args, key", [
     (["--model.bogus", "1"], "model.bogus"),
     (["--data.batch_size", "many"], "data.batch_size"),

@@ -273,3 +273,34 @@ def test_a_training_split_without_readings_is_named_in_the_error(tmp_path):
     dm = GMANDataModule(dataset=str(tmp_path / "late.csv"), history_steps=4, horizon_steps=4)
     with pytest.raises(DataError, match=r"late\.csv: training split \(steps 0\.\.209\): no observed readings to fit the scaler"):
         dm.setup()
+
+
+def test_model_layout_reorders_and_drops_sensors_and_converts_the_time_zone(tmp_path):
+    """What ``gman evaluate`` asks for: the checkpoint's sensor order (graph rows and columns alike) and its zone."""
+    full = GMANDataModule(options=SMALL)
+    reference = full.load()
+    frame = reference.to_frame().tz_localize("UTC")
+    path = tmp_path / "utc.csv"
+    frame.to_csv(path, index_label="timestamp")
+    graph = tmp_path / "graph.csv"
+    pd.DataFrame(reference.adjacency).to_csv(graph, header=False, index=False)
+    wanted = list(reversed(reference.sensor_ids[2:]))                   # two sensors dropped, the rest reversed
+    dm = GMANDataModule(dataset=str(path), graph_path=str(graph), graph_sensor_ids=list(reference.sensor_ids))
+    dm.use_model_layout(wanted, "America/Los_Angeles")
+    dm.setup("test")
+    got = dm.dataset
+    assert dm.sensor_ids == wanted and str(got.index.tz) == "America/Los_Angeles"
+    assert got.index.equals(frame.index.tz_convert("America/Los_Angeles"))
+    columns = [reference.sensor_ids.index(s) for s in wanted]
+    np.testing.assert_array_equal(got.values, reference.values[:, columns])
+    np.testing.assert_array_equal(got.mask, reference.mask[:, columns])
+    np.testing.assert_array_equal(got.adjacency, reference.adjacency[np.ix_(columns, columns)])
+    # local clock times: 00:00 UTC is 16:00 or 17:00 the day before in Los Angeles
+    assert got.time_features()[0, 1] in (16 * 12, 17 * 12)
+
+    lacking = GMANDataModule(dataset=str(path))
+    lacking.use_model_layout(["nowhere", *reference.sensor_ids])
+    with pytest.raises(DataError, match=r"utc.csv: 1 of the model's 13 sensors are not in the data \(first: 'nowhere'\)"):
+        lacking.setup("test")
+    with pytest.raises(RuntimeError, match="before setup"):
+        dm.use_model_layout(wanted)

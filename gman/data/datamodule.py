@@ -16,6 +16,8 @@ timestamps (``window_times``, ``target_times``).
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +145,7 @@ class GMANDataModule(LightningDataModule):
         self.spatial_embedding: torch.Tensor | None = None  # type: ignore[assignment]
         self.split_ranges: list[tuple[int, int]] | None = None
         self._given_scaler: StandardScaler | None = None
+        self._model_layout: tuple[list[str], str | None] | None = None
         self.train_windows: WindowDataset | None = None
         self.val_windows: WindowDataset | None = None
         self.test_windows: WindowDataset | None = None
@@ -172,6 +175,29 @@ class GMANDataModule(LightningDataModule):
             raise RuntimeError("GMANDataModule.use_scaler: call it before setup()")
         self._given_scaler = scaler
 
+    def use_model_layout(self, sensor_ids: Sequence[str], timezone: str | None = None) -> None:
+        """Lay the data out as a trained model expects (call before :meth:`setup`): its sensors in its
+        order (other sensors dropped; one the data lacks is a :class:`DataError`), and tz-aware
+        timestamps converted to its ``timezone``, so that the time-of-day features are the ones it was
+        trained with.  ``gman evaluate`` calls it with the checkpoint's package metadata."""
+        if self.dataset is not None:
+            raise RuntimeError("GMANDataModule.use_model_layout: call it before setup()")
+        self._model_layout = ([str(s) for s in sensor_ids], timezone)
+
+    def _in_model_layout(self, dataset: SensorDataset) -> SensorDataset:
+        if self._model_layout is None:
+            return dataset
+        sensor_ids, timezone = self._model_layout
+        if list(dataset.sensor_ids) != sensor_ids:
+            absent = [s for s in sensor_ids if s not in set(dataset.sensor_ids)]
+            if absent:
+                raise DataError(f"{self._source()}: {len(absent)} of the model's {len(sensor_ids)} sensors are not "
+                                f"in the data (first: {absent[0]!r})")
+            dataset = dataset.select(sensor_ids)
+        if timezone is not None and dataset.index.tz is not None and str(dataset.index.tz) != timezone:
+            dataset = dataclasses.replace(dataset, index=dataset.index.tz_convert(timezone))
+        return dataset
+
     def load(self) -> SensorDataset:
         """Read the configured data set (no splitting or scaling)."""
         from gman.data.readers import load_dataset
@@ -188,7 +214,7 @@ class GMANDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:  # idempotent: fit, then test, re-use the same windows
             return
-        dataset = self.load()
+        dataset = self._in_model_layout(self.load())
         fractions = self._split_fractions()
         ranges = chronological_split(dataset.num_steps, fractions)
         window = self.history_steps + self.horizon_steps

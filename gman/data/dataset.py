@@ -18,6 +18,7 @@ day from the interval (86400 s / interval s) instead of a hard-coded 288.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -141,6 +142,25 @@ class SensorDataset:
             missing_value=self.missing_value,
             graph_node_ids=self.graph_node_ids,
             interval_hint=self.interval,
+        )
+
+    def select(self, sensor_ids: Sequence[str]) -> "SensorDataset":
+        """These sensors, in this order, as a new dataset (graph rows and columns alike); others dropped.
+
+        Raises :class:`DataError` naming the first id the data lacks.
+        """
+        position = {s: k for k, s in enumerate(self.sensor_ids)}
+        wanted = [str(s) for s in sensor_ids]
+        absent = [s for s in wanted if s not in position]
+        if absent:
+            raise DataError(f"dataset {self.name!r}: {len(absent)} of the {len(wanted)} sensors asked for are not "
+                            f"in the data (first: {absent[0]!r})")
+        columns = np.array([position[s] for s in wanted], dtype=np.int64)
+        adjacency = None if self.adjacency is None else self.adjacency[np.ix_(columns, columns)]
+        return SensorDataset(
+            values=self.values[:, columns], mask=self.mask[:, columns], index=self.index, sensor_ids=wanted,
+            adjacency=adjacency, name=self.name, units=self.units, missing_value=self.missing_value,
+            graph_node_ids=self.graph_node_ids, interval_hint=self.interval,
         )
 
     def graph_order(self) -> np.ndarray:

@@ -149,6 +149,7 @@ class GMANLightningModule(L.LightningModule):
         # the resolved config is logged to MLflow by the CLI; logger=False avoids a second, partial copy
         self.save_hyperparameters(logger=False)
         self.net: GMAN | None = None
+        self.checkpoint_package: dict[str, Any] | None = None  # set by on_load_checkpoint
         self._val_metrics: HorizonMetrics | None = None
         self._test_metrics: HorizonMetrics | None = None
         self.test_errors: HorizonErrors | None = None
@@ -214,6 +215,11 @@ class GMANLightningModule(L.LightningModule):
             if adjacency is None:
                 raise ConfigError("model.partition_method: 'bfs' needs a road graph, and the data set has none")
             self.net.set_partition_graph(adjacency)  # saved in the state dict: checkpoints keep the partition
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the checkpoint's serving metadata (``checkpoint_package``; None if it has none): the
+        sensor order and time zone the model was trained with, which ``gman evaluate`` lays its data out in."""
+        self.checkpoint_package = checkpoint.get("gman_package")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the serving metadata (sensor ids, interval, scaler...) so a checkpoint alone is servable.
