@@ -303,6 +303,45 @@ def test_lean_training_path_matches_plain_autograd(monkeypatch, causal_mask, blo
         torch.testing.assert_close(s1[name], s2[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("frozen", ["batch_norm", "all"])
+def test_lean_training_path_with_frozen_parameters_matches_plain_autograd(monkeypatch, frozen):
+    """Frozen batch-norm γ, β (fine-tuning), or a frozen model whose input gradient is wanted
+    (saliency): the lean functions skip those gradients and give the stock ones for the rest."""
+    from gman.model import layers
+
+    def run(fused: bool):
+        torch.manual_seed(0)
+        model = small_model(dropout=0.0, learnable_spatial_embedding=True).double()
+        for name, parameter in model.named_parameters():
+            if frozen == "all" or ".norms." in name:
+                parameter.requires_grad_(False)
+        x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+        if not fused:
+            monkeypatch.setattr(layers.BatchNorm, "fused_training", lambda self, x: False)
+        y = model(x, make_time(3, 7))
+        (y.sin() * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()
+        monkeypatch.undo()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return x.grad, grads
+
+    (x1, g1), (x2, g2) = run(True), run(False)
+    torch.testing.assert_close(x1, x2, rtol=1e-7, atol=1e-9)
+    assert g1.keys() == g2.keys() and (len(g1) == 0) == (frozen == "all")
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-7, atol=1e-9, msg=name)
+
+
+def test_one_query_row_leaves_the_transform_attentions_running_statistics_finite():
+    """B = N = Q = 1: the queries' batch-norm sees one row, whose unbiased variance is undefined;
+    the step must leave its running statistics as the plain BatchNorm does (untouched)."""
+    torch.manual_seed(0)
+    model = small_model(num_nodes=1, history_steps=3, horizon_steps=1, learnable_spatial_embedding=True)
+    model(torch.randn(1, 3, 1), make_time(1, 4)).sum().backward()
+    query_norm = model.transform.q.norms[0]
+    assert torch.equal(query_norm.running_var, torch.ones_like(query_norm.running_var))
+    assert all(torch.isfinite(b).all() for n, b in model.named_buffers() if "running" in n)
+
+
 def test_lean_attention_gradients_do_not_alias_its_scratch_buffers():
     """When an embedding term has the projection's own shape (one sensor), ``sum_to_size``
     returns its input, the scratch buffer: the gradient handed back must be a copy."""

@@ -354,7 +354,8 @@ class _ProjBNReLUAttention(torch.autograd.Function):
         bn_w, bn_b = bn_weight.new_empty(bn_weight.shape), bn_weight.new_empty(bn_weight.shape)
         _, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward.out(
             grad_y.view(rows, width), flat, bn_weight, None, None, mean, invstd, True, ctx.eps,
-            [True, need[4], need[5]], out0=grad_pre, out1=bn_w, out2=bn_b,
+            # all three: the .out form refuses out1 / out2 buffers for a result it is told to skip
+            [True, True, True], out0=grad_pre, out1=bn_w, out2=bn_b,
         )
         del grad_y, flat
         grad_pre = grad_pre.view(*x.shape[:-1], width)
@@ -1071,6 +1072,9 @@ class TransformAttention(nn.Module):
             and isinstance(ste_p, STE)
             and isinstance(ste_q, STE)
             and all(isinstance(m, BatchNorm) for m in norms)
+            # the queries' batch-norm sees B·N·Q rows, not x's B·P·N: one row (B = N = Q = 1) takes the
+            # plain path, whose BatchNorm leaves the running statistics alone (an unbiased variance of NaN)
+            and x.shape[0] * x.shape[2] * ste_q.temporal.shape[1] > 1
             and all([m.fused_training(x) for m in norms])
         )
 
