@@ -50,6 +50,32 @@ def test_default_synthetic_split_scaler_and_sizes(default_module):
         assert windows.starts[0] == start and windows.starts[-1] + 24 == stop
 
 
+def test_the_training_order_follows_the_runs_seed_unless_data_seed_is_set(monkeypatch):
+    """data.seed None takes seed_everything's (PL_GLOBAL_SEED), so runs of different seeds see different
+    orders; and no seed replays another seed's order one epoch later (seed + epoch did)."""
+    from gman.data.sampling import EpochSeededRandomSampler
+
+    def first_batch(module, epoch=0):
+        module.setup("fit")
+        loader = module.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return next(iter(loader))["start"].tolist()
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "3")
+    follows = first_batch(GMANDataModule(options=SMALL))
+    assert follows == first_batch(GMANDataModule(options=SMALL, seed=3))
+    assert follows != first_batch(GMANDataModule(options=SMALL, seed=0))
+    monkeypatch.setenv("PL_GLOBAL_SEED", "4")
+    assert first_batch(GMANDataModule(options=SMALL)) != follows
+    monkeypatch.delenv("PL_GLOBAL_SEED")
+    assert first_batch(GMANDataModule(options=SMALL)) == first_batch(GMANDataModule(options=SMALL, seed=0))
+    later = EpochSeededRandomSampler(100, seed=0)
+    later.set_epoch(1)
+    assert list(EpochSeededRandomSampler(100, seed=1)) != list(later)
+    with pytest.raises(ConfigError, match="data.seed: expected an integer >= 0 or null, got -1"):
+        GMANDataModule(seed=-1)
+
+
 def test_batches_and_seeded_training_order(default_module):
     dm = default_module
     batch = next(iter(dm.train_dataloader()))
@@ -107,6 +133,27 @@ def test_training_loader_is_sharded_by_the_trainers_world_size():
     sampler = dm.train_dataloader().sampler
     assert isinstance(sampler, ShardedEpochSampler) and (sampler.num_replicas, sampler.rank) == (2, 1)
     assert list(sampler) == list(EpochSeededRandomSampler(len(dm.train_windows), seed=4))[1::2]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_evaluation_loaders_shard_every_window_once_under_ddp(world):
+    """Lightning's default would pad the split by repeating windows, which the summed metrics count twice."""
+    from torch.utils.data import DistributedSampler
+
+    dm = GMANDataModule(options=SMALL)
+    dm.setup("fit")
+    for loader, windows in ((dm.val_dataloader, dm.val_windows), (dm.test_dataloader, dm.test_windows)):
+        assert loader().sampler.__class__.__name__ == "SequentialSampler"  # one process: time order
+        shards = []
+        for rank in range(world):
+            dm.trainer = types.SimpleNamespace(world_size=world, global_rank=rank)
+            sampler = loader().sampler
+            assert isinstance(sampler, DistributedSampler)  # which Lightning leaves as it is
+            shards.append(list(sampler))
+        del dm.trainer
+        assert sorted(sum(shards, [])) == list(range(len(windows)))
+        assert shards[0] == list(range(0, len(windows), world))
+    assert len(dm.val_windows) % world != 0  # 63: padding would have repeated windows
 
 
 def test_time_lookups_map_starts_to_timestamps(default_module):

@@ -437,3 +437,20 @@ def test_the_best_epoch_not_the_last_is_what_gets_tested(tmp_path):
     tested = module.state_dict()
     for key, value in forced.weights[0].items():
         torch.testing.assert_close(tested[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_each_ddp_rank_draws_its_own_dropout_masks_and_rank_0_the_one_process_ones(monkeypatch):
+    module = GMANLightningModule(**TINY)
+    module._batch_seed_base = 11
+
+    def draws(rank: int, batch_idx: int = 2) -> torch.Tensor:
+        monkeypatch.setattr(GMANLightningModule, "global_rank", property(lambda self: rank))
+        module.on_train_batch_start({}, batch_idx)
+        return torch.rand(8)
+
+    one_process = (11 * 1_000_003 * 1_000_003 + 2) % (2**63 - 1)
+    got = draws(0)
+    torch.manual_seed(one_process)
+    assert torch.equal(got, torch.rand(8))
+    assert not torch.equal(draws(0), draws(1)) and not torch.equal(draws(1), draws(2))
+    assert torch.equal(draws(1), draws(1))

@@ -17,6 +17,7 @@ timestamps (``window_times``, ``target_times``).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,9 @@ class GMANDataModule(LightningDataModule):
             word2vec text file whose rows are in the graph's node order.
         node2vec_options: keyword options of
             :func:`gman.data.embedding.node2vec_embedding` (``dim``, ``p``, ``q``, ...).
-        seed: seeds the training order (per epoch) and node2vec.
+        seed: seeds the training order (per epoch) and node2vec; None (default): the run's seed,
+            i.e. ``seed_everything`` (Lightning's ``PL_GLOBAL_SEED``), or 0 where none was set, so that
+            runs with different ``seed_everything`` values also see different batch orders.
         normalisation: ``"authors"`` (default, the authors' code): one mean and std over the
             training input windows with missing readings as 0, so a missing input enters the
             network as ``(0 - mean) / std``; ``"observed"`` (not in the authors' code): over the
@@ -96,7 +99,7 @@ class GMANDataModule(LightningDataModule):
         num_workers: int = 0,
         spatial_embedding: str = "learnable",
         node2vec_options: dict[str, Any] | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         normalisation: str = "authors",
     ):
         super().__init__()
@@ -104,6 +107,8 @@ class GMANDataModule(LightningDataModule):
                                    ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"data.{option}: expected an integer >= {low}, got {value!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ConfigError(f"data.seed: expected an integer >= 0 or null, got {seed!r}")
         if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1):
             raise ConfigError(f"data.eval_batch_size: expected an integer >= 1 or null, got {eval_batch_size!r}")
         if isinstance(missing_value, str) and missing_value != "auto":
@@ -132,7 +137,6 @@ class GMANDataModule(LightningDataModule):
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
-        self.seed = int(seed)
 
         # set by setup()
         self.dataset: SensorDataset | None = None  # type: ignore[assignment]
@@ -149,6 +153,13 @@ class GMANDataModule(LightningDataModule):
         self.train_windows: WindowDataset | None = None
         self.val_windows: WindowDataset | None = None
         self.test_windows: WindowDataset | None = None
+
+    @property
+    def seed(self) -> int:
+        """``data.seed``, or where it is None the run's seed (``PL_GLOBAL_SEED``, else 0)."""
+        if self.hparams.seed is not None:
+            return int(self.hparams.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     # ------------------------------------------------------------------ set-up
     def reader_options(self) -> dict[str, Any]:
@@ -300,7 +311,7 @@ class GMANDataModule(LightningDataModule):
     def _loader(self, windows: WindowDataset | None, batch_size: int, train: bool) -> DataLoader:
         if windows is None:
             raise RuntimeError("GMANDataModule: call setup() before asking for a dataloader")
-        sampler = self._train_sampler(len(windows)) if train else None
+        sampler = self._train_sampler(len(windows)) if train else self._eval_sampler(windows)
         return DataLoader(
             windows,
             batch_size=batch_size,
@@ -325,6 +336,23 @@ class GMANDataModule(LightningDataModule):
         if world == 1:
             return EpochSeededRandomSampler(num_samples, seed=self.seed)
         return ShardedEpochSampler(num_samples, num_replicas=world, rank=rank, seed=self.seed)
+
+    def _eval_sampler(self, windows: WindowDataset):
+        """None (time order) for one process; under DDP every W-th window, not padded.
+
+        Lightning's default for validation and test is a ``DistributedSampler`` that pads the split to
+        a multiple of W by repeating windows, which the summed metrics would count twice.  Lightning's
+        ``UnrepeatedDistributedSampler`` (what it uses for prediction) leaves the shards one window
+        apart instead; evaluation runs without gradients, so DDP syncs nothing per batch and uneven
+        shards are safe.  A split with fewer windows than processes keeps Lightning's padding (every
+        rank needs a batch).
+        """
+        world, rank = _world_and_rank(getattr(self, "trainer", None))
+        if world == 1 or len(windows) < world:
+            return None
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+        return UnrepeatedDistributedSampler(windows, num_replicas=world, rank=rank, shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled windows; the order of epoch e depends only on (seed, e).

@@ -23,7 +23,9 @@ from torch.utils.data import DistributedSampler, Sampler
 
 
 class EpochSeededRandomSampler(Sampler[int]):
-    """Random permutation of ``range(num_samples)`` drawn from a generator seeded with ``seed + epoch``."""
+    """Random permutation of ``range(num_samples)`` drawn from a generator seeded with
+    ``seed · 1,000,003 + epoch`` (not ``seed + epoch``, which gives seed 1 at epoch 0 the order of
+    seed 0 at epoch 1)."""
 
     def __init__(self, num_samples: int, seed: int = 0):
         if num_samples < 0:
@@ -38,7 +40,7 @@ class EpochSeededRandomSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
+        generator.manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63 - 1))
         return iter(torch.randperm(self.num_samples, generator=generator).tolist())
 
     def __len__(self) -> int:

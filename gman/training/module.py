@@ -335,6 +335,8 @@ class GMANLightningModule(L.LightningModule):
         # batch makes its dropout masks a function of (seed, epoch, batch) alone, so a run resumed
         # from a checkpoint replays exactly the masks of the run it continues.
         seed = (self._batch_seed_base * 1_000_003 + self.current_epoch) * 1_000_003 + batch_idx
+        # under DDP each rank draws its own masks (rank 0 keeps the one-process masks)
+        seed += self.global_rank * 1_000_000_007
         torch.manual_seed(seed % (2**63 - 1))
         if self.hparams.compile_mode in ("reduce-overhead", "max-autotune"):
             # CUDA graphs reuse their output memory: a training step starts here
