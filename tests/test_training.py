@@ -454,3 +454,21 @@ def test_each_ddp_rank_draws_its_own_dropout_masks_and_rank_0_the_one_process_on
     assert torch.equal(got, torch.rand(8))
     assert not torch.equal(draws(0), draws(1)) and not torch.equal(draws(1), draws(2))
     assert torch.equal(draws(1), draws(1))
+
+
+def test_the_baselines_are_scored_on_the_windows_gman_was_tested_on(tmp_path):
+    """Under trainer.limit_test_batches the table compares all three models on the same windows."""
+    from gman.training.cli import score_test_split
+
+    L.seed_everything(0)
+    datamodule = GMANDataModule(**{**DATA, "eval_batch_size": 16})
+    module = GMANLightningModule(**TINY)
+    trainer = tiny_trainer(tmp_path, limit_test_batches=2)
+    trainer.fit(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    first_two_batches = datamodule.test_windows.starts[:32]
+    assert module.test_window_starts.tolist() == list(first_two_batches)
+    results, _ = score_test_split(module, datamodule)
+    counts = {name: errors.count for name, errors in results.items()}
+    assert len(set(map(tuple, counts.values()))) == 1, counts
+    assert sum(counts["GMAN"]) == int(sum(datamodule.test_windows[i]["y_mask"].sum() for i in range(32)))

@@ -647,8 +647,10 @@ def score_test_split(module, datamodule) -> tuple[dict, str]:
     from gman.training import evaluate
 
     windows = datamodule.test_windows
+    # the windows GMAN was scored on (all of them, unless trainer.limit_test_batches cut the test short)
+    starts = module.test_window_starts if module.test_window_starts is not None else windows.starts
     baselines = evaluate.score_baselines(
-        datamodule.dataset, tuple(datamodule.split_ranges[0]), windows.starts, windows.history_steps,
+        datamodule.dataset, tuple(datamodule.split_ranges[0]), starts, windows.history_steps,
         windows.horizon_steps, fallback=float(datamodule.scaler.mean))
     results = {evaluate.MODEL_NAME: module.test_errors, **baselines}
     return results, evaluate.format_table(results, module.hparams.interval_minutes)

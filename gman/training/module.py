@@ -32,6 +32,7 @@ import warnings
 from typing import Any, Literal, Union
 
 import lightning as L
+import numpy as np
 import torch
 
 from gman.allocator import allocate_training_state
@@ -92,7 +93,8 @@ class GMANLightningModule(L.LightningModule):
         module gives no spatial embedding).
 
     After ``trainer.test``, ``test_errors`` holds the per-horizon
-    :class:`HorizonErrors`; test metrics are logged as
+    :class:`HorizonErrors` and ``test_window_starts`` the sorted start steps of the windows
+    they cover (all ranks'; fewer than the split's under ``limit_test_batches``); test metrics are logged as
     ``test_{mae,rmse,mape}_step{q:02d}_{minutes}min`` plus the pooled ``test_mae`` etc.
     """
 
@@ -153,6 +155,8 @@ class GMANLightningModule(L.LightningModule):
         self._val_metrics: HorizonMetrics | None = None
         self._test_metrics: HorizonMetrics | None = None
         self.test_errors: HorizonErrors | None = None
+        self.test_window_starts: np.ndarray | None = None
+        self._tested_starts: list[torch.Tensor] = []
         self._batch_seed_base = 0
         # scaler_missing_input may stay None: checkpoints written before it existed normalised missing inputs to 0
         if all(self.hparams[name] is not None for name in DATA_DERIVED if name != "scaler_missing_input"):
@@ -267,6 +271,8 @@ class GMANLightningModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._test_metrics.update(self(batch["x"], batch["time"]), batch["y"], batch["y_mask"])
+        if "start" in batch:
+            self._tested_starts.append(batch["start"].detach().cpu())
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self(batch["x"], batch["time"])
@@ -290,10 +296,19 @@ class GMANLightningModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._test_metrics.reset()
+        self._tested_starts = []
 
     def on_test_epoch_end(self) -> None:
         errors = self._reduced(self._test_metrics)
         self.test_errors = errors
+        # which windows were scored, so that the baselines are scored on the same ones
+        starts = [int(s) for t in self._tested_starts for s in t.tolist()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            every_rank: list[list[int]] = [[] for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather_object(every_rank, starts)
+            starts = [s for rank_starts in every_rank for s in rank_starts]
+        self.test_window_starts = np.unique(np.asarray(starts, dtype=np.int64))
+        self._tested_starts = []
         self.log_dict(horizon_metric_names(errors, self.hparams.interval_minutes))
 
     def on_fit_start(self) -> None:
