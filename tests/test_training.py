@@ -472,3 +472,14 @@ def test_the_baselines_are_scored_on_the_windows_gman_was_tested_on(tmp_path):
     counts = {name: errors.count for name, errors in results.items()}
     assert len(set(map(tuple, counts.values()))) == 1, counts
     assert sum(counts["GMAN"]) == int(sum(datamodule.test_windows[i]["y_mask"].sum() for i in range(32)))
+
+
+def test_last_value_residual_is_refused_with_the_authors_normalisation(tmp_path):
+    """Its base is the last input reading; the authors' scaler feeds a missing one as a reading of 0."""
+    module = GMANLightningModule(**TINY, last_value_residual=True)
+    with pytest.raises(ConfigError, match="model.last_value_residual needs data.normalisation 'observed'"):
+        tiny_trainer(tmp_path).fit(module, datamodule=GMANDataModule(**DATA))
+    observed = GMANDataModule(**DATA, normalisation="observed")
+    module = GMANLightningModule(**TINY, last_value_residual=True)
+    tiny_trainer(tmp_path).fit(module, datamodule=observed)
+    assert module.net.config["last_value_residual"] is True

@@ -129,8 +129,10 @@ class GMAN(nn.Module):
             partition is a buffer of every block, so it is saved in the state dict.
         partition_seed: seed of the random partition.
         last_value_residual: **not in the paper or the authors' code; off by
-            default.**  Add the last history step ``x[:, P−1]`` (normalised; 0 = the
-            training mean where that reading is missing) to every horizon step of
+            default.**  Add the last history step ``x[:, P−1]`` (normalised; where that
+            reading is missing, the input's missing value: 0 = the training mean under
+            ``observed`` normalisation, which is why ``GMANLightningModule`` refuses this
+            option with the authors' normalisation, whose missing input is a reading of 0) to every horizon step of
             the output, so the network predicts the change from the last reading:
             ``Ŷ = Y_net + x_{P−1}``.  On short series the plain network can stay
             behind the last-value forecast at the first steps (measured on Los-loop,

@@ -209,6 +209,10 @@ class GMANLightningModule(L.LightningModule):
             warnings.warn(f"model.se_dim {self.hparams.se_dim} is replaced by the width of the data's spatial embedding, "
                           f"{derived['se_dim']} (node2vec: data.node2vec_options.dim)", stacklevel=2)
         self.hparams.update(derived)
+        if self.hparams.last_value_residual and float(self.hparams.get("scaler_missing_input") or 0.0) != 0.0:
+            # the residual's base would be a reading of 0 wherever the last reading is missing
+            raise ConfigError("model.last_value_residual needs data.normalisation 'observed', where a missing last "
+                              "reading enters as the training mean; with 'authors' it enters as a reading of 0")
         self._build()
         if self.hparams.day_of_week is not False:
             _warn_unseen_days(datamodule, self.hparams.day_of_week)
