@@ -483,3 +483,15 @@ def test_last_value_residual_is_refused_with_the_authors_normalisation(tmp_path)
     module = GMANLightningModule(**TINY, last_value_residual=True)
     tiny_trainer(tmp_path).fit(module, datamodule=observed)
     assert module.net.config["last_value_residual"] is True
+
+
+def test_the_last_value_baselines_fallback_is_the_observed_training_mean():
+    from gman.training.cli import _observed_training_mean
+
+    datamodule = GMANDataModule(**DATA)
+    datamodule.setup("fit")
+    start, stop = datamodule.split_ranges[0]
+    values, mask = datamodule.dataset.values[start:stop], datamodule.dataset.mask[start:stop]
+    assert (~mask).any()  # the synthetic data has missing readings, which the authors' mean counts as 0
+    assert _observed_training_mean(datamodule) == pytest.approx(values[mask].astype(np.float64).mean())
+    assert _observed_training_mean(datamodule) > datamodule.scaler.mean

@@ -642,6 +642,17 @@ def _report(module, datamodule, checkpoint, logger, work_dir: Path, final_dir: P
     return {"table": table, "run_id": run_id}
 
 
+def _observed_training_mean(datamodule) -> float:
+    """Mean of the observed training readings: the last-value baseline's forecast for a sensor with no
+    reading in its history (the scaler's mean counts missing readings as 0 under the authors' normalisation)."""
+    import numpy as np
+
+    start, stop = datamodule.split_ranges[0]
+    dataset = datamodule.dataset
+    observed = dataset.values[start:stop][dataset.mask[start:stop]]
+    return float(observed.mean(dtype=np.float64)) if observed.size else float(datamodule.scaler.mean)
+
+
 def score_test_split(module, datamodule) -> tuple[dict, str]:
     """{model name: HorizonErrors} for GMAN (from ``trainer.test``) and both baselines, and the table."""
     from gman.training import evaluate
@@ -651,7 +662,7 @@ def score_test_split(module, datamodule) -> tuple[dict, str]:
     starts = module.test_window_starts if module.test_window_starts is not None else windows.starts
     baselines = evaluate.score_baselines(
         datamodule.dataset, tuple(datamodule.split_ranges[0]), starts, windows.history_steps,
-        windows.horizon_steps, fallback=float(datamodule.scaler.mean))
+        windows.horizon_steps, fallback=_observed_training_mean(datamodule))
     results = {evaluate.MODEL_NAME: module.test_errors, **baselines}
     return results, evaluate.format_table(results, module.hparams.interval_minutes)
 
