@@ -333,7 +333,7 @@ def test_import_wide_csv_with_a_distance_graph(data_root, tmp_path, shared_data,
     assert run_cli(*command, "--graph-sensor-ids", str(tmp_path / "nodes.txt")) == 0
     folder = data_root / "mine"
     card = yaml.safe_load((folder / "dataset.yaml").read_text())
-    assert card["interval"] == "5min" and card["missing_value"] is None and card["split"] == [0.7, 0.1, 0.2]
+    assert card["interval"] == "5min" and card["missing_value"] == 0.0 and card["split"] == [0.7, 0.1, 0.2]
     for entry in card["files"]:
         assert registry.sha256_of(folder / entry["name"]) == entry["sha256"]
     assert sorted(p.name for p in data_root.iterdir()) == ["mine"]  # no staging folder left
@@ -426,3 +426,34 @@ def test_import_a_csv_without_a_header_row_and_a_bad_missing_value(data_root, tm
     dataset = load_dataset("v")
     assert dataset.sensor_ids == ["s1", "s2", "s3"] and dataset.num_steps == 30
     np.testing.assert_allclose(dataset.values, rows, rtol=1e-6)
+
+
+def _speeds(num_steps: int, ids) -> pd.DataFrame:
+    index = pd.date_range("2024-05-01", periods=num_steps, freq="5min", name="timestamp")
+    values = np.random.default_rng(3).uniform(30, 70, (num_steps, len(ids))).round(2)
+    return pd.DataFrame(values, index=index, columns=list(ids))
+
+
+def test_import_records_the_missing_value_that_training_and_the_package_use(data_root, tmp_path):
+    from gman.data.datamodule import GMANDataModule
+    from gman.serving.package import package_metadata
+    from gman.training.module import GMANLightningModule
+
+    frame = _speeds(200, ["a", "b", "c"])
+    frame.iloc[[4, 50], 1] = 0.0  # METR-LA's convention: 0 = no reading
+    frame.to_hdf(tmp_path / "speeds.h5", key="df")
+    assert run_cli("import", "zeros", "--values", str(tmp_path / "speeds.h5")) == 0
+    assert yaml.safe_load((data_root / "zeros" / "dataset.yaml").read_text())["missing_value"] == 0.0
+    datamodule = GMANDataModule(dataset="zeros", history_steps=2, horizon_steps=2)
+    datamodule.setup()
+    assert datamodule.missing_value == 0.0
+    assert not datamodule.dataset.mask[[4, 50], 1].any() and datamodule.dataset.mask.sum() == 598
+    model = GMANLightningModule(num_layers=1, num_heads=2, head_dim=4, se_dim=8)
+    model.build_for(datamodule)
+    # a live history with a 0 reading is then masked as in training, not read as 0 mph
+    assert package_metadata(model.net, **model.package_fields(datamodule))["missing_value"] == 0.0
+
+    assert run_cli("import", "nan-only", "--values", str(tmp_path / "speeds.h5"), "--missing-value", "none") == 0
+    datamodule = GMANDataModule(dataset="nan-only", history_steps=2, horizon_steps=2)
+    datamodule.setup()
+    assert datamodule.missing_value is None and datamodule.dataset.mask.all()

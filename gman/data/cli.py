@@ -273,7 +273,9 @@ def _import(args) -> int:
             "interval": _interval_text(dataset.interval),
             "start_time": None,
             "units": args.units,
-            "missing_value": None,
+            # the convention the source used: values.parquet holds NaN there already, but a model trained
+            # on this card records it, so that its forecasts mask the same readings in live histories
+            "missing_value": missing_value,
             "split": [float(s) for s in args.split],
             "license": "as of the imported source",
             "values": {"file": "values.parquet", "format": "parquet"},
