@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -382,7 +383,8 @@ def test_import_drops_unmatched_sensors_and_fills_gaps_when_asked(data_root, tmp
         assert run_cli(*argv, "--unmatched-sensors", "drop", "--fill-gaps") == 0
     from gman.data.readers import load_dataset
 
-    dataset = load_dataset("mine")
+    with pytest.warns(UserWarning, match=r"1 only in the graph \(e\.g\. \['zz'\]\)"):  # the card drops it again
+        dataset = load_dataset("mine")
     assert dataset.sensor_ids == ["a", "b"] and dataset.num_steps == 6
     assert not dataset.mask[2].any() and dataset.mask.sum() == 10
     np.testing.assert_array_equal(dataset.adjacency, [[1, 0.5], [0.5, 1]])
@@ -457,3 +459,54 @@ def test_import_records_the_missing_value_that_training_and_the_package_use(data
     datamodule = GMANDataModule(dataset="nan-only", history_steps=2, horizon_steps=2)
     datamodule.setup()
     assert datamodule.missing_value is None and datamodule.dataset.mask.all()
+
+
+def test_import_keeps_the_graph_node_order_for_a_spatial_embedding_file(data_root, tmp_path):
+    from gman.data.datamodule import GMANDataModule
+    from gman.data.embedding import write_word2vec
+
+    (tmp_path / "g.csv").write_text("a,b,c,d\n1,0.5,0,0\n0,1,0.5,0\n0,0,1,0.25\n0.75,0,0,1\n")
+    embedding = str(tmp_path / "se.txt")
+    write_word2vec(embedding, np.array([[1.0], [2.0], [3.0], [4.0]], dtype=np.float32))  # rows a, b, c, d
+
+    def imported_and_source(name, columns, *drop):
+        _speeds(100, columns).to_csv(tmp_path / f"{name}.csv")
+        assert run_cli("import", name, "--values", str(tmp_path / f"{name}.csv"), "--graph", str(tmp_path / "g.csv"), *drop) == 0
+        source = GMANDataModule(dataset=str(tmp_path / f"{name}.csv"), graph_path=str(tmp_path / "g.csv"),
+                                options={"unmatched_sensors": "drop"} if drop else None, spatial_embedding=embedding,
+                                history_steps=2, horizon_steps=2)
+        imported = GMANDataModule(dataset=name, spatial_embedding=embedding, history_steps=2, horizon_steps=2)
+        source.setup()
+        imported.setup()
+        assert imported.sensor_ids == source.sensor_ids
+        np.testing.assert_array_equal(imported.dataset.adjacency, source.dataset.adjacency)
+        np.testing.assert_array_equal(imported.spatial_embedding, source.spatial_embedding)
+        return imported
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        permuted = imported_and_source("permuted", ["c", "a", "d", "b"])
+    assert permuted.spatial_embedding[:, 0].tolist() == [3.0, 1.0, 4.0, 2.0]
+    # b, a graph node without data, keeps its embedding row; z, data without a graph node, is dropped
+    with pytest.warns(UserWarning, match="kept the 3 sensors in both"):
+        dropped = imported_and_source("dropped", ["c", "z", "a", "d"], "--unmatched-sensors", "drop")
+    assert dropped.sensor_ids == ["c", "a", "d"] and dropped.spatial_embedding[:, 0].tolist() == [3.0, 1.0, 4.0]
+
+
+def test_import_of_permuted_metr_la_columns_maps_the_published_embedding_by_id(data_root, tmp_path, shared_data):
+    from gman.data.datamodule import GMANDataModule
+
+    graph = shared_data / "graphs" / "metr-la" / "adj_mx.pkl"
+    embedding = shared_data / "graphs" / "metr-la" / "SE_METR_node2vec.txt"
+    ids = (shared_data / "graphs" / "metr-la" / "graph_sensor_ids.txt").read_text().strip().split(",")
+    permuted = [ids[i] for i in np.random.default_rng(0).permutation(len(ids))]
+    _speeds(60, permuted).to_hdf(tmp_path / "metr-la.h5", key="df")
+    assert run_cli("import", "shuffled", "--values", str(tmp_path / "metr-la.h5"), "--graph", str(graph)) == 0
+    source = GMANDataModule(dataset=str(tmp_path / "metr-la.h5"), graph_path=str(graph), spatial_embedding=str(embedding),
+                            history_steps=2, horizon_steps=2)
+    imported = GMANDataModule(dataset="shuffled", spatial_embedding=str(embedding), history_steps=2, horizon_steps=2)
+    source.setup()
+    imported.setup()
+    assert imported.sensor_ids == source.sensor_ids == permuted
+    np.testing.assert_array_equal(imported.spatial_embedding, source.spatial_embedding)
+    np.testing.assert_array_equal(imported.dataset.adjacency, source.dataset.adjacency)
