@@ -123,6 +123,9 @@ def test_bad_card_names_its_file(data_root):
     (folder / "dataset.yaml").write_text("name: broken\nvalues: {file: v.csv}\ncolour: red\n")
     with pytest.raises(DataError, match="unknown key 'colour'"):
         registry.load_card("broken")
+    (folder / "dataset.yaml").write_text("name: broken\nvalues: {file: v.csv}\nsplit: [0.8, 0.2, 0]\n")
+    with pytest.raises(DataError, match=r"split must be three positive fractions summing to 1, got \[0\.8, 0\.2, 0\]"):
+        registry.load_card("broken")
 
 
 # ----------------------------------------------------------------------------- list / check
@@ -510,3 +513,11 @@ def test_import_of_permuted_metr_la_columns_maps_the_published_embedding_by_id(d
     assert imported.sensor_ids == source.sensor_ids == permuted
     np.testing.assert_array_equal(imported.spatial_embedding, source.spatial_embedding)
     np.testing.assert_array_equal(imported.dataset.adjacency, source.dataset.adjacency)
+
+
+def test_import_refuses_a_split_that_training_refuses(data_root, tmp_path, capsys):
+    _speeds(100, ["a", "b"]).to_csv(tmp_path / "v.csv")
+    assert run_cli("import", "mine", "--values", str(tmp_path / "v.csv"), "--split", "0.8", "0.2", "0") == 2
+    assert re.fullmatch(r"gman: error: --split: fractions must be positive and sum to 1, got \[0\.8, 0\.2, 0\.0\]\n",
+                        capsys.readouterr().err)
+    assert not any(data_root.iterdir())

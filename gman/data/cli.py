@@ -215,6 +215,7 @@ def _import(args) -> int:
 
     from gman.data import registry
     from gman.data.readers import load_dataset
+    from gman.data.windows import chronological_split
     from gman.errors import DataError
 
     name = args.name
@@ -224,8 +225,10 @@ def _import(args) -> int:
     target = root / name
     if target.exists() and not args.force:
         raise DataError(f"{target}: a dataset of that name exists; use --force to replace it")
-    if abs(sum(args.split) - 1) > 1e-6 or min(args.split) < 0:
-        raise ConfigError(f"--split: three fractions summing to 1 expected, got {args.split}")
+    try:  # the check training makes, so that no card is written that training refuses
+        chronological_split(100, args.split)
+    except ConfigError as err:
+        raise ConfigError(f"--split: {str(err).removeprefix('split: ')}") from None
     missing_value = None
     if str(args.missing_value).lower() not in ("none", "null", "nan"):
         try:

@@ -186,9 +186,9 @@ def _check_card(raw: dict, name: str, path: Path) -> None:
             raise DataError(f"{path}: graph unmatched_sensors must be 'error' or 'drop', got {graph['unmatched_sensors']!r}")
     split = raw.get("split")
     if split is not None:
-        if not (isinstance(split, list) and len(split) == 3 and all(isinstance(s, (int, float)) and s >= 0 for s in split)
-                and abs(sum(split) - 1) < 1e-6):
-            raise DataError(f"{path}: split must be three fractions summing to 1, got {split!r}")
+        if not (isinstance(split, list) and len(split) == 3 and all(isinstance(s, (int, float)) and s > 0 for s in split)
+                and abs(sum(split) - 1) < 1e-6):  # training needs steps in every part
+            raise DataError(f"{path}: split must be three positive fractions summing to 1, got {split!r}")
     files = raw.get("files") or []
     if not isinstance(files, list):
         raise DataError(f"{path}: 'files' must be a list")
