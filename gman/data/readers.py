@@ -248,16 +248,17 @@ def check_csv_header(path: Path, no_header_hint: str) -> None:
     if not header:
         return
     cells = [cell.strip() for cell in header]
+    # readings first: a row of readings often repeats a value, and "column named twice" would mislead
+    readings = [cell for cell in (cells[1:] if _is_timestamp(cells[0]) else cells) if cell]
+    if readings and all(_is_fractional_number(cell) for cell in readings):
+        shown = ", ".join(cells[:3]) + (", ..." if len(cells) > 3 else "")
+        raise DataError(f"{path}: the first row ({shown}) holds readings, not column names; {no_header_hint}")
     first: dict[str, int] = {}
     for i, cell in enumerate(cells):
         if cell and cell in first:
             raise DataError(f"{path}: the header names column {cell!r} twice (columns {first[cell] + 1} and {i + 1}); "
                             "each sensor needs exactly one column")
         first.setdefault(cell, i)
-    readings = [cell for cell in (cells[1:] if _is_timestamp(cells[0]) else cells) if cell]
-    if readings and all(_is_fractional_number(cell) for cell in readings):
-        shown = ", ".join(cells[:3]) + (", ..." if len(cells) > 3 else "")
-        raise DataError(f"{path}: the first row ({shown}) holds readings, not column names; {no_header_hint}")
 
 
 def _is_fractional_number(cell: str) -> bool:
