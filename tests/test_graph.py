@@ -178,6 +178,15 @@ def test_sensors_a_distance_file_never_mentions_are_not_its_nodes(tmp_path):
     assert ids == ["a", "b", "c", "d"] and adjacency[3].tolist() == [0, 0, 0, 1]
 
 
+def test_a_distance_file_sharing_no_id_with_the_data_names_an_id_of_each(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("from,to,cost\n400001,400001,0\n400001,400017,1800\n")
+    with pytest.raises(DataError) as caught:
+        load_adjacency(path, "distance-csv", sensor_ids=["001", "002", "003"])
+    assert str(caught.value) == (f"{path}: none of the file's sensor ids matches one of the data's 3 sensors "
+                                 "(file e.g. '400001', data e.g. '001')")
+
+
 def test_edge_index_round_trip_and_stats():
     adjacency = np.zeros((6, 6), dtype=np.float32)
     adjacency[0, 1], adjacency[1, 2], adjacency[3, 4] = 0.5, 1.0, 2.0

@@ -276,7 +276,13 @@ def load_adjacency(
             raise DataError(f"{path}: a distance-csv graph needs the sensor ids (the data's sensors) to fix its order")
         if nodes is None:
             mentioned = set(frm) | set(to)
-            nodes = [s for s in (id_text(i) for i in sensor_ids) if s in mentioned]
+            data = [id_text(i) for i in sensor_ids]
+            nodes = [s for s in data if s in mentioned]
+            if not len(frm):
+                raise DataError(f"{path}: no distance rows")
+            if not nodes:
+                raise DataError(f"{path}: none of the file's sensor ids matches one of the data's {len(data)} sensors "
+                                f"(file e.g. {frm[0]!r}, data e.g. {data[0]!r})")
         # sensors listed in the id map without rows are meant to be nodes without edges
         return gaussian_kernel_adjacency(table, nodes, threshold, source=str(path), warn_unmentioned=False), nodes
 
