@@ -5,6 +5,7 @@ import re
 
 import hashlib
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -521,3 +522,17 @@ def test_import_refuses_a_split_that_training_refuses(data_root, tmp_path, capsy
     assert re.fullmatch(r"gman: error: --split: fractions must be positive and sum to 1, got \[0\.8, 0\.2, 0\.0\]\n",
                         capsys.readouterr().err)
     assert not any(data_root.iterdir())
+
+
+def test_a_graph_path_given_with_a_card_is_read_in_its_own_format(data_root, tmp_path):
+    from gman.data.datamodule import GMANDataModule
+
+    _speeds(100, ["a", "b", "c"]).to_csv(tmp_path / "v.csv")
+    (tmp_path / "g.csv").write_text("a,b,c\n1,0,0\n0,1,0\n0,0,1\n")
+    assert run_cli("import", "mine", "--values", str(tmp_path / "v.csv"), "--graph", str(tmp_path / "g.csv")) == 0
+    matrix = np.array([[1, 0.5, 0], [0, 1, 0.25], [0, 0, 1]], dtype=np.float32)  # in the order c, a, b
+    with open(tmp_path / "adj_mx.pkl", "wb") as handle:
+        pickle.dump([["c", "a", "b"], {"c": 0, "a": 1, "b": 2}, matrix], handle, protocol=2)
+    datamodule = GMANDataModule(dataset="mine", graph_path=str(tmp_path / "adj_mx.pkl"), history_steps=2, horizon_steps=2)
+    datamodule.setup()  # the card's graph_format (dense-csv) is not the pickle's
+    assert datamodule.dataset.adjacency[0, 1] == 0.25 and datamodule.dataset.adjacency[2, 0] == 0.5  # a -> b, c -> a
