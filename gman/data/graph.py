@@ -232,9 +232,9 @@ def load_adjacency(
       line or a list of ids.  For ``edge-list`` it is the row order (PEMS03's
       ``PEMS03.txt``; when not given, a ``<stem>.txt`` beside a non-``.txt``
       edge list is used if present): the ends of its rows are ids of that list
-      when all of them are, else node indices 0..M-1 into it; for ``distance-csv`` the sensors the graph
-      knows, including any without edges; for a matrix without a header row of
-      ids, the order of its rows.
+      when all of them are, else node indices 0..M-1 into it; for
+      ``distance-csv`` the sensors the graph knows, including any without
+      edges; for a matrix without a header row of ids, the order of its rows.
     - ``threshold``: Gaussian-kernel cut-off for the distance formats.
     """
     path = Path(path)
