@@ -58,6 +58,25 @@ def test_pems03_edge_list_uses_its_id_map(shared_data):
     assert np.array_equal(again, adjacency)
 
 
+def test_an_edge_list_over_node_indices_is_read_through_the_graph_sensor_ids(tmp_path):
+    nodes = ["s10", "s7", "s3"]
+    (tmp_path / "by_index.csv").write_text("from,to\n0,1\n1,2\n2,2\n")
+    (tmp_path / "by_id.csv").write_text("from,to\ns10,s7\ns7,s3\ns3,s3\n")
+    by_index, order = load_adjacency(tmp_path / "by_index.csv", "edge-list", id_map=nodes)
+    by_id, _ = load_adjacency(tmp_path / "by_id.csv", "edge-list", id_map=nodes)
+    assert order == nodes and np.array_equal(by_index, by_id) and by_index[0, 1] == 1 and by_index[1, 0] == 0
+    # integer ids that are all in the list stay ids (PEMS03's station numbers), even where they could be indices
+    (tmp_path / "int_ids.csv").write_text("from,to\n2,0\n")
+    adjacency, _ = load_adjacency(tmp_path / "int_ids.csv", "edge-list", id_map=["0", "1", "2"])
+    assert adjacency[2, 0] == 1 and adjacency.sum() == 1
+    adjacency, _ = load_adjacency(tmp_path / "int_ids.csv", "edge-list", id_map=["5", "2", "0"])
+    assert adjacency[1, 2] == 1 and adjacency.sum() == 1
+    # ends that are neither all ids nor all indices 0..M-1 are named
+    (tmp_path / "out_of_range.csv").write_text("from,to\n0,3\n")
+    with pytest.raises(DataError, match=r"out_of_range\.csv: 2 sensor\(s\) in the graph but not in the sensor list"):
+        load_adjacency(tmp_path / "out_of_range.csv", "edge-list", id_map=nodes)
+
+
 def test_pems04_edge_list_needs_the_sensor_order(shared_data):
     path = shared_data / "graphs" / "pems0x" / "PEMS04.csv"
     with pytest.raises(DataError, match="needs the sensor ids"):
@@ -157,6 +176,15 @@ def test_sensors_a_distance_file_never_mentions_are_not_its_nodes(tmp_path):
     # listed as the graph's nodes (graph_sensor_ids), a sensor without rows is a node without edges
     adjacency, ids = load_adjacency(path, "distance-csv", sensor_ids=["c", "d", "a", "b"], id_map=["a", "b", "c", "d"])
     assert ids == ["a", "b", "c", "d"] and adjacency[3].tolist() == [0, 0, 0, 1]
+
+
+def test_a_distance_file_sharing_no_id_with_the_data_names_an_id_of_each(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("from,to,cost\n400001,400001,0\n400001,400017,1800\n")
+    with pytest.raises(DataError) as caught:
+        load_adjacency(path, "distance-csv", sensor_ids=["001", "002", "003"])
+    assert str(caught.value) == (f"{path}: none of the file's sensor ids matches one of the data's 3 sensors "
+                                 "(file e.g. '400001', data e.g. '001')")
 
 
 def test_edge_index_round_trip_and_stats():

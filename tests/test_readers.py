@@ -235,6 +235,8 @@ def write(tmp_path, name, text):
         ("long_gap.csv", "timestamp,sensor_id,value\n2024-01-01 00:00,a,1\n2024-01-01 00:00,,2\n",
          "empty 'sensor_id' in data row 2"),
         ("noheader.csv", "64.375,67.625\n62.667,68.125\n", r"^\S*noheader\.csv: the first row \(64\.375, 67\.625\) holds readings, not column names; .* give header: false"),
+        ("noheader_repeats.csv", "63.066,60.5,63.066\n62.667,68.125,61.0\n",  # a repeated reading is no column name
+         r"^\S*noheader_repeats\.csv: the first row \(63\.066, 60\.5, 63\.066\) holds readings, not column names"),
         ("huge.csv", "timestamp,a,b\n2024-01-01 00:00,1,2\n2024-01-01 00:05,1e40,3\n",
          "value beyond float32's range 1e\\+40 at 2024-01-01 00:05:00, sensor 'a'"),
     ],

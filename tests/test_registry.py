@@ -5,10 +5,12 @@ import re
 
 import hashlib
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -121,6 +123,9 @@ def test_bad_card_names_its_file(data_root):
     assert str(folder / "dataset.yaml") in str(caught.value)
     (folder / "dataset.yaml").write_text("name: broken\nvalues: {file: v.csv}\ncolour: red\n")
     with pytest.raises(DataError, match="unknown key 'colour'"):
+        registry.load_card("broken")
+    (folder / "dataset.yaml").write_text("name: broken\nvalues: {file: v.csv}\nsplit: [0.8, 0.2, 0]\n")
+    with pytest.raises(DataError, match=r"split must be three positive fractions summing to 1, got \[0\.8, 0\.2, 0\]"):
         registry.load_card("broken")
 
 
@@ -333,7 +338,7 @@ def test_import_wide_csv_with_a_distance_graph(data_root, tmp_path, shared_data,
     assert run_cli(*command, "--graph-sensor-ids", str(tmp_path / "nodes.txt")) == 0
     folder = data_root / "mine"
     card = yaml.safe_load((folder / "dataset.yaml").read_text())
-    assert card["interval"] == "5min" and card["missing_value"] is None and card["split"] == [0.7, 0.1, 0.2]
+    assert card["interval"] == "5min" and card["missing_value"] == 0.0 and card["split"] == [0.7, 0.1, 0.2]
     for entry in card["files"]:
         assert registry.sha256_of(folder / entry["name"]) == entry["sha256"]
     assert sorted(p.name for p in data_root.iterdir()) == ["mine"]  # no staging folder left
@@ -382,7 +387,8 @@ def test_import_drops_unmatched_sensors_and_fills_gaps_when_asked(data_root, tmp
         assert run_cli(*argv, "--unmatched-sensors", "drop", "--fill-gaps") == 0
     from gman.data.readers import load_dataset
 
-    dataset = load_dataset("mine")
+    with pytest.warns(UserWarning, match=r"1 only in the graph \(e\.g\. \['zz'\]\)"):  # the card drops it again
+        dataset = load_dataset("mine")
     assert dataset.sensor_ids == ["a", "b"] and dataset.num_steps == 6
     assert not dataset.mask[2].any() and dataset.mask.sum() == 10
     np.testing.assert_array_equal(dataset.adjacency, [[1, 0.5], [0.5, 1]])
@@ -426,3 +432,107 @@ def test_import_a_csv_without_a_header_row_and_a_bad_missing_value(data_root, tm
     dataset = load_dataset("v")
     assert dataset.sensor_ids == ["s1", "s2", "s3"] and dataset.num_steps == 30
     np.testing.assert_allclose(dataset.values, rows, rtol=1e-6)
+
+
+def _speeds(num_steps: int, ids) -> pd.DataFrame:
+    index = pd.date_range("2024-05-01", periods=num_steps, freq="5min", name="timestamp")
+    values = np.random.default_rng(3).uniform(30, 70, (num_steps, len(ids))).round(2)
+    return pd.DataFrame(values, index=index, columns=list(ids))
+
+
+def test_import_records_the_missing_value_that_training_and_the_package_use(data_root, tmp_path):
+    from gman.data.datamodule import GMANDataModule
+    from gman.serving.package import package_metadata
+    from gman.training.module import GMANLightningModule
+
+    frame = _speeds(200, ["a", "b", "c"])
+    frame.iloc[[4, 50], 1] = 0.0  # METR-LA's convention: 0 = no reading
+    frame.to_hdf(tmp_path / "speeds.h5", key="df")
+    assert run_cli("import", "zeros", "--values", str(tmp_path / "speeds.h5")) == 0
+    assert yaml.safe_load((data_root / "zeros" / "dataset.yaml").read_text())["missing_value"] == 0.0
+    datamodule = GMANDataModule(dataset="zeros", history_steps=2, horizon_steps=2)
+    datamodule.setup()
+    assert datamodule.missing_value == 0.0
+    assert not datamodule.dataset.mask[[4, 50], 1].any() and datamodule.dataset.mask.sum() == 598
+    model = GMANLightningModule(num_layers=1, num_heads=2, head_dim=4, se_dim=8)
+    model.build_for(datamodule)
+    # a live history with a 0 reading is then masked as in training, not read as 0 mph
+    assert package_metadata(model.net, **model.package_fields(datamodule))["missing_value"] == 0.0
+
+    assert run_cli("import", "nan-only", "--values", str(tmp_path / "speeds.h5"), "--missing-value", "none") == 0
+    datamodule = GMANDataModule(dataset="nan-only", history_steps=2, horizon_steps=2)
+    datamodule.setup()
+    assert datamodule.missing_value is None and datamodule.dataset.mask.all()
+
+
+def test_import_keeps_the_graph_node_order_for_a_spatial_embedding_file(data_root, tmp_path):
+    from gman.data.datamodule import GMANDataModule
+    from gman.data.embedding import write_word2vec
+
+    (tmp_path / "g.csv").write_text("a,b,c,d\n1,0.5,0,0\n0,1,0.5,0\n0,0,1,0.25\n0.75,0,0,1\n")
+    embedding = str(tmp_path / "se.txt")
+    write_word2vec(embedding, np.array([[1.0], [2.0], [3.0], [4.0]], dtype=np.float32))  # rows a, b, c, d
+
+    def imported_and_source(name, columns, *drop):
+        _speeds(100, columns).to_csv(tmp_path / f"{name}.csv")
+        assert run_cli("import", name, "--values", str(tmp_path / f"{name}.csv"), "--graph", str(tmp_path / "g.csv"), *drop) == 0
+        source = GMANDataModule(dataset=str(tmp_path / f"{name}.csv"), graph_path=str(tmp_path / "g.csv"),
+                                options={"unmatched_sensors": "drop"} if drop else None, spatial_embedding=embedding,
+                                history_steps=2, horizon_steps=2)
+        imported = GMANDataModule(dataset=name, spatial_embedding=embedding, history_steps=2, horizon_steps=2)
+        source.setup()
+        imported.setup()
+        assert imported.sensor_ids == source.sensor_ids
+        np.testing.assert_array_equal(imported.dataset.adjacency, source.dataset.adjacency)
+        np.testing.assert_array_equal(imported.spatial_embedding, source.spatial_embedding)
+        return imported
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        permuted = imported_and_source("permuted", ["c", "a", "d", "b"])
+    assert permuted.spatial_embedding[:, 0].tolist() == [3.0, 1.0, 4.0, 2.0]
+    # b, a graph node without data, keeps its embedding row; z, data without a graph node, is dropped
+    with pytest.warns(UserWarning, match="kept the 3 sensors in both"):
+        dropped = imported_and_source("dropped", ["c", "z", "a", "d"], "--unmatched-sensors", "drop")
+    assert dropped.sensor_ids == ["c", "a", "d"] and dropped.spatial_embedding[:, 0].tolist() == [3.0, 1.0, 4.0]
+
+
+def test_import_of_permuted_metr_la_columns_maps_the_published_embedding_by_id(data_root, tmp_path, shared_data):
+    from gman.data.datamodule import GMANDataModule
+
+    graph = shared_data / "graphs" / "metr-la" / "adj_mx.pkl"
+    embedding = shared_data / "graphs" / "metr-la" / "SE_METR_node2vec.txt"
+    ids = (shared_data / "graphs" / "metr-la" / "graph_sensor_ids.txt").read_text().strip().split(",")
+    permuted = [ids[i] for i in np.random.default_rng(0).permutation(len(ids))]
+    _speeds(60, permuted).to_hdf(tmp_path / "metr-la.h5", key="df")
+    assert run_cli("import", "shuffled", "--values", str(tmp_path / "metr-la.h5"), "--graph", str(graph)) == 0
+    source = GMANDataModule(dataset=str(tmp_path / "metr-la.h5"), graph_path=str(graph), spatial_embedding=str(embedding),
+                            history_steps=2, horizon_steps=2)
+    imported = GMANDataModule(dataset="shuffled", spatial_embedding=str(embedding), history_steps=2, horizon_steps=2)
+    source.setup()
+    imported.setup()
+    assert imported.sensor_ids == source.sensor_ids == permuted
+    np.testing.assert_array_equal(imported.spatial_embedding, source.spatial_embedding)
+    np.testing.assert_array_equal(imported.dataset.adjacency, source.dataset.adjacency)
+
+
+def test_import_refuses_a_split_that_training_refuses(data_root, tmp_path, capsys):
+    _speeds(100, ["a", "b"]).to_csv(tmp_path / "v.csv")
+    assert run_cli("import", "mine", "--values", str(tmp_path / "v.csv"), "--split", "0.8", "0.2", "0") == 2
+    assert re.fullmatch(r"gman: error: --split: fractions must be positive and sum to 1, got \[0\.8, 0\.2, 0\.0\]\n",
+                        capsys.readouterr().err)
+    assert not any(data_root.iterdir())
+
+
+def test_a_graph_path_given_with_a_card_is_read_in_its_own_format(data_root, tmp_path):
+    from gman.data.datamodule import GMANDataModule
+
+    _speeds(100, ["a", "b", "c"]).to_csv(tmp_path / "v.csv")
+    (tmp_path / "g.csv").write_text("a,b,c\n1,0,0\n0,1,0\n0,0,1\n")
+    assert run_cli("import", "mine", "--values", str(tmp_path / "v.csv"), "--graph", str(tmp_path / "g.csv")) == 0
+    matrix = np.array([[1, 0.5, 0], [0, 1, 0.25], [0, 0, 1]], dtype=np.float32)  # in the order c, a, b
+    with open(tmp_path / "adj_mx.pkl", "wb") as handle:
+        pickle.dump([["c", "a", "b"], {"c": 0, "a": 1, "b": 2}, matrix], handle, protocol=2)
+    datamodule = GMANDataModule(dataset="mine", graph_path=str(tmp_path / "adj_mx.pkl"), history_steps=2, horizon_steps=2)
+    datamodule.setup()  # the card's graph_format (dense-csv) is not the pickle's
+    assert datamodule.dataset.adjacency[0, 1] == 0.25 and datamodule.dataset.adjacency[2, 0] == 0.5  # a -> b, c -> a

@@ -206,14 +206,16 @@ def _import(args) -> int:
     """Read the user's files with the package's readers, then write normalised files and a card, atomically.
 
     Written: ``values.parquet`` (wide: DatetimeIndex 'timestamp' x sensor ids, NaN = missing),
-    ``adjacency.csv`` (dense N x N in the data's sensor order, header = sensor ids) when a graph is
-    given, and ``dataset.yaml`` with their sizes and sha256.
+    ``adjacency.csv`` (dense, in the graph file's node order, header = sensor ids; see
+    :func:`_write_adjacency`) when a graph is given, and ``dataset.yaml`` with their sizes and sha256
+    and the missing value the readings were read with.
     """
     import numpy as np
     import pandas as pd
 
     from gman.data import registry
     from gman.data.readers import load_dataset
+    from gman.data.windows import chronological_split
     from gman.errors import DataError
 
     name = args.name
@@ -223,8 +225,10 @@ def _import(args) -> int:
     target = root / name
     if target.exists() and not args.force:
         raise DataError(f"{target}: a dataset of that name exists; use --force to replace it")
-    if abs(sum(args.split) - 1) > 1e-6 or min(args.split) < 0:
-        raise ConfigError(f"--split: three fractions summing to 1 expected, got {args.split}")
+    try:  # the check training makes, so that no card is written that training refuses
+        chronological_split(100, args.split)
+    except ConfigError as err:
+        raise ConfigError(f"--split: {str(err).removeprefix('split: ')}") from None
     missing_value = None
     if str(args.missing_value).lower() not in ("none", "null", "nan"):
         try:
@@ -257,10 +261,8 @@ def _import(args) -> int:
         files = ["values.parquet"]
         graph = None
         if dataset.adjacency is not None:
-            adjacency = pd.DataFrame(dataset.adjacency, columns=[str(s) for s in dataset.sensor_ids])
-            adjacency.to_csv(staging / "adjacency.csv", index=False, float_format="%.9g")
+            graph = _write_adjacency(dataset, staging / "adjacency.csv")
             files.append("adjacency.csv")
-            graph = {"file": "adjacency.csv", "format": "dense-csv"}
         card = {
             "name": name,
             "title": args.title or f"{name}: {dataset.num_nodes} sensors, {dataset.num_steps} steps (imported)",
@@ -268,12 +270,14 @@ def _import(args) -> int:
                 f"Imported with 'gman data import' from {Path(args.values).resolve()}"
                 + (f" and {Path(args.graph).resolve()}" if args.graph else "")
                 + f" on {datetime.now(timezone.utc):%Y-%m-%d}. Normalised: wide Parquet, NaN = missing"
-                + (", dense adjacency in the data's sensor order." if graph else ".")
+                + (", dense adjacency in the graph's node order (header = sensor ids)." if graph else ".")
             ),
             "interval": _interval_text(dataset.interval),
             "start_time": None,
             "units": args.units,
-            "missing_value": None,
+            # the convention the source used: values.parquet holds NaN there already, but a model trained
+            # on this card records it, so that its forecasts mask the same readings in live histories
+            "missing_value": missing_value,
             "split": [float(s) for s in args.split],
             "license": "as of the imported source",
             "values": {"file": "values.parquet", "format": "parquet"},
@@ -293,6 +297,30 @@ def _import(args) -> int:
     print(f"imported {name}: {dataset.num_nodes} sensors x {dataset.num_steps} steps "
           f"({dataset.index[0]} .. {dataset.index[-1]}, {missing:.2f} % missing) -> {target}")
     return 0
+
+
+def _write_adjacency(dataset, path: Path) -> dict:
+    """Write the data set's graph as a dense CSV in the graph file's node order; returns the card's ``graph``.
+
+    The node order is kept (its ids in the header row) because files indexed by graph node, such as
+    the authors' spatial-embedding files, map to sensors through it; the data's column order may differ.
+    Graph nodes without data (``unmatched_sensors: drop``) stay as nodes without edges, and the card
+    then drops them again on every load.
+    """
+    import numpy as np
+    import pandas as pd
+
+    nodes = list(dataset.graph_node_ids or dataset.sensor_ids)
+    column = {s: k for k, s in enumerate(dataset.sensor_ids)}
+    with_data = [k for k, s in enumerate(nodes) if s in column]
+    columns = [column[nodes[k]] for k in with_data]
+    matrix = np.zeros((len(nodes), len(nodes)), dtype=np.float32)
+    matrix[np.ix_(with_data, with_data)] = dataset.adjacency[np.ix_(columns, columns)]
+    pd.DataFrame(matrix, columns=nodes).to_csv(path, index=False, float_format="%.9g")
+    graph = {"file": path.name, "format": "dense-csv"}
+    if len(nodes) > dataset.num_nodes:
+        graph["unmatched_sensors"] = "drop"
+    return graph
 
 
 def _replace_folder(staging: Path, target: Path) -> None:

@@ -231,9 +231,10 @@ def load_adjacency(
     - ``id_map``: the graph's node list, a text file with one sensor id per
       line or a list of ids.  For ``edge-list`` it is the row order (PEMS03's
       ``PEMS03.txt``; when not given, a ``<stem>.txt`` beside a non-``.txt``
-      edge list is used if present); for ``distance-csv`` the sensors the graph
-      knows, including any without edges; for a matrix without a header row of
-      ids, the order of its rows.
+      edge list is used if present): the ends of its rows are ids of that list
+      when all of them are, else node indices 0..M-1 into it; for
+      ``distance-csv`` the sensors the graph knows, including any without
+      edges; for a matrix without a header row of ids, the order of its rows.
     - ``threshold``: Gaussian-kernel cut-off for the distance formats.
     """
     path = Path(path)
@@ -275,13 +276,21 @@ def load_adjacency(
             raise DataError(f"{path}: a distance-csv graph needs the sensor ids (the data's sensors) to fix its order")
         if nodes is None:
             mentioned = set(frm) | set(to)
-            nodes = [s for s in (id_text(i) for i in sensor_ids) if s in mentioned]
+            data = [id_text(i) for i in sensor_ids]
+            nodes = [s for s in data if s in mentioned]
+            if not len(frm):
+                raise DataError(f"{path}: no distance rows")
+            if not nodes:
+                raise DataError(f"{path}: none of the file's sensor ids matches one of the data's {len(data)} sensors "
+                                f"(file e.g. {frm[0]!r}, data e.g. {data[0]!r})")
         # sensors listed in the id map without rows are meant to be nodes without edges
         return gaussian_kernel_adjacency(table, nodes, threshold, source=str(path), warn_unmentioned=False), nodes
 
     # edge-list
     if nodes is None and path.suffix.lower() != ".txt" and path.with_suffix(".txt").is_file():
         nodes = read_sensor_ids(path.with_suffix(".txt"))
+    if nodes is not None:
+        table = _edges_over_node_ids(table, frm, to, nodes)
     if nodes is None:
         if sensor_ids is None:
             raise DataError(f"{path}: an edge-list graph needs the sensor ids or an id map file to fix the node order")
@@ -290,6 +299,21 @@ def load_adjacency(
         known = set(data)
         nodes = [s for s in data if s in mentioned] + list(dict.fromkeys(s for s in [*frm, *to] if s not in known))
     return edge_list_adjacency(table, nodes, source=str(path)), nodes
+
+
+def _edges_over_node_ids(table: "pd.DataFrame", frm: np.ndarray, to: np.ndarray, nodes: list[str]) -> "pd.DataFrame":
+    """The edge table with its ends as ids of ``nodes``, the graph's node list.
+
+    Ends are ids when every one is in the list (PEMS03's station numbers, which are integers too).
+    Otherwise, when every end is a node index (a whole number 0..M-1 written without leading zeros),
+    ``i`` is the node ``nodes[i]``; anything else is left for :func:`edge_list_adjacency` to report.
+    """
+    ends = set(frm) | set(to)
+    if ends <= set(nodes):
+        return table
+    if not all(end.isdigit() and str(int(end)) == end and int(end) < len(nodes) for end in ends):
+        return table
+    return table.assign(**{"from": [nodes[int(end)] for end in frm], "to": [nodes[int(end)] for end in to]})
 
 
 def _id_map(id_map: str | Path | Sequence[str]) -> list[str]:

@@ -15,7 +15,9 @@
   | ``npz``      | PEMS0X ``data`` array [T, N, F]: ``feature`` + ``start_time`` + ``interval``  |
 
 - a pandas DataFrame (wide with a DatetimeIndex or timestamp column, or long);
-- a dataset card name (``gman.data.registry.card_reader_options(name)`` gives the options).
+- a dataset card name (``gman.data.registry.card_reader_options(name)`` gives the options;
+  explicit options win, and a ``graph_path`` naming another file than the card's drops the card's
+  ``graph_format``, ``graph_sensor_ids`` and ``unmatched_sensors``, which describe its own file).
 
 Missing readings: NaN always (in CSV files: empty cells and pandas' NA words
 such as ``NA``, ``N/A``, ``null``, ``NaN``), plus every reading equal to ``missing_value``
@@ -76,6 +78,9 @@ READER_OPTIONS = {
     "name": "data set name (default: file stem or card name)",
     "units": "units of the readings, e.g. mph",
 }
+
+#: Card options that describe the card's own graph file (dropped when graph_path names another one).
+_CARD_GRAPH_FILE_OPTIONS = ("graph_format", "graph_sensor_ids", "unmatched_sensors")
 
 VALUE_FORMATS = ("h5", "csv", "long-csv", "parquet", "npz")
 _EXTENSIONS = {
@@ -162,6 +167,12 @@ def _load_card(name: str, options: dict) -> SensorDataset:
                         "or to exist)") from None
     card_options.setdefault("name", name)
     card_options.pop("split", None)  # a card's split is the data module's business
+    own_graph = card_options.get("graph_path")
+    if options.get("graph_path") is not None and (own_graph is None or Path(options["graph_path"]) != Path(own_graph)):
+        # another graph file: how the card's file is read (its format, its node list, its
+        # unmatched nodes) does not describe it; unless given, they come from the new file
+        for key in _CARD_GRAPH_FILE_OPTIONS:
+            card_options.pop(key, None)
     # explicit options win over the card's, except unset (None) ones; missing_value=None means "only NaN"
     card_options.update({k: v for k, v in options.items() if v is not None or k == "missing_value"})
     _check_keys(card_options, READER_OPTIONS, f"dataset card {name!r}")
@@ -248,16 +259,17 @@ def check_csv_header(path: Path, no_header_hint: str) -> None:
     if not header:
         return
     cells = [cell.strip() for cell in header]
+    # readings first: a row of readings often repeats a value, and "column named twice" would mislead
+    readings = [cell for cell in (cells[1:] if _is_timestamp(cells[0]) else cells) if cell]
+    if readings and all(_is_fractional_number(cell) for cell in readings):
+        shown = ", ".join(cells[:3]) + (", ..." if len(cells) > 3 else "")
+        raise DataError(f"{path}: the first row ({shown}) holds readings, not column names; {no_header_hint}")
     first: dict[str, int] = {}
     for i, cell in enumerate(cells):
         if cell and cell in first:
             raise DataError(f"{path}: the header names column {cell!r} twice (columns {first[cell] + 1} and {i + 1}); "
                             "each sensor needs exactly one column")
         first.setdefault(cell, i)
-    readings = [cell for cell in (cells[1:] if _is_timestamp(cells[0]) else cells) if cell]
-    if readings and all(_is_fractional_number(cell) for cell in readings):
-        shown = ", ".join(cells[:3]) + (", ..." if len(cells) > 3 else "")
-        raise DataError(f"{path}: the first row ({shown}) holds readings, not column names; {no_header_hint}")
 
 
 def _is_fractional_number(cell: str) -> bool:

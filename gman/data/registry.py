@@ -27,6 +27,7 @@ Card schema (YAML)::
     license: text
     values: {file: metr-la.h5, format: h5, feature: null, key: null}
     graph: {file: adj_mx.pkl, format: dcrnn-pickle, sensor_ids: null, threshold: null}
+                                       # also unmatched_sensors: drop (graph nodes without data; imports write it)
     files:
       - {name: metr-la.h5, size: null, sha256: null, urls: [], page: https://..., note: ...}
 """
@@ -48,7 +49,7 @@ ENV_DATASETS_DIR = "GMAN_DATASETS_DIR"
 _CARD_KEYS = {"name", "title", "description", "interval", "start_time", "units", "missing_value", "split",
               "license", "values", "graph", "files", "notes", "source"}
 _VALUES_KEYS = {"file", "format", "feature", "features", "key", "sensor_ids", "header"}
-_GRAPH_KEYS = {"file", "format", "sensor_ids", "threshold"}
+_GRAPH_KEYS = {"file", "format", "sensor_ids", "threshold", "unmatched_sensors"}
 _FILE_KEYS = {"name", "size", "sha256", "urls", "page", "note"}
 
 
@@ -181,11 +182,13 @@ def _check_card(raw: dict, name: str, path: Path) -> None:
         if not isinstance(graph, dict) or not graph.get("file"):
             raise DataError(f"{path}: 'graph' needs a 'file'")
         unknown(graph, _GRAPH_KEYS, "graph")
+        if graph.get("unmatched_sensors", "error") not in ("error", "drop"):
+            raise DataError(f"{path}: graph unmatched_sensors must be 'error' or 'drop', got {graph['unmatched_sensors']!r}")
     split = raw.get("split")
     if split is not None:
-        if not (isinstance(split, list) and len(split) == 3 and all(isinstance(s, (int, float)) and s >= 0 for s in split)
-                and abs(sum(split) - 1) < 1e-6):
-            raise DataError(f"{path}: split must be three fractions summing to 1, got {split!r}")
+        if not (isinstance(split, list) and len(split) == 3 and all(isinstance(s, (int, float)) and s > 0 for s in split)
+                and abs(sum(split) - 1) < 1e-6):  # training needs steps in every part
+            raise DataError(f"{path}: split must be three positive fractions summing to 1, got {split!r}")
     files = raw.get("files") or []
     if not isinstance(files, list):
         raise DataError(f"{path}: 'files' must be a list")
@@ -206,7 +209,7 @@ def card_reader_options(name: str) -> dict[str, Any]:
     """Keyword options of ``gman.data.readers.load_dataset`` for the data set of card ``name``.
 
     Keys: values_path, format, graph_path, graph_format, graph_sensor_ids,
-    graph_threshold, start_time, interval, missing_value, feature, key,
+    graph_threshold, unmatched_sensors, start_time, interval, missing_value, feature, key,
     sensor_ids, name, units, split (unset ones are left out, except
     missing_value, whose None means "NaN only").  Raises DataError when the
     card is unknown or a file it names is not in its data folder.
@@ -232,6 +235,7 @@ def card_reader_options(name: str) -> dict[str, Any]:
         "graph_format": card.graph.get("format"),
         "graph_sensor_ids": _data_file(card, card.graph.get("sensor_ids")),
         "graph_threshold": card.graph.get("threshold"),
+        "unmatched_sensors": card.graph.get("unmatched_sensors"),
         "start_time": card.raw.get("start_time"),
         "interval": card.raw.get("interval"),
         "name": card.name,
