@@ -127,6 +127,25 @@ def test_sensors_without_a_reading_in_the_window_are_forecast_with_a_warning(for
         forecaster.predict(series().iloc[:P])  # every sensor observed at least once: silent
 
 
+def test_a_sensor_whose_readings_are_all_none_is_missing_not_text(forecaster):
+    """JSON null makes an ``object`` column of None (all of them) or of numbers and None: readings, missing."""
+    frame = series().iloc[:P].fillna(50.0)
+    as_nan = frame.copy()
+    as_nan["400030"] = np.nan
+    as_nan.iloc[[0, 2], 1] = np.nan
+    with pytest.warns(UserWarning, match=r"1 of 5 sensors have no observed reading .*\['400030'\]"):
+        expected = forecaster.predict(as_nan)
+    as_none = frame.astype({"400017": object})
+    as_none["400030"] = None
+    as_none.iloc[[0, 2], 1] = None
+    assert as_none["400030"].dtype == object and as_none["400017"].dtype == object
+    with pytest.warns(UserWarning, match=r"1 of 5 sensors have no observed reading .*\['400030'\]"):
+        pd.testing.assert_frame_equal(forecaster.predict(as_none), expected)
+    for text in (["n/a"] + [None] * (P - 1), [True] * P, ["61.5"] * P):  # text, booleans, numbers written as text
+        with pytest.raises(ForecastInputError, match=r"^history: column '400030' is not numeric \(dtype "):
+            forecaster.predict(frame.assign(**{"400030": pd.Series(text, index=frame.index, dtype=object)}))
+
+
 def test_a_model_trained_in_a_time_zone_reads_every_history_on_its_clock(tmp_path):
     torch.manual_seed(0)
     model = GMAN(num_nodes=len(SENSORS), steps_per_day=288, se_dim=6, history_steps=P, horizon_steps=Q,

@@ -408,11 +408,9 @@ class Forecaster:
         if all(_is_number_dtype(d) for d in set(dtypes)):  # the usual case: read every column at once
             values = history.iloc[-p:].to_numpy(dtype=np.float32, na_value=np.nan)[:, positions]
         else:
-            for column in positions:
-                if not _is_number_dtype(dtypes[column]):
-                    name = str(history.columns[column])
-                    raise ForecastInputError(f"{where}: column {name!r} is not numeric (dtype {dtypes[column]})")
-            values = history.iloc[-p:, positions].to_numpy(dtype=np.float32, na_value=np.nan)
+            values = np.empty((p, len(positions)), dtype=np.float32)
+            for j, column in enumerate(positions):
+                values[:, j] = _readings(history.iloc[:, column], p, where)
         if np.isinf(values).any():
             step, sensor = np.argwhere(np.isinf(values))[0]
             raise ForecastInputError(
@@ -624,6 +622,29 @@ def _metadata_from_hparams(path: Path, hparams: dict[str, Any]) -> dict[str, Any
 
 def _is_number_dtype(dtype) -> bool:
     return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+
+
+# what pandas.api.types.infer_dtype calls an object column of numbers (and missing values) only
+_NUMBER_KINDS = frozenset({"empty", "integer", "floating", "mixed-integer-float", "decimal"})
+
+
+def _readings(column: pd.Series, p: int, where: str) -> np.ndarray:
+    """The last ``p`` values of a sensor column as float32 readings, NaN where missing.
+
+    A column of nothing but missing values, or of numbers and missing values in an ``object``
+    column, holds readings: that is what JSON ``null`` makes of a sensor without readings (all
+    None) and what ``None`` among numbers makes of a column. Text, booleans and dates do not.
+    """
+    if _is_number_dtype(column.dtype):
+        return column.iloc[-p:].to_numpy(dtype=np.float32, na_value=np.nan)
+    if column.isna().all():
+        return np.full(p, np.nan, dtype=np.float32)
+    if column.dtype == object and pd.api.types.infer_dtype(column, skipna=True) in _NUMBER_KINDS:
+        try:
+            return pd.to_numeric(column.iloc[-p:], errors="raise").to_numpy(dtype=np.float32, na_value=np.nan)
+        except (TypeError, ValueError, OverflowError):
+            pass  # e.g. an integer too large for any number type: refused below
+    raise ForecastInputError(f"{where}: column {str(column.name)!r} is not numeric (dtype {column.dtype})")
 
 
 def _where(key: Any, single: bool) -> str:
