@@ -146,6 +146,17 @@ def test_a_sensor_whose_readings_are_all_none_is_missing_not_text(forecaster):
             forecaster.predict(frame.assign(**{"400030": pd.Series(text, index=frame.index, dtype=object)}))
 
 
+@pytest.mark.parametrize("missing_input, meaning", [(0.0, r"the training mean \(60 mph\)"),
+                                                    ((0.0 - MEAN) / STD, "the scaler's missing input, i.e. a reading of 0 mph")])
+def test_the_warning_says_what_a_sensor_without_readings_is_fed_as(forecaster, tmp_path, missing_input, meaning):
+    path = pkg.save_package(tmp_path / "m", forecaster.model, scaler_mean=MEAN, scaler_std=STD, sensor_ids=SENSORS,
+                            interval=pd.Timedelta("5min"), missing_value=0.0, dataset_name="toy", units="mph",
+                            scaler_missing_input=missing_input)
+    frame = series().iloc[:P].fillna(50.0).assign(**{"400030": np.nan})
+    with pytest.warns(UserWarning, match=f"they are fed as {meaning}$"):
+        Forecaster.load(path).predict(frame)
+
+
 def test_a_model_trained_in_a_time_zone_reads_every_history_on_its_clock(tmp_path):
     torch.manual_seed(0)
     model = GMAN(num_nodes=len(SENSORS), steps_per_day=288, se_dim=6, history_steps=P, horizon_steps=Q,

@@ -426,10 +426,19 @@ class Forecaster:
             ids = [self._sensor_ids[i] for i in np.flatnonzero(silent)]
             warnings.warn(
                 f"{where}: {len(ids)} of {len(self._sensor_ids)} sensors have no observed reading in the last "
-                f"P={p} steps, e.g. {ids[:5]}; they are filled with the training mean",
+                f"P={p} steps, e.g. {ids[:5]}; they are fed as {self._missing_input_meaning()}",
                 stacklevel=3,
             )
         return values, mask, index[-p:]
+
+    def _missing_input_meaning(self) -> str:
+        """What the model sees at a missing reading, in the data's units: the training mean where the
+        scaler's missing input is 0, else the reading that normalises to it (0 for the authors' scaler)."""
+        reading = round(self._mean + self._missing_input * self._std, 6) + 0.0  # + 0.0: no "-0"
+        units = f" {self.units}" if self.units else ""
+        if self._missing_input == 0.0:
+            return f"the training mean ({reading:.4g}{units})"
+        return f"the scaler's missing input, i.e. a reading of {reading:.4g}{units}"
 
     def _column_positions(self, columns: pd.Index, where: str) -> tuple[np.ndarray, list[str]]:
         """Positions of the model's sensors among ``columns`` and the extra column names (last answer cached)."""
