@@ -185,15 +185,16 @@ def forecast_to_json_frame(forecast: pd.DataFrame, layout: str = "tidy") -> pd.D
 
 
 def signature_for(metadata: dict[str, Any]) -> ModelSignature:
-    """Inputs: ``timestamp``, optional ``history_id``, one optional column per sensor; outputs: the tidy
-    forecast; one parameter, ``layout`` ("tidy" or "wide", see the module docstring).
+    """Inputs: ``timestamp``, ``history_id``, one column per sensor; outputs: the tidy forecast; one
+    parameter, ``layout`` ("tidy" or "wide", see the module docstring).
 
-    Input columns are typed ``Any`` and sensor columns optional so that every
-    check happens in the Forecaster, whose one-line messages name the sensor or
-    column at fault. (MLflow's own enforcement would reject integer readings in
-    a ``double`` column, and datetime values in a ``string`` one.)
+    Input columns are typed ``Any`` and all optional, ``timestamp`` too, so that every
+    check happens in gman, whose one-line messages name the column at fault. (MLflow's
+    own enforcement would reject integer readings in a ``double`` column and datetime
+    values in a ``string`` one, and a missing required column in a 400 whose message
+    prints the whole input.)
     """
-    inputs = [ColSpec(AnyType(), TIMESTAMP_COLUMN), ColSpec(AnyType(), HISTORY_ID_COLUMN, required=False)]
+    inputs = [ColSpec(AnyType(), TIMESTAMP_COLUMN, required=False), ColSpec(AnyType(), HISTORY_ID_COLUMN, required=False)]
     inputs += [ColSpec(AnyType(), str(s), required=False) for s in metadata["sensor_ids"]]
     outputs = [
         ColSpec("string", HISTORY_ID_COLUMN, required=False),
