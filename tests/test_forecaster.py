@@ -433,10 +433,35 @@ def test_history_files_across_a_daylight_saving_change_are_read_as_instants(tmp_
     stamps = pd.date_range(start, periods=P + 6, freq="5min", name="timestamp")
     pd.DataFrame({"400001": 50.0}, index=stamps).to_csv(tmp_path / "h.csv")  # offsets -05:00 then -06:00
     assert read_history(tmp_path / "h.csv", "America/Chicago").index.equals(stamps)
-    assert read_history(tmp_path / "h.csv").index.equals(stamps.tz_convert("UTC"))
+    kept = read_history(tmp_path / "h.csv").index  # a model without a zone: each timestamp keeps its offset
+    assert [t.isoformat() for t in kept] == [t.isoformat() for t in stamps]
     pd.DataFrame({"timestamp": ["x"] * 3, "400001": 1.0}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ForecastInputError, match="does not hold timestamps"):
         read_history(tmp_path / "bad.csv")
+
+
+def test_a_history_across_a_daylight_saving_change_is_read_on_its_wall_clock_from_every_source(
+        forecaster, tmp_path, monkeypatch):
+    """A model without a zone reads a tz-aware history's wall clock; the same instants written with their UTC
+    offsets (an Index of Timestamps, or a file: what crossing a DST change gives) forecast the same."""
+    from gman.serving.cli import main
+
+    monkeypatch.setattr(Forecaster, "load", classmethod(lambda cls, source, **options: forecaster))
+    for utc_start in ("2024-11-03 06:30", "2024-03-10 07:30"):  # Chicago: clocks go back, then forward
+        stamps = pd.date_range(pd.Timestamp(utc_start, tz="UTC").tz_convert("America/Chicago"), periods=P + 2,
+                               freq="5min", name="timestamp")
+        frame = series(steps=P + 2).fillna(50.0).set_axis(stamps, axis=0)
+        expected = forecaster.predict(frame)
+        offsets = pd.Index([pd.Timestamp(t.isoformat()) for t in stamps], dtype=object)
+        assert {t.utcoffset() for t in offsets} == {pd.Timedelta(hours=-5), pd.Timedelta(hours=-6)}
+        pd.testing.assert_series_equal(forecaster.predict(frame.set_axis(offsets, axis=0))["prediction"],
+                                       expected["prediction"])
+        frame.to_csv(tmp_path / "dst.csv")
+        assert main("predict", ["--model", "m", "--input", str(tmp_path / "dst.csv"), "--output", str(tmp_path / "f.csv")]) == 0
+        written = pd.read_csv(tmp_path / "f.csv")
+        np.testing.assert_allclose(written["prediction"], expected["prediction"], rtol=1e-9)
+        assert (written["issued_at"] == str(stamps[-1])).all()  # the history's last offset, not UTC
+        assert not np.allclose(forecaster.predict(frame.tz_convert("UTC"))["prediction"], expected["prediction"], atol=1e-3)
 
 
 def test_history_files_whose_header_pandas_would_mend_are_refused(forecaster, tmp_path, monkeypatch):

@@ -316,7 +316,8 @@ def test_payload_timestamps_across_a_daylight_saving_change_are_read_as_instants
     payload = pd.DataFrame({"timestamp": [t.isoformat() for t in stamps], "400001": 50.0})
     assert payload["timestamp"].str[-6:].nunique() == 2  # -05:00, then -06:00
     assert frame_to_histories(payload, timezone="America/Chicago").index.equals(stamps.rename("timestamp"))
-    assert frame_to_histories(payload).index.equals(stamps.tz_convert("UTC").rename("timestamp"))
+    kept = frame_to_histories(payload).index  # a model without a zone: each timestamp keeps its own offset
+    assert [t.isoformat() for t in kept] == payload["timestamp"].tolist()
 
 
 # ----------------------------------------------------------------------------- MLflow's scoring app in process
@@ -378,3 +379,22 @@ def test_a_sensor_sent_as_null_throughout_is_forecast_as_missing(scoring_app, to
     assert answer.status_code == 200, answer.text[-300:]
     served = pd.DataFrame(answer.json()["predictions"])
     np.testing.assert_allclose(served["prediction"], expected["prediction"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("utc_start", ["2024-11-03 06:40", "2024-03-10 07:40"])  # Chicago: clocks back, forward
+def test_a_payload_across_a_daylight_saving_change_is_read_on_its_wall_clock_like_the_forecaster(
+        scoring_app, toy_package, utc_start):
+    """A model trained on naive timestamps reads the wall clock of a tz-aware history; the same instants sent as
+    ISO strings (offsets -05:00 and -06:00) give the same forecast, not one read in UTC, 5 or 6 hours off."""
+    stamps = pd.date_range(pd.Timestamp(utc_start, tz="UTC").tz_convert("America/Chicago"), periods=6, freq="5min")
+    frame = toy_history(steps=6).set_axis(stamps, axis=0)
+    forecaster = Forecaster.load(toy_package)
+    expected = forecaster.predict(frame)
+    payload = split_payload(frame)
+    assert len({row[0][-6:] for row in payload["dataframe_split"]["data"]}) == 2
+    answer = scoring_app.post("/invocations", json=payload)
+    assert answer.status_code == 200, answer.text[-300:]
+    served = pd.DataFrame(answer.json()["predictions"])
+    np.testing.assert_allclose(served["prediction"], expected["prediction"], rtol=0, atol=1e-5)
+    assert (served["issued_at"] == stamps[-1].isoformat()).all()  # in the history's last offset, not rewritten in UTC
+    assert not np.allclose(forecaster.predict(frame.tz_convert("UTC"))["prediction"], expected["prediction"], atol=1e-3)

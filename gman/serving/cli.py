@@ -263,12 +263,13 @@ def _parse_fractions(text: str) -> tuple[float, float, float]:
 def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
     """A history file -> DataFrame (DatetimeIndex x sensor-id columns); long tables are pivoted.
 
-    Timestamps with changing UTC offsets are written in ``timezone`` (the model's; UTC without one).
+    Timestamps with changing UTC offsets are written in ``timezone`` (the model's); without one each
+    keeps its offset (:func:`gman.serving.forecaster.history_index`).
     """
     import pandas as pd
 
-    from gman.data.dataset import parse_timestamps
     from gman.data.readers import check_csv_header
+    from gman.serving.forecaster import history_index
 
     if not path.is_file():
         raise DataError(f"{path}: no such history file")
@@ -305,7 +306,7 @@ def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
         return frame
     column = "timestamp" if "timestamp" in frame.columns else frame.columns[0]
     try:
-        index = pd.DatetimeIndex(parse_timestamps(frame[column], timezone or "UTC"), name="timestamp")
+        index = history_index(frame[column], timezone, "timestamp")
     except (TypeError, ValueError):
         raise ForecastInputError(f"{path}: column {column!r} does not hold timestamps (need a 'timestamp' column)") from None
     return frame.drop(columns=column).set_axis(index, axis=0)

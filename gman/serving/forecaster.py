@@ -42,7 +42,12 @@ Time zones. A model trained on tz-aware timestamps records their zone
 (:attr:`Forecaster.timezone`); a tz-aware history is converted to it before the
 time of day is read, so the same instants give the same forecast whatever zone
 they are written in. Naive histories are read as wall-clock time in that zone.
-The forecast's timestamps stay in the history's own zone.
+A model trained on naive timestamps reads the wall clock of a tz-aware history.
+An index of timestamps whose UTC offsets differ (what pandas keeps of ISO strings
+across a daylight-saving change: an object Index of Timestamps; see
+:func:`history_index`) is read as instants, each at its own offset's wall clock
+for a model without a zone (the future steps at the last one's offset). The
+forecast's timestamps stay in the history's own zone (the last offset there).
 
 Devices. ``device="cuda"`` (or ``GMAN_DEVICE``, or :meth:`Forecaster.to` later)
 runs the PyTorch network on that torch device; the histories are prepared on
@@ -51,6 +56,7 @@ over. A device other than the CPU implies ``backend="torch"``.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import sys
@@ -364,11 +370,11 @@ class Forecaster:
         if not frames:
             raise ForecastInputError("history: empty list/dict of histories")
 
-        prepared = [self.prepare(frame, _where(key, single)) for key, frame in zip(keys, frames)]
+        prepared = [self._prepare(frame, _where(key, single)) for key, frame in zip(keys, frames)]
         values = np.stack([p[0] for p in prepared])
         mask = np.stack([p[1] for p in prepared])
         windows = [self.window_index(p[2]) for p in prepared]  # [P+Q] timestamps each
-        time = np.stack([self.time_features(w) for w in windows])
+        time = np.stack([self._window_time_features(w, p[3]) for w, p in zip(windows, prepared)])
         predictions = self.predict_arrays(values, mask, time)  # [B, Q, N]
 
         p = self.history_steps
@@ -386,10 +392,16 @@ class Forecaster:
 
         Raises :class:`ForecastInputError` (one line) for a history the model cannot use.
         """
+        values, mask, index, _ = self._prepare(history, where)
+        return values, mask, index
+
+    def _prepare(self, history: pd.DataFrame, where: str) -> tuple[np.ndarray, np.ndarray, pd.DatetimeIndex, np.ndarray | None]:
+        """:meth:`prepare`, plus the UTC offsets (seconds) of the last P timestamps where the history's
+        index holds timestamps with different offsets (None otherwise)."""
         p = self.history_steps
         if not isinstance(history, pd.DataFrame):
             raise ForecastInputError(f"{where}: expected a pandas DataFrame, got {type(history).__name__}")
-        index = history.index
+        index, offsets = _instants(history.index, where)
         if not isinstance(index, pd.DatetimeIndex):
             raise ForecastInputError(
                 f"{where}: index must be a DatetimeIndex of timestamps, got {type(index).__name__} "
@@ -429,7 +441,7 @@ class Forecaster:
                 f"P={p} steps, e.g. {ids[:5]}; they are fed as {self._missing_input_meaning()}",
                 stacklevel=3,
             )
-        return values, mask, index[-p:]
+        return values, mask, index[-p:], None if offsets is None else offsets[-p:]
 
     def _missing_input_meaning(self) -> str:
         """What the model sees at a missing reading, in the data's units: the training mean where the
@@ -486,6 +498,16 @@ class Forecaster:
             f"{where}: irregular timestamps in the last P={self.history_steps} steps: {last[at] - last[at - 1]} "
             f"between {last[at - 1]} and {last[at]} (model interval {self._interval}; insert missing steps as NaN)"
         )
+
+    def _window_time_features(self, window: pd.DatetimeIndex, offsets: np.ndarray | None) -> np.ndarray:
+        """:meth:`time_features` of a P+Q window; with the UTC offsets of the P history timestamps (a history
+        whose offsets differ), a model without a zone reads each at its own wall clock, as it reads a
+        tz-aware index in its zone, and the future steps at the last one's offset."""
+        if offsets is None or self._timezone is not None:
+            return self.time_features(window)
+        clock = np.concatenate([offsets, np.repeat(offsets[-1:], len(window) - len(offsets))])
+        wall = window.tz_convert(None) + pd.to_timedelta(clock, unit="s")
+        return time_features(wall, self._interval)
 
     def future_index(self, issued_at: pd.Timestamp) -> pd.DatetimeIndex:
         """The Q target timestamps after ``issued_at``: issued_at + k * interval, k = 1..Q."""
@@ -654,6 +676,41 @@ def _readings(column: pd.Series, p: int, where: str) -> np.ndarray:
         except (TypeError, ValueError, OverflowError):
             pass  # e.g. an integer too large for any number type: refused below
     raise ForecastInputError(f"{where}: column {str(column.name)!r} is not numeric (dtype {column.dtype})")
+
+
+def _instants(index: pd.Index, where: str) -> tuple[pd.Index, np.ndarray | None]:
+    """A history's index, and None; or, for an index of tz-aware timestamps whose UTC offsets differ (what
+    pandas keeps of ISO strings across a daylight-saving change: an object Index), the same instants in
+    the last one's offset and each one's offset in seconds. Any other index is returned as it is."""
+    if isinstance(index, pd.DatetimeIndex) or index.dtype != object or len(index) == 0:
+        return index, None
+    if not all(t is pd.NaT or (isinstance(t, datetime.datetime) and t.tzinfo is not None) for t in index):
+        return index, None  # refused by the caller: not a DatetimeIndex
+    if any(t is pd.NaT for t in index):
+        raise ForecastInputError(f"{where}: index contains missing timestamps (NaT)")
+    offsets = np.array([t.utcoffset().total_seconds() for t in index], dtype=np.int64)
+    last = datetime.timezone(datetime.timedelta(seconds=int(offsets[-1])))
+    instants = pd.DatetimeIndex(pd.to_datetime(list(index), utc=True), name=index.name).tz_convert(last)
+    return instants, offsets
+
+
+def history_index(values: Any, timezone: str | None, name: str | None = None) -> pd.Index:
+    """Timestamps (ISO strings or datetimes) -> the index of a history, as :meth:`Forecaster.predict` reads it.
+
+    Values whose UTC offsets differ (a history across a daylight-saving change) are written in
+    ``timezone`` (the model's) when there is one; for a model without one they stay as they are, an
+    Index of Timestamps that keep their offsets, so each is read at its own wall clock as a tz-aware
+    index is. Raises ValueError or TypeError for values that are not timestamps.
+    """
+    from gman.data.dataset import MixedOffsetsError, parse_timestamps
+
+    try:
+        return pd.DatetimeIndex(parse_timestamps(values, timezone), name=name)
+    except MixedOffsetsError:
+        stamps = [pd.Timestamp(v) for v in values]
+        if any(t is not pd.NaT and t.tzinfo is None for t in stamps):
+            raise ValueError("some timestamps have a UTC offset and some have none") from None
+        return pd.Index(stamps, dtype=object, name=name)
 
 
 def _where(key: Any, single: bool) -> str:

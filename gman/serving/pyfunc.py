@@ -133,16 +133,18 @@ class InvalidHistory(MlflowException):
 def frame_to_histories(frame: Any, timezone: str | None = None) -> pd.DataFrame | dict[str, pd.DataFrame]:
     """Payload DataFrame (``timestamp`` column + sensor columns [+ ``history_id``]) -> history / dict of histories.
 
-    Timestamps whose UTC offsets differ (a history across a daylight-saving change) are read
-    as instants and written in ``timezone`` (the model's; UTC for a model without one).
+    Timestamps whose UTC offsets differ (a history across a daylight-saving change) are read as
+    instants and written in ``timezone`` (the model's); for a model without one each keeps its
+    offset, so the model reads its wall clock, as ``Forecaster.predict`` reads a tz-aware index
+    (see :func:`gman.serving.forecaster.history_index`).
     """
     if not isinstance(frame, pd.DataFrame):
         raise ForecastInputError(f"payload: expected a DataFrame (dataframe_split or dataframe_records), got {type(frame).__name__}")
     if TIMESTAMP_COLUMN in frame.columns:
-        from gman.data.dataset import parse_timestamps
+        from gman.serving.forecaster import history_index
 
         try:
-            index = pd.DatetimeIndex(parse_timestamps(frame[TIMESTAMP_COLUMN], timezone or "UTC"), name=TIMESTAMP_COLUMN)
+            index = history_index(frame[TIMESTAMP_COLUMN], timezone, TIMESTAMP_COLUMN)
         except (TypeError, ValueError) as err:
             raise ForecastInputError(f"payload: column {TIMESTAMP_COLUMN!r} holds values that are not timestamps ({err})") from None
         frame = frame.drop(columns=TIMESTAMP_COLUMN).set_axis(index, axis=0)
