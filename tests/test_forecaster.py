@@ -464,6 +464,33 @@ def test_a_history_across_a_daylight_saving_change_is_read_on_its_wall_clock_fro
         assert not np.allclose(forecaster.predict(frame.tz_convert("UTC"))["prediction"], expected["prediction"], atol=1e-3)
 
 
+def test_a_long_history_may_leave_out_missing_readings_and_keeps_ids_as_text(forecaster, tmp_path, monkeypatch):
+    """Rows left out of a long table are missing readings: a sensor without rows, a step without any; ids
+    with leading zeros stay text."""
+    from gman.serving.cli import main
+
+    ids = ["001", "017", "030", "040", "045"]
+    zeros = Forecaster.load(pkg.save_package(tmp_path / "m", forecaster.model, scaler_mean=MEAN, scaler_std=STD,
+                                             sensor_ids=ids, interval=pd.Timedelta("5min"), missing_value=0.0,
+                                             dataset_name="toy"))
+    monkeypatch.setattr(Forecaster, "load", classmethod(lambda cls, source, **options: zeros))
+    frame = series().iloc[:P + 2].set_axis(ids, axis=1)
+    frame["030"] = np.nan  # never read
+    frame.iloc[P - 1] = np.nan  # a step at which no sensor reported
+    with pytest.warns(UserWarning, match=r"1 of 5 sensors have no observed reading .*\['030'\]"):
+        expected = zeros.predict(frame)
+    long = frame.rename_axis("timestamp").reset_index().melt(id_vars="timestamp", var_name="sensor_id",
+                                                            value_name="value").dropna()
+    long.sample(frac=1.0, random_state=0).to_csv(tmp_path / "long.csv", index=False)
+    assert "030" not in set(long["sensor_id"]) and frame.index[P - 1] not in set(long["timestamp"])
+    out = tmp_path / "f.csv"
+    with pytest.warns(UserWarning, match=r"1 of 5 sensors have no observed reading .*\['030'\]"):
+        assert main("predict", ["--model", "m", "--input", str(tmp_path / "long.csv"), "--output", str(out)]) == 0
+    written = pd.read_csv(out, dtype={"sensor_id": str})
+    assert list(written["sensor_id"][:5]) == ids
+    np.testing.assert_allclose(written["prediction"], expected["prediction"], rtol=1e-9)
+
+
 def test_history_files_whose_header_pandas_would_mend_are_refused(forecaster, tmp_path, monkeypatch):
     from gman.serving.cli import main, read_history
 

@@ -12,8 +12,10 @@ checkpoint, an MLflow model folder or URI (``runs:/<id>/model``,
 
 *predict from a file*: a wide table, one row per time step, a ``timestamp``
 column (or a DatetimeIndex / first column of timestamps in Parquet / CSV) and
-one column per sensor id; or a long table with ``timestamp, sensor_id, value``.
-The tidy forecast (or ``--layout wide``) is written to ``--output``.
+one column per sensor id; or a long table with ``timestamp, sensor_id, value``,
+whose missing readings may be left out (a sensor or a step without rows: missing
+readings; ids are read as text, "007" stays). The tidy forecast (or ``--layout
+wide``) is written to ``--output``.
 
 *predict over a split*: rolling forecasts issued at every ``--stride``-th step
 of the data set's split (cards, ``synthetic`` or a file, read by
@@ -152,7 +154,8 @@ def predict_command(argv: list[str]) -> int:
 
     forecaster = Forecaster.load(args.model, device=args.device)
     if args.input is not None:
-        history = read_history(Path(args.input), forecaster.timezone)
+        history = read_history(Path(args.input), forecaster.timezone, sensor_ids=forecaster.sensor_ids,
+                               interval=forecaster.interval)
         forecast = forecaster.predict(history, layout=args.layout)
         with _atomic_path(output) as tmp:
             writer(forecast, tmp, index=args.layout == "wide")
@@ -260,14 +263,19 @@ def _parse_fractions(text: str) -> tuple[float, float, float]:
     return fractions  # type: ignore[return-value]
 
 
-def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
+def read_history(path: Path, timezone: str | None = None, *, sensor_ids: list[str] | None = None,
+                 interval: "pd.Timedelta | None" = None) -> "pd.DataFrame":
     """A history file -> DataFrame (DatetimeIndex x sensor-id columns); long tables are pivoted.
 
     Timestamps with changing UTC offsets are written in ``timezone`` (the model's); without one each
-    keeps its offset (:func:`gman.serving.forecaster.history_index`).
+    keeps its offset (:func:`gman.serving.forecaster.history_index`). A long table leaves missing
+    readings out: its ids are read as text ("007" stays), a sensor of ``sensor_ids`` (the model's)
+    without rows becomes a column of missing readings, and steps of ``interval`` without any row
+    become rows of missing readings.
     """
     import pandas as pd
 
+    from gman.data.graph import id_text
     from gman.data.readers import check_csv_header
     from gman.serving.forecaster import history_index
 
@@ -278,7 +286,7 @@ def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
         if suffix == ".csv":
             check_csv_header(path, "the file needs a header row (timestamp, then one sensor id per column; "
                                    "or timestamp, sensor_id, value)")
-            frame = pd.read_csv(path)
+            frame = pd.read_csv(path, dtype={"sensor_id": str})  # long format: ids as text, as the data readers do
         elif suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
         else:
@@ -294,12 +302,17 @@ def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
         found = list(frame.columns[:8]) + (["..."] if len(frame.columns) > 8 else [])
         raise DataError(f"{path}: a 'sensor_id' column makes this the long format, which needs columns "
                         f"{', '.join(long_columns)}: no {' or '.join(map(repr, missing))} column (columns found: {found})")
-    if set(long_columns) <= set(frame.columns):  # long layout
+    long = set(long_columns) <= set(frame.columns)
+    if long:
+        if frame["sensor_id"].isna().any():
+            row = int(np.argmax(frame["sensor_id"].isna().to_numpy()))
+            raise ForecastInputError(f"{path}: empty 'sensor_id' in data row {row + 1}")
+        frame = frame.assign(sensor_id=frame["sensor_id"].map(id_text))
         duplicated = frame.duplicated(["timestamp", "sensor_id"])
         if duplicated.any():
             row = frame[duplicated].iloc[0]
             raise ForecastInputError(f"{path}: two readings for sensor {row['sensor_id']!r} at {row['timestamp']}")
-        frame = frame.astype({"sensor_id": str}).pivot(index="timestamp", columns="sensor_id", values="value")
+        frame = frame.pivot(index="timestamp", columns="sensor_id", values="value")
         frame.columns.name = None
         frame = frame.reset_index()
     if isinstance(frame.index, pd.DatetimeIndex):
@@ -309,7 +322,34 @@ def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
         index = history_index(frame[column], timezone, "timestamp")
     except (TypeError, ValueError):
         raise ForecastInputError(f"{path}: column {column!r} does not hold timestamps (need a 'timestamp' column)") from None
-    return frame.drop(columns=column).set_axis(index, axis=0)
+    history = frame.drop(columns=column).set_axis(index, axis=0)
+    return _complete_long_history(history, sensor_ids, interval) if long else history
+
+
+def _complete_long_history(history: "pd.DataFrame", sensor_ids: list[str] | None,
+                           interval: "pd.Timedelta | None") -> "pd.DataFrame":
+    """A pivoted long table in time order, the model's sensors first (one without rows: all missing) and the
+    steps no row named as missing rows, on the ``interval`` grid its timestamps lie on.
+
+    A table that names none of the model's sensors is left as it is, for the Forecaster to refuse.
+    """
+    import pandas as pd
+
+    if sensor_ids is not None and not history.columns.intersection(sensor_ids).empty:
+        known = set(sensor_ids)
+        history = history.reindex(columns=[*sensor_ids, *(c for c in history.columns if c not in known)])
+    index = history.index
+    if not isinstance(index, pd.DatetimeIndex):  # offsets that change: order by instant, no grid to fill
+        instants = np.array([t.value for t in index], dtype=np.int64)
+        return history.iloc[np.argsort(instants, kind="stable")]
+    history = history.sort_index()  # the pivot ordered the timestamps as text
+    index = history.index
+    if interval is None or len(index) < 2 or index.hasnans or not index.is_unique:
+        return history  # the Forecaster says what is wrong with the timestamps
+    grid = pd.date_range(index[0], index[-1], freq=interval, unit=index.unit, name=index.name)
+    if len(grid) > len(index) and index.isin(grid).all():
+        history = history.reindex(grid)
+    return history
 
 
 def rolling_forecast(
