@@ -1,6 +1,7 @@
 """Forecaster: same numbers as the training pipeline, tidy output with ids and timestamps, one-line input errors."""
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -327,6 +328,28 @@ def test_gman_predict_from_csv_and_long_parquet(forecaster, tmp_path, monkeypatc
     with pytest.raises(ForecastInputError, match="the model needs at least P=6"):
         main("predict", ["--model", "m", "--input", str(tmp_path / "short.csv"), "--output", str(tmp_path / "g.csv")])
     assert not (tmp_path / "g.csv").exists()
+
+
+def test_gman_predict_errors_and_warnings_name_the_input_file(forecaster, tmp_path, monkeypatch):
+    from gman.serving.cli import main
+
+    monkeypatch.setattr(Forecaster, "load", classmethod(lambda cls, source, **options: forecaster))
+    frame = series().iloc[:P + 2].fillna(50.0).rename_axis("timestamp")
+    argv = ["--model", "m", "--output", str(tmp_path / "f.csv"), "--input"]
+    frame.iloc[:3].to_csv(tmp_path / "short.csv")
+    with pytest.raises(ForecastInputError, match=f"^{re.escape(str(tmp_path / 'short.csv'))}: 3 time steps, the model needs at least P=6$"):
+        main("predict", [*argv, str(tmp_path / "short.csv")])
+    frame.assign(**{"400030": np.nan}).to_csv(tmp_path / "silent.csv")
+    with pytest.warns(UserWarning, match=f"^{re.escape(str(tmp_path / 'silent.csv'))}: 1 of 5 sensors have no observed reading"):
+        assert main("predict", [*argv, str(tmp_path / "silent.csv")]) == 0
+    # no timestamp column: the first sensor's readings are no timestamps (pandas would read them as nanoseconds)
+    frame.to_csv(tmp_path / "no_time.csv", index=False)
+    with pytest.raises(ForecastInputError, match=f"^{re.escape(str(tmp_path / 'no_time.csv'))}: needs a 'timestamp' column \\(the first "
+                                                 "column, '400001', holds numbers such as [0-9.]+, not timestamps\\)$"):
+        main("predict", [*argv, str(tmp_path / "no_time.csv")])
+    frame.reset_index(drop=True).rename_axis("timestamp").to_csv(tmp_path / "step_numbers.csv")
+    with pytest.raises(ForecastInputError, match="step_numbers.csv: column 'timestamp' holds numbers \\(0, ...\\), not timestamps"):
+        main("predict", [*argv, str(tmp_path / "step_numbers.csv")])
 
 
 def test_gman_predict_over_a_dataset_split(forecaster, tmp_path, monkeypatch):

@@ -156,7 +156,7 @@ def predict_command(argv: list[str]) -> int:
     if args.input is not None:
         history = read_history(Path(args.input), forecaster.timezone, sensor_ids=forecaster.sensor_ids,
                                interval=forecaster.interval)
-        forecast = forecaster.predict(history, layout=args.layout)
+        forecast = forecaster.predict(history, layout=args.layout, where=args.input)
         with _atomic_path(output) as tmp:
             writer(forecast, tmp, index=args.layout == "wide")
         print(f"{len(forecast)} rows -> {output}")
@@ -317,7 +317,15 @@ def read_history(path: Path, timezone: str | None = None, *, sensor_ids: list[st
         frame = frame.reset_index()
     if isinstance(frame.index, pd.DatetimeIndex):
         return frame
+    if frame.shape[1] == 0 or len(frame) == 0:
+        raise ForecastInputError(f"{path}: no {'columns' if frame.shape[1] == 0 else 'data rows'}")
     column = "timestamp" if "timestamp" in frame.columns else frame.columns[0]
+    if pd.api.types.is_numeric_dtype(frame[column]):  # pandas would read numbers as nanoseconds since 1970
+        first = frame[column].iloc[:1].tolist()[0]
+        if column == "timestamp":
+            raise ForecastInputError(f"{path}: column 'timestamp' holds numbers ({first!r}, ...), not timestamps")
+        raise ForecastInputError(f"{path}: needs a 'timestamp' column (the first column, {column!r}, holds "
+                                 f"numbers such as {first!r}, not timestamps)")
     try:
         index = history_index(frame[column], timezone, "timestamp")
     except (TypeError, ValueError):

@@ -346,14 +346,15 @@ class Forecaster:
         )
 
     # --------------------------------------------------------------- prediction
-    def predict(self, history: History, *, layout: str = "tidy") -> pd.DataFrame:
+    def predict(self, history: History, *, layout: str = "tidy", where: str = "history") -> pd.DataFrame:
         """Forecast the next Q steps after the last timestamp of ``history``.
 
         ``history`` is one DataFrame (DatetimeIndex x sensor-id columns), or a
         list / dict of them, predicted as one batch. With several histories the
         result gains a leading ``history`` column (list position or dict key).
         ``layout="wide"`` returns target_time x sensor_id instead (rows indexed
-        by (history, target_time) for several histories).
+        by (history, target_time) for several histories). Errors and warnings name the
+        history ``where`` (``where[key]`` for one of several), e.g. the file it came from.
         """
         if layout not in ("tidy", "wide"):
             raise ForecastInputError(f"layout: {layout!r} is not 'tidy' or 'wide'")
@@ -365,12 +366,12 @@ class Forecaster:
             keys, frames, single = list(range(len(history))), list(history), False
         else:
             raise ForecastInputError(
-                f"history: expected a DataFrame or a list/dict of DataFrames, got {type(history).__name__}"
+                f"{where}: expected a DataFrame or a list/dict of DataFrames, got {type(history).__name__}"
             )
         if not frames:
-            raise ForecastInputError("history: empty list/dict of histories")
+            raise ForecastInputError(f"{where}: empty list/dict of histories")
 
-        prepared = [self._prepare(frame, _where(key, single)) for key, frame in zip(keys, frames)]
+        prepared = [self._prepare(frame, where if single else f"{where}[{key!r}]") for key, frame in zip(keys, frames)]
         values = np.stack([p[0] for p in prepared])
         mask = np.stack([p[1] for p in prepared])
         windows = [self.window_index(p[2]) for p in prepared]  # [P+Q] timestamps each
@@ -711,10 +712,6 @@ def history_index(values: Any, timezone: str | None, name: str | None = None) ->
         if any(t is not pd.NaT and t.tzinfo is None for t in stamps):
             raise ValueError("some timestamps have a UTC offset and some have none") from None
         return pd.Index(stamps, dtype=object, name=name)
-
-
-def _where(key: Any, single: bool) -> str:
-    return "history" if single else f"history[{key!r}]"
 
 
 def _find_package(folder: Path) -> Path | None:
