@@ -352,6 +352,43 @@ def test_gman_predict_errors_and_warnings_name_the_input_file(forecaster, tmp_pa
         main("predict", [*argv, str(tmp_path / "step_numbers.csv")])
 
 
+@pytest.mark.parametrize("mode", [["--input", "h.csv"], ["--dataset", "synthetic"]])
+def test_gman_predict_refuses_an_unwritable_output_before_loading_the_model(tmp_path, monkeypatch, mode):
+    from gman.serving.cli import main
+
+    def no_load(cls, source, **options):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(Forecaster, "load", classmethod(no_load))
+    (tmp_path / "f.csv").mkdir()
+    (tmp_path / "plain").write_text("a file\n")
+    (tmp_path / "g_errors_by_sensor.csv").mkdir()  # where --dataset writes its per-sensor table beside g.csv
+    cases = [(tmp_path / "f.csv", f"--output: {tmp_path / 'f.csv'} is a folder; name a file"),
+             (tmp_path / "plain" / "f.csv", f"--output: {tmp_path / 'plain' / 'f.csv'} cannot be written: "
+                                            f"{tmp_path / 'plain'} is a file, not a folder")]
+    if mode[0] == "--dataset":
+        cases.append((tmp_path / "g.csv", f"--output: {tmp_path / 'g_errors_by_sensor.csv'} is a folder; name a file"))
+    for output, message in cases:
+        with pytest.raises(ConfigError) as err:
+            main("predict", ["--model", "m", *mode, "--output", str(output)])
+        assert str(err.value) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.csv", "g_errors_by_sensor.csv", "plain"]
+
+
+def test_an_output_that_fails_at_writing_time_is_a_one_line_error(tmp_path):
+    from gman.serving.cli import _atomic_path
+
+    (tmp_path / "plain").write_text("a file\n")
+    with pytest.raises(ConfigError, match=r"^--output: cannot write .*plain/f.csv \(File exists\)$"):
+        with _atomic_path(tmp_path / "plain" / "f.csv"):
+            raise AssertionError("not reached")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ConfigError, match=r"^--output: cannot write .*taken \(Is a directory\)$"):
+        with _atomic_path(tmp_path / "taken") as tmp:
+            tmp.write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "taken"]  # the temporary file is gone
+
+
 def test_gman_predict_over_a_dataset_split(forecaster, tmp_path, monkeypatch):
     from gman.serving.cli import main
 

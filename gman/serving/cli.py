@@ -43,7 +43,9 @@ maps). ``--into-package`` adds the graph to a package folder as ``model.onnx``;
 ``Forecaster`` (and so ``gman predict`` / ``gman serve``) then runs it with ONNX
 Runtime when that is installed (``GMAN_BACKEND=torch`` forces PyTorch).
 
-Every file is written under a temporary name and renamed when complete.
+Every file is written under a temporary name and renamed when complete; an
+``--output`` that cannot be written (a folder, a path under a file) is refused
+before the model is loaded.
 """
 from __future__ import annotations
 
@@ -97,19 +99,42 @@ def main(command: str, argv: list[str]) -> int:
 
 
 @contextlib.contextmanager
-def _atomic_path(path: Path):
-    """Yield a temporary path beside ``path``; rename it to ``path`` when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+def _atomic_path(path: Path, option: str = "--output"):
+    """Yield a temporary path beside ``path``; rename it to ``path`` when the block succeeds.
+
+    A path that cannot be written is a one-line error naming ``option``, the argument it came from.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    except OSError as err:
+        raise ConfigError(f"{option}: cannot write {path} ({err.strerror or err})") from None
     os.close(handle)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            raise ConfigError(f"{option}: cannot write {path} ({err.strerror or err})") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def check_output_path(path: Path, option: str) -> None:
+    """Refuse, before any work, an output file that could not be written: a folder, or a path under a
+    file; the folders still missing are made when it is written."""
+    if path.is_dir():
+        raise ConfigError(f"{option}: {path} is a folder; name a file")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"{option}: {path} cannot be written: {parent} is a file, not a folder")
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option}: {path} cannot be written: no permission to write in {parent}")
 
 
 def _umask() -> int:
@@ -150,6 +175,10 @@ def predict_command(argv: list[str]) -> int:
 
     output = Path(args.output)
     writer = _frame_writer(output, "--output")
+    check_output_path(output, "--output")
+    if args.dataset is not None:  # the files written beside it
+        for suffix in ("_errors_by_sensor.csv", *(() if args.no_plots else ("_vs_truth.png", "_error_map.png"))):
+            check_output_path(output.with_name(f"{output.stem}{suffix}"), "--output")
     from gman.serving.forecaster import Forecaster
 
     forecaster = Forecaster.load(args.model, device=args.device)
@@ -735,9 +764,11 @@ def export_command(argv: list[str]) -> int:
     suffix = EXPORT_SUFFIXES[args.format]
     if args.output is not None and Path(args.output).suffix.lower() != suffix:
         parser.error(f"--output: {args.output} must end in {suffix} for --format {args.format}")
-    forecaster = Forecaster.load(args.model, backend="torch")
     default = "gman-model.onnx" if args.format == "onnx" else "gman-model.pt2"
     output = Path(args.output or default)
+    if not args.into_package:
+        check_output_path(output, "--output")
+    forecaster = Forecaster.load(args.model, backend="torch")
     if args.into_package:
         with tempfile.TemporaryDirectory(prefix="gman-export-") as tmp:
             difference = export_onnx(forecaster, Path(tmp) / pkg.ONNX_FILE, check=not args.no_check)
