@@ -273,6 +273,37 @@ def test_a_file_that_is_no_model_is_refused_in_one_plain_line(tmp_path, capsys):
         assert capsys.readouterr().err == f"gman: error: {message}\n"  # nothing else: no torch warning either
 
 
+def test_exported_files_and_the_metadata_file_are_refused_with_what_they_are(forecaster, tmp_path, capsys):
+    """Only a real pickle or zip checkpoint is said to hold refused Python objects; an exported graph or program
+    is named as such, and gman.json points to its folder."""
+    import zipfile
+
+    from gman.cli import main as gman_main
+
+    onnx_bytes = b"\x08\n\x12\x07pytorch\x1a\x042.13" + bytes(range(64))  # how gman export's ONNX files begin
+    (tmp_path / "m.onnx").write_bytes(onnx_bytes)
+    (tmp_path / "graph.bin").write_bytes(onnx_bytes)
+    with zipfile.ZipFile(tmp_path / "m.pt2", "w") as archive:  # torch.export.save writes a zip archive
+        archive.writestr("m/archive_format", "pt2")
+    not_a_model = "not a gman model (package folder, Lightning checkpoint or MLflow model): "
+    cases = {
+        tmp_path / "m.onnx": f"{not_a_model}an exported ONNX graph, which runs with onnxruntime",
+        tmp_path / "m.pt2": f"{not_a_model}an exported torch.export program, which loads with torch.export.load",
+        tmp_path / "graph.bin": f"{not_a_model}torch cannot read it as a checkpoint",
+    }
+    for path, message in cases.items():
+        with pytest.raises(DataError) as err:
+            Forecaster.load(path)
+        assert str(err.value).startswith(f"{path}: {message}"), str(err.value)
+        assert "Python objects" not in str(err.value) and "\n" not in str(err.value)
+    saved = pkg.save_package(tmp_path / "package", forecaster.model, scaler_mean=MEAN, scaler_std=STD,
+                             sensor_ids=SENSORS, interval=pd.Timedelta("5min"), missing_value=0.0, dataset_name="toy")
+    argv = ["predict", "--model", str(saved / "gman.json"), "--input", "h.csv", "--output", str(tmp_path / "f.csv")]
+    assert gman_main(argv) == 2
+    assert capsys.readouterr().err == (f"gman: error: {saved / 'gman.json'}: the metadata file of a gman package; "
+                                       f"give its folder, {saved}\n")
+
+
 def test_checkpoint_without_package_metadata_takes_the_ids_from_the_runs_package(forecaster, tmp_path):
     """A checkpoint of only hyper_parameters and weights, in <run>/checkpoints/, beside <run>/model."""
     meta = forecaster.metadata

@@ -234,15 +234,23 @@ class Forecaster:
 
         torch = _import_torch()
         path = Path(path)
+        not_a_model = f"{path}: not a gman model (package folder, Lightning checkpoint or MLflow model)"
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch's note on the pickle protocol of files it then refuses
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # UnpicklingError for non-weights content, RuntimeError/KeyError... for other files
+            if path.name == pkg.METADATA_FILE:
+                raise DataError(f"{path}: the metadata file of a gman package; give its folder, {path.parent}") from None
+            exported = _EXPORTED_FILES.get(path.suffix.lower())
+            if exported is not None:
+                raise DataError(f"{not_a_model}: {exported}; give the package folder it was exported from") from None
+            # torch reads any file that is no zip archive as a legacy pickle, and says "weights only" of
+            # text or an ONNX graph too: only a real pickle or checkpoint holds refused Python objects
+            refused = isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower()
             why = ("it holds Python objects beyond tensors and plain containers, which a weights-only load refuses"
-                   if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower()
-                   else "torch cannot read it as a checkpoint")
-            raise DataError(f"{path}: not a gman model (package folder, Lightning checkpoint or MLflow model): {why}") from None
+                   if refused and _is_pickle_or_zip(path) else "torch cannot read it as a checkpoint")
+            raise DataError(f"{not_a_model}: {why}") from None
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise DataError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
         state = {}
@@ -712,6 +720,23 @@ def history_index(values: Any, timezone: str | None, name: str | None = None) ->
         if any(t is not pd.NaT and t.tzinfo is None for t in stamps):
             raise ValueError("some timestamps have a UTC offset and some have none") from None
         return pd.Index(stamps, dtype=object, name=name)
+
+
+# what gman export writes, which Forecaster.load does not read: suffix -> what the file is and what runs it
+_EXPORTED_FILES = {
+    ".onnx": "an exported ONNX graph, which runs with onnxruntime (or inside a package: gman export --into-package)",
+    ".pt2": "an exported torch.export program, which loads with torch.export.load",
+}
+
+
+def _is_pickle_or_zip(path: Path) -> bool:
+    """Does the file start as a pickle (protocol 2+) or a zip archive (torch.save's format) does?"""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"
 
 
 def _find_package(folder: Path) -> Path | None:
