@@ -6,8 +6,9 @@
     >>> Forecaster.to_wide(forecast)                         # target_time x sensor_id
 
 ``history`` holds at least the last P steps at the model's interval. Missing
-readings are NaN or the package's missing value. The forecast is tidy: one row
-per (sensor, future step)::
+readings are NaN (or None: a column of None alone, or of numbers and None, as
+JSON nulls make it) or the package's missing value. The forecast is tidy: one
+row per (sensor, future step)::
 
     sensor_id      str        one of forecaster.sensor_ids
     issued_at      Timestamp  last observed timestamp of the history
