@@ -344,9 +344,14 @@ def toy_package(tmp_path_factory) -> Path:
 @pytest.fixture
 def scoring_app(toy_package, tmp_path, monkeypatch):
     """The app `mlflow models serve` runs (FastAPI, MLflow's schema check and error handling), in process."""
+    import warnings
+
     import mlflow.pyfunc
-    from fastapi.testclient import TestClient
     from mlflow.pyfunc import scoring_server
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")  # starlette's own note
+        from fastapi.testclient import TestClient
 
     from gman.serving.pyfunc import save_model
 
@@ -375,7 +380,8 @@ def test_a_sensor_sent_as_null_throughout_is_forecast_as_missing(scoring_app, to
     frame = toy_history().assign(b=np.nan)  # null in every row of the payload
     with pytest.warns(UserWarning, match=r"1 of 3 sensors have no observed reading .*\['b'\]"):
         expected = Forecaster.load(toy_package).predict(frame)
-    answer = scoring_app.post("/invocations", json=split_payload(frame))
+    with pytest.warns(UserWarning, match=r"1 of 3 sensors have no observed reading .*\['b'\]"):
+        answer = scoring_app.post("/invocations", json=split_payload(frame))
     assert answer.status_code == 200, answer.text[-300:]
     served = pd.DataFrame(answer.json()["predictions"])
     np.testing.assert_allclose(served["prediction"], expected["prediction"], rtol=0, atol=1e-5)
