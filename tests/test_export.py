@@ -100,3 +100,20 @@ def test_export_refuses_an_output_whose_extension_is_not_the_formats(package, tm
     with pytest.raises(GmanError, match=f"--output: .*{output} must end in {suffix} for --format {fmt}") as err:
         serving_main("export", ["--model", str(package), "--format", fmt, "--output", str(tmp_path / output)])
     assert "\n" not in str(err.value) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fmt, name", [("onnx", "m.onnx"), ("torch-export", "m.pt2")])
+def test_export_refuses_an_unwritable_output_before_loading_the_model(package, tmp_path, monkeypatch, fmt, name):
+    def no_load(cls, source, **options):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(Forecaster, "load", classmethod(no_load))
+    (tmp_path / name).mkdir()  # a folder with the file's name
+    (tmp_path / "plain").write_text("a file\n")
+    for output, message in [(tmp_path / name, f"--output: {tmp_path / name} is a folder; name a file"),
+                            (tmp_path / "plain" / "sub" / name,
+                             f"--output: {tmp_path / 'plain' / 'sub' / name} cannot be written: {tmp_path / 'plain'} is a file")]:
+        with pytest.raises(GmanError) as err:
+            serving_main("export", ["--model", str(package), "--format", fmt, "--output", str(output)])
+        assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "plain"]) and not list((tmp_path / name).iterdir())

@@ -1,6 +1,7 @@
 """Forecaster: same numbers as the training pipeline, tidy output with ids and timestamps, one-line input errors."""
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -127,6 +128,36 @@ def test_sensors_without_a_reading_in_the_window_are_forecast_with_a_warning(for
         forecaster.predict(series().iloc[:P])  # every sensor observed at least once: silent
 
 
+def test_a_sensor_whose_readings_are_all_none_is_missing_not_text(forecaster):
+    """JSON null makes an ``object`` column of None (all of them) or of numbers and None: readings, missing."""
+    frame = series().iloc[:P].fillna(50.0)
+    as_nan = frame.copy()
+    as_nan["400030"] = np.nan
+    as_nan.iloc[[0, 2], 1] = np.nan
+    with pytest.warns(UserWarning, match=r"1 of 5 sensors have no observed reading .*\['400030'\]"):
+        expected = forecaster.predict(as_nan)
+    as_none = frame.astype({"400017": object})
+    as_none["400030"] = None
+    as_none.iloc[[0, 2], 1] = None
+    assert as_none["400030"].dtype == object and as_none["400017"].dtype == object
+    with pytest.warns(UserWarning, match=r"1 of 5 sensors have no observed reading .*\['400030'\]"):
+        pd.testing.assert_frame_equal(forecaster.predict(as_none), expected)
+    for text in (["n/a"] + [None] * (P - 1), [True] * P, ["61.5"] * P):  # text, booleans, numbers written as text
+        with pytest.raises(ForecastInputError, match=r"^history: column '400030' is not numeric \(dtype "):
+            forecaster.predict(frame.assign(**{"400030": pd.Series(text, index=frame.index, dtype=object)}))
+
+
+@pytest.mark.parametrize("missing_input, meaning", [(0.0, r"the training mean \(60 mph\)"),
+                                                    ((0.0 - MEAN) / STD, "the scaler's missing input, i.e. a reading of 0 mph")])
+def test_the_warning_says_what_a_sensor_without_readings_is_fed_as(forecaster, tmp_path, missing_input, meaning):
+    path = pkg.save_package(tmp_path / "m", forecaster.model, scaler_mean=MEAN, scaler_std=STD, sensor_ids=SENSORS,
+                            interval=pd.Timedelta("5min"), missing_value=0.0, dataset_name="toy", units="mph",
+                            scaler_missing_input=missing_input)
+    frame = series().iloc[:P].fillna(50.0).assign(**{"400030": np.nan})
+    with pytest.warns(UserWarning, match=f"they are fed as {meaning}$"):
+        Forecaster.load(path).predict(frame)
+
+
 def test_a_model_trained_in_a_time_zone_reads_every_history_on_its_clock(tmp_path):
     torch.manual_seed(0)
     model = GMAN(num_nodes=len(SENSORS), steps_per_day=288, se_dim=6, history_steps=P, horizon_steps=Q,
@@ -242,6 +273,37 @@ def test_a_file_that_is_no_model_is_refused_in_one_plain_line(tmp_path, capsys):
         assert capsys.readouterr().err == f"gman: error: {message}\n"  # nothing else: no torch warning either
 
 
+def test_exported_files_and_the_metadata_file_are_refused_with_what_they_are(forecaster, tmp_path, capsys):
+    """Only a real pickle or zip checkpoint is said to hold refused Python objects; an exported graph or program
+    is named as such, and gman.json points to its folder."""
+    import zipfile
+
+    from gman.cli import main as gman_main
+
+    onnx_bytes = b"\x08\n\x12\x07pytorch\x1a\x042.13" + bytes(range(64))  # how gman export's ONNX files begin
+    (tmp_path / "m.onnx").write_bytes(onnx_bytes)
+    (tmp_path / "graph.bin").write_bytes(onnx_bytes)
+    with zipfile.ZipFile(tmp_path / "m.pt2", "w") as archive:  # torch.export.save writes a zip archive
+        archive.writestr("m/archive_format", "pt2")
+    not_a_model = "not a gman model (package folder, Lightning checkpoint or MLflow model): "
+    cases = {
+        tmp_path / "m.onnx": f"{not_a_model}an exported ONNX graph, which runs with onnxruntime",
+        tmp_path / "m.pt2": f"{not_a_model}an exported torch.export program, which loads with torch.export.load",
+        tmp_path / "graph.bin": f"{not_a_model}torch cannot read it as a checkpoint",
+    }
+    for path, message in cases.items():
+        with pytest.raises(DataError) as err:
+            Forecaster.load(path)
+        assert str(err.value).startswith(f"{path}: {message}"), str(err.value)
+        assert "Python objects" not in str(err.value) and "\n" not in str(err.value)
+    saved = pkg.save_package(tmp_path / "package", forecaster.model, scaler_mean=MEAN, scaler_std=STD,
+                             sensor_ids=SENSORS, interval=pd.Timedelta("5min"), missing_value=0.0, dataset_name="toy")
+    argv = ["predict", "--model", str(saved / "gman.json"), "--input", "h.csv", "--output", str(tmp_path / "f.csv")]
+    assert gman_main(argv) == 2
+    assert capsys.readouterr().err == (f"gman: error: {saved / 'gman.json'}: the metadata file of a gman package; "
+                                       f"give its folder, {saved}\n")
+
+
 def test_checkpoint_without_package_metadata_takes_the_ids_from_the_runs_package(forecaster, tmp_path):
     """A checkpoint of only hyper_parameters and weights, in <run>/checkpoints/, beside <run>/model."""
     meta = forecaster.metadata
@@ -297,6 +359,65 @@ def test_gman_predict_from_csv_and_long_parquet(forecaster, tmp_path, monkeypatc
     with pytest.raises(ForecastInputError, match="the model needs at least P=6"):
         main("predict", ["--model", "m", "--input", str(tmp_path / "short.csv"), "--output", str(tmp_path / "g.csv")])
     assert not (tmp_path / "g.csv").exists()
+
+
+def test_gman_predict_errors_and_warnings_name_the_input_file(forecaster, tmp_path, monkeypatch):
+    from gman.serving.cli import main
+
+    monkeypatch.setattr(Forecaster, "load", classmethod(lambda cls, source, **options: forecaster))
+    frame = series().iloc[:P + 2].fillna(50.0).rename_axis("timestamp")
+    argv = ["--model", "m", "--output", str(tmp_path / "f.csv"), "--input"]
+    frame.iloc[:3].to_csv(tmp_path / "short.csv")
+    with pytest.raises(ForecastInputError, match=f"^{re.escape(str(tmp_path / 'short.csv'))}: 3 time steps, the model needs at least P=6$"):
+        main("predict", [*argv, str(tmp_path / "short.csv")])
+    frame.assign(**{"400030": np.nan}).to_csv(tmp_path / "silent.csv")
+    with pytest.warns(UserWarning, match=f"^{re.escape(str(tmp_path / 'silent.csv'))}: 1 of 5 sensors have no observed reading"):
+        assert main("predict", [*argv, str(tmp_path / "silent.csv")]) == 0
+    # no timestamp column: the first sensor's readings are no timestamps (pandas would read them as nanoseconds)
+    frame.to_csv(tmp_path / "no_time.csv", index=False)
+    with pytest.raises(ForecastInputError, match=f"^{re.escape(str(tmp_path / 'no_time.csv'))}: needs a 'timestamp' column \\(the first "
+                                                 "column, '400001', holds numbers such as [0-9.]+, not timestamps\\)$"):
+        main("predict", [*argv, str(tmp_path / "no_time.csv")])
+    frame.reset_index(drop=True).rename_axis("timestamp").to_csv(tmp_path / "step_numbers.csv")
+    with pytest.raises(ForecastInputError, match="step_numbers.csv: column 'timestamp' holds numbers \\(0, ...\\), not timestamps"):
+        main("predict", [*argv, str(tmp_path / "step_numbers.csv")])
+
+
+@pytest.mark.parametrize("mode", [["--input", "h.csv"], ["--dataset", "synthetic"]])
+def test_gman_predict_refuses_an_unwritable_output_before_loading_the_model(tmp_path, monkeypatch, mode):
+    from gman.serving.cli import main
+
+    def no_load(cls, source, **options):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(Forecaster, "load", classmethod(no_load))
+    (tmp_path / "f.csv").mkdir()
+    (tmp_path / "plain").write_text("a file\n")
+    (tmp_path / "g_errors_by_sensor.csv").mkdir()  # where --dataset writes its per-sensor table beside g.csv
+    cases = [(tmp_path / "f.csv", f"--output: {tmp_path / 'f.csv'} is a folder; name a file"),
+             (tmp_path / "plain" / "f.csv", f"--output: {tmp_path / 'plain' / 'f.csv'} cannot be written: "
+                                            f"{tmp_path / 'plain'} is a file, not a folder")]
+    if mode[0] == "--dataset":
+        cases.append((tmp_path / "g.csv", f"--output: {tmp_path / 'g_errors_by_sensor.csv'} is a folder; name a file"))
+    for output, message in cases:
+        with pytest.raises(ConfigError) as err:
+            main("predict", ["--model", "m", *mode, "--output", str(output)])
+        assert str(err.value) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.csv", "g_errors_by_sensor.csv", "plain"]
+
+
+def test_an_output_that_fails_at_writing_time_is_a_one_line_error(tmp_path):
+    from gman.serving.cli import _atomic_path
+
+    (tmp_path / "plain").write_text("a file\n")
+    with pytest.raises(ConfigError, match=r"^--output: cannot write .*plain/f.csv \(File exists\)$"):
+        with _atomic_path(tmp_path / "plain" / "f.csv"):
+            raise AssertionError("not reached")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ConfigError, match=r"^--output: cannot write .*taken \(Is a directory\)$"):
+        with _atomic_path(tmp_path / "taken") as tmp:
+            tmp.write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "taken"]  # the temporary file is gone
 
 
 def test_gman_predict_over_a_dataset_split(forecaster, tmp_path, monkeypatch):
@@ -403,10 +524,62 @@ def test_history_files_across_a_daylight_saving_change_are_read_as_instants(tmp_
     stamps = pd.date_range(start, periods=P + 6, freq="5min", name="timestamp")
     pd.DataFrame({"400001": 50.0}, index=stamps).to_csv(tmp_path / "h.csv")  # offsets -05:00 then -06:00
     assert read_history(tmp_path / "h.csv", "America/Chicago").index.equals(stamps)
-    assert read_history(tmp_path / "h.csv").index.equals(stamps.tz_convert("UTC"))
+    kept = read_history(tmp_path / "h.csv").index  # a model without a zone: each timestamp keeps its offset
+    assert [t.isoformat() for t in kept] == [t.isoformat() for t in stamps]
     pd.DataFrame({"timestamp": ["x"] * 3, "400001": 1.0}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ForecastInputError, match="does not hold timestamps"):
         read_history(tmp_path / "bad.csv")
+
+
+def test_a_history_across_a_daylight_saving_change_is_read_on_its_wall_clock_from_every_source(
+        forecaster, tmp_path, monkeypatch):
+    """A model without a zone reads a tz-aware history's wall clock; the same instants written with their UTC
+    offsets (an Index of Timestamps, or a file: what crossing a DST change gives) forecast the same."""
+    from gman.serving.cli import main
+
+    monkeypatch.setattr(Forecaster, "load", classmethod(lambda cls, source, **options: forecaster))
+    for utc_start in ("2024-11-03 06:30", "2024-03-10 07:30"):  # Chicago: clocks go back, then forward
+        stamps = pd.date_range(pd.Timestamp(utc_start, tz="UTC").tz_convert("America/Chicago"), periods=P + 2,
+                               freq="5min", name="timestamp")
+        frame = series(steps=P + 2).fillna(50.0).set_axis(stamps, axis=0)
+        expected = forecaster.predict(frame)
+        offsets = pd.Index([pd.Timestamp(t.isoformat()) for t in stamps], dtype=object)
+        assert {t.utcoffset() for t in offsets} == {pd.Timedelta(hours=-5), pd.Timedelta(hours=-6)}
+        pd.testing.assert_series_equal(forecaster.predict(frame.set_axis(offsets, axis=0))["prediction"],
+                                       expected["prediction"])
+        frame.to_csv(tmp_path / "dst.csv")
+        assert main("predict", ["--model", "m", "--input", str(tmp_path / "dst.csv"), "--output", str(tmp_path / "f.csv")]) == 0
+        written = pd.read_csv(tmp_path / "f.csv")
+        np.testing.assert_allclose(written["prediction"], expected["prediction"], rtol=1e-9)
+        assert (written["issued_at"] == str(stamps[-1])).all()  # the history's last offset, not UTC
+        assert not np.allclose(forecaster.predict(frame.tz_convert("UTC"))["prediction"], expected["prediction"], atol=1e-3)
+
+
+def test_a_long_history_may_leave_out_missing_readings_and_keeps_ids_as_text(forecaster, tmp_path, monkeypatch):
+    """Rows left out of a long table are missing readings: a sensor without rows, a step without any; ids
+    with leading zeros stay text."""
+    from gman.serving.cli import main
+
+    ids = ["001", "017", "030", "040", "045"]
+    zeros = Forecaster.load(pkg.save_package(tmp_path / "m", forecaster.model, scaler_mean=MEAN, scaler_std=STD,
+                                             sensor_ids=ids, interval=pd.Timedelta("5min"), missing_value=0.0,
+                                             dataset_name="toy"))
+    monkeypatch.setattr(Forecaster, "load", classmethod(lambda cls, source, **options: zeros))
+    frame = series().iloc[:P + 2].set_axis(ids, axis=1)
+    frame["030"] = np.nan  # never read
+    frame.iloc[P - 1] = np.nan  # a step at which no sensor reported
+    with pytest.warns(UserWarning, match=r"1 of 5 sensors have no observed reading .*\['030'\]"):
+        expected = zeros.predict(frame)
+    long = frame.rename_axis("timestamp").reset_index().melt(id_vars="timestamp", var_name="sensor_id",
+                                                            value_name="value").dropna()
+    long.sample(frac=1.0, random_state=0).to_csv(tmp_path / "long.csv", index=False)
+    assert "030" not in set(long["sensor_id"]) and frame.index[P - 1] not in set(long["timestamp"])
+    out = tmp_path / "f.csv"
+    with pytest.warns(UserWarning, match=r"1 of 5 sensors have no observed reading .*\['030'\]"):
+        assert main("predict", ["--model", "m", "--input", str(tmp_path / "long.csv"), "--output", str(out)]) == 0
+    written = pd.read_csv(out, dtype={"sensor_id": str})
+    assert list(written["sensor_id"][:5]) == ids
+    np.testing.assert_allclose(written["prediction"], expected["prediction"], rtol=1e-9)
 
 
 def test_history_files_whose_header_pandas_would_mend_are_refused(forecaster, tmp_path, monkeypatch):

@@ -316,4 +316,91 @@ def test_payload_timestamps_across_a_daylight_saving_change_are_read_as_instants
     payload = pd.DataFrame({"timestamp": [t.isoformat() for t in stamps], "400001": 50.0})
     assert payload["timestamp"].str[-6:].nunique() == 2  # -05:00, then -06:00
     assert frame_to_histories(payload, timezone="America/Chicago").index.equals(stamps.rename("timestamp"))
-    assert frame_to_histories(payload).index.equals(stamps.tz_convert("UTC").rename("timestamp"))
+    kept = frame_to_histories(payload).index  # a model without a zone: each timestamp keeps its own offset
+    assert [t.isoformat() for t in kept] == payload["timestamp"].tolist()
+
+
+# ----------------------------------------------------------------------------- MLflow's scoring app in process
+
+TOY_SENSORS = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def toy_package(tmp_path_factory) -> Path:
+    """A small untrained package (no time zone: trained on naive timestamps), P = 4, Q = 2."""
+    import torch
+
+    from gman.model import GMAN
+    from gman.serving.package import save_package
+
+    torch.manual_seed(0)
+    model = GMAN(num_nodes=3, steps_per_day=288, se_dim=4, history_steps=4, horizon_steps=2, num_layers=1,
+                 num_heads=2, head_dim=4)
+    model.set_spatial_embedding(torch.randn(3, 4))
+    return save_package(tmp_path_factory.mktemp("toy") / "package", model.eval(), scaler_mean=50.0, scaler_std=9.0,
+                        sensor_ids=TOY_SENSORS, interval=pd.Timedelta("5min"), missing_value=0.0, dataset_name="toy")
+
+
+@pytest.fixture
+def scoring_app(toy_package, tmp_path, monkeypatch):
+    """The app `mlflow models serve` runs (FastAPI, MLflow's schema check and error handling), in process."""
+    import warnings
+
+    import mlflow.pyfunc
+    from mlflow.pyfunc import scoring_server
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")  # starlette's own note
+        from fastapi.testclient import TestClient
+
+    from gman.serving.pyfunc import save_model
+
+    monkeypatch.delenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", raising=False)  # init() sets it; restored afterwards
+    model = mlflow.pyfunc.load_model(str(save_model(toy_package, tmp_path / "mlflow-model")))
+    with TestClient(scoring_server.init(model)) as client:
+        yield client
+
+
+def toy_history(start: str = "2024-03-04 07:00", steps: int = 6) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    index = pd.date_range(start, periods=steps, freq="5min")
+    return pd.DataFrame(50 + 9 * rng.standard_normal((steps, 3)), index=index, columns=TOY_SENSORS).round(3)
+
+
+def test_payloads_without_timestamps_get_gmans_one_line_400(scoring_app):
+    no_timestamp = split_payload(toy_history())
+    no_timestamp["dataframe_split"]["columns"][0] = "time"
+    for payload in (no_timestamp, {"dataframe_split": {"columns": [], "data": []}}):
+        answer = scoring_app.post("/invocations", json=payload)
+        assert answer.status_code == 400, answer.text[-300:]
+        assert answer.json()["message"] == "payload: needs a 'timestamp' column with the time of each row"
+
+
+def test_a_sensor_sent_as_null_throughout_is_forecast_as_missing(scoring_app, toy_package):
+    frame = toy_history().assign(b=np.nan)  # null in every row of the payload
+    with pytest.warns(UserWarning, match=r"1 of 3 sensors have no observed reading .*\['b'\]"):
+        expected = Forecaster.load(toy_package).predict(frame)
+    with pytest.warns(UserWarning, match=r"1 of 3 sensors have no observed reading .*\['b'\]"):
+        answer = scoring_app.post("/invocations", json=split_payload(frame))
+    assert answer.status_code == 200, answer.text[-300:]
+    served = pd.DataFrame(answer.json()["predictions"])
+    np.testing.assert_allclose(served["prediction"], expected["prediction"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("utc_start", ["2024-11-03 06:40", "2024-03-10 07:40"])  # Chicago: clocks back, forward
+def test_a_payload_across_a_daylight_saving_change_is_read_on_its_wall_clock_like_the_forecaster(
+        scoring_app, toy_package, utc_start):
+    """A model trained on naive timestamps reads the wall clock of a tz-aware history; the same instants sent as
+    ISO strings (offsets -05:00 and -06:00) give the same forecast, not one read in UTC, 5 or 6 hours off."""
+    stamps = pd.date_range(pd.Timestamp(utc_start, tz="UTC").tz_convert("America/Chicago"), periods=6, freq="5min")
+    frame = toy_history(steps=6).set_axis(stamps, axis=0)
+    forecaster = Forecaster.load(toy_package)
+    expected = forecaster.predict(frame)
+    payload = split_payload(frame)
+    assert len({row[0][-6:] for row in payload["dataframe_split"]["data"]}) == 2
+    answer = scoring_app.post("/invocations", json=payload)
+    assert answer.status_code == 200, answer.text[-300:]
+    served = pd.DataFrame(answer.json()["predictions"])
+    np.testing.assert_allclose(served["prediction"], expected["prediction"], rtol=0, atol=1e-5)
+    assert (served["issued_at"] == stamps[-1].isoformat()).all()  # in the history's last offset, not rewritten in UTC
+    assert not np.allclose(forecaster.predict(frame.tz_convert("UTC"))["prediction"], expected["prediction"], atol=1e-3)

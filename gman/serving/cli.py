@@ -12,8 +12,10 @@ checkpoint, an MLflow model folder or URI (``runs:/<id>/model``,
 
 *predict from a file*: a wide table, one row per time step, a ``timestamp``
 column (or a DatetimeIndex / first column of timestamps in Parquet / CSV) and
-one column per sensor id; or a long table with ``timestamp, sensor_id, value``.
-The tidy forecast (or ``--layout wide``) is written to ``--output``.
+one column per sensor id; or a long table with ``timestamp, sensor_id, value``,
+whose missing readings may be left out (a sensor or a step without rows: missing
+readings; ids are read as text, "007" stays). The tidy forecast (or ``--layout
+wide``) is written to ``--output``.
 
 *predict over a split*: rolling forecasts issued at every ``--stride``-th step
 of the data set's split (cards, ``synthetic`` or a file, read by
@@ -41,7 +43,9 @@ maps). ``--into-package`` adds the graph to a package folder as ``model.onnx``;
 ``Forecaster`` (and so ``gman predict`` / ``gman serve``) then runs it with ONNX
 Runtime when that is installed (``GMAN_BACKEND=torch`` forces PyTorch).
 
-Every file is written under a temporary name and renamed when complete.
+Every file is written under a temporary name and renamed when complete; an
+``--output`` that cannot be written (a folder, a path under a file) is refused
+before the model is loaded.
 """
 from __future__ import annotations
 
@@ -95,19 +99,42 @@ def main(command: str, argv: list[str]) -> int:
 
 
 @contextlib.contextmanager
-def _atomic_path(path: Path):
-    """Yield a temporary path beside ``path``; rename it to ``path`` when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+def _atomic_path(path: Path, option: str = "--output"):
+    """Yield a temporary path beside ``path``; rename it to ``path`` when the block succeeds.
+
+    A path that cannot be written is a one-line error naming ``option``, the argument it came from.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    except OSError as err:
+        raise ConfigError(f"{option}: cannot write {path} ({err.strerror or err})") from None
     os.close(handle)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            raise ConfigError(f"{option}: cannot write {path} ({err.strerror or err})") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def check_output_path(path: Path, option: str) -> None:
+    """Refuse, before any work, an output file that could not be written: a folder, or a path under a
+    file; the folders still missing are made when it is written."""
+    if path.is_dir():
+        raise ConfigError(f"{option}: {path} is a folder; name a file")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"{option}: {path} cannot be written: {parent} is a file, not a folder")
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option}: {path} cannot be written: no permission to write in {parent}")
 
 
 def _umask() -> int:
@@ -148,12 +175,17 @@ def predict_command(argv: list[str]) -> int:
 
     output = Path(args.output)
     writer = _frame_writer(output, "--output")
+    check_output_path(output, "--output")
+    if args.dataset is not None:  # the files written beside it
+        for suffix in ("_errors_by_sensor.csv", *(() if args.no_plots else ("_vs_truth.png", "_error_map.png"))):
+            check_output_path(output.with_name(f"{output.stem}{suffix}"), "--output")
     from gman.serving.forecaster import Forecaster
 
     forecaster = Forecaster.load(args.model, device=args.device)
     if args.input is not None:
-        history = read_history(Path(args.input), forecaster.timezone)
-        forecast = forecaster.predict(history, layout=args.layout)
+        history = read_history(Path(args.input), forecaster.timezone, sensor_ids=forecaster.sensor_ids,
+                               interval=forecaster.interval)
+        forecast = forecaster.predict(history, layout=args.layout, where=args.input)
         with _atomic_path(output) as tmp:
             writer(forecast, tmp, index=args.layout == "wide")
         print(f"{len(forecast)} rows -> {output}")
@@ -260,15 +292,21 @@ def _parse_fractions(text: str) -> tuple[float, float, float]:
     return fractions  # type: ignore[return-value]
 
 
-def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
+def read_history(path: Path, timezone: str | None = None, *, sensor_ids: list[str] | None = None,
+                 interval: "pd.Timedelta | None" = None) -> "pd.DataFrame":
     """A history file -> DataFrame (DatetimeIndex x sensor-id columns); long tables are pivoted.
 
-    Timestamps with changing UTC offsets are written in ``timezone`` (the model's; UTC without one).
+    Timestamps with changing UTC offsets are written in ``timezone`` (the model's); without one each
+    keeps its offset (:func:`gman.serving.forecaster.history_index`). A long table leaves missing
+    readings out: its ids are read as text ("007" stays), a sensor of ``sensor_ids`` (the model's)
+    without rows becomes a column of missing readings, and steps of ``interval`` without any row
+    become rows of missing readings.
     """
     import pandas as pd
 
-    from gman.data.dataset import parse_timestamps
+    from gman.data.graph import id_text
     from gman.data.readers import check_csv_header
+    from gman.serving.forecaster import history_index
 
     if not path.is_file():
         raise DataError(f"{path}: no such history file")
@@ -277,7 +315,7 @@ def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
         if suffix == ".csv":
             check_csv_header(path, "the file needs a header row (timestamp, then one sensor id per column; "
                                    "or timestamp, sensor_id, value)")
-            frame = pd.read_csv(path)
+            frame = pd.read_csv(path, dtype={"sensor_id": str})  # long format: ids as text, as the data readers do
         elif suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
         else:
@@ -293,22 +331,62 @@ def read_history(path: Path, timezone: str | None = None) -> "pd.DataFrame":
         found = list(frame.columns[:8]) + (["..."] if len(frame.columns) > 8 else [])
         raise DataError(f"{path}: a 'sensor_id' column makes this the long format, which needs columns "
                         f"{', '.join(long_columns)}: no {' or '.join(map(repr, missing))} column (columns found: {found})")
-    if set(long_columns) <= set(frame.columns):  # long layout
+    long = set(long_columns) <= set(frame.columns)
+    if long:
+        if frame["sensor_id"].isna().any():
+            row = int(np.argmax(frame["sensor_id"].isna().to_numpy()))
+            raise ForecastInputError(f"{path}: empty 'sensor_id' in data row {row + 1}")
+        frame = frame.assign(sensor_id=frame["sensor_id"].map(id_text))
         duplicated = frame.duplicated(["timestamp", "sensor_id"])
         if duplicated.any():
             row = frame[duplicated].iloc[0]
             raise ForecastInputError(f"{path}: two readings for sensor {row['sensor_id']!r} at {row['timestamp']}")
-        frame = frame.astype({"sensor_id": str}).pivot(index="timestamp", columns="sensor_id", values="value")
+        frame = frame.pivot(index="timestamp", columns="sensor_id", values="value")
         frame.columns.name = None
         frame = frame.reset_index()
     if isinstance(frame.index, pd.DatetimeIndex):
         return frame
+    if frame.shape[1] == 0 or len(frame) == 0:
+        raise ForecastInputError(f"{path}: no {'columns' if frame.shape[1] == 0 else 'data rows'}")
     column = "timestamp" if "timestamp" in frame.columns else frame.columns[0]
+    if pd.api.types.is_numeric_dtype(frame[column]):  # pandas would read numbers as nanoseconds since 1970
+        first = frame[column].iloc[:1].tolist()[0]
+        if column == "timestamp":
+            raise ForecastInputError(f"{path}: column 'timestamp' holds numbers ({first!r}, ...), not timestamps")
+        raise ForecastInputError(f"{path}: needs a 'timestamp' column (the first column, {column!r}, holds "
+                                 f"numbers such as {first!r}, not timestamps)")
     try:
-        index = pd.DatetimeIndex(parse_timestamps(frame[column], timezone or "UTC"), name="timestamp")
+        index = history_index(frame[column], timezone, "timestamp")
     except (TypeError, ValueError):
         raise ForecastInputError(f"{path}: column {column!r} does not hold timestamps (need a 'timestamp' column)") from None
-    return frame.drop(columns=column).set_axis(index, axis=0)
+    history = frame.drop(columns=column).set_axis(index, axis=0)
+    return _complete_long_history(history, sensor_ids, interval) if long else history
+
+
+def _complete_long_history(history: "pd.DataFrame", sensor_ids: list[str] | None,
+                           interval: "pd.Timedelta | None") -> "pd.DataFrame":
+    """A pivoted long table in time order, the model's sensors first (one without rows: all missing) and the
+    steps no row named as missing rows, on the ``interval`` grid its timestamps lie on.
+
+    A table that names none of the model's sensors is left as it is, for the Forecaster to refuse.
+    """
+    import pandas as pd
+
+    if sensor_ids is not None and not history.columns.intersection(sensor_ids).empty:
+        known = set(sensor_ids)
+        history = history.reindex(columns=[*sensor_ids, *(c for c in history.columns if c not in known)])
+    index = history.index
+    if not isinstance(index, pd.DatetimeIndex):  # offsets that change: order by instant, no grid to fill
+        instants = np.array([t.value for t in index], dtype=np.int64)
+        return history.iloc[np.argsort(instants, kind="stable")]
+    history = history.sort_index()  # the pivot ordered the timestamps as text
+    index = history.index
+    if interval is None or len(index) < 2 or index.hasnans or not index.is_unique:
+        return history  # the Forecaster says what is wrong with the timestamps
+    grid = pd.date_range(index[0], index[-1], freq=interval, unit=index.unit, name=index.name)
+    if len(grid) > len(index) and index.isin(grid).all():
+        history = history.reindex(grid)
+    return history
 
 
 def rolling_forecast(
@@ -686,9 +764,11 @@ def export_command(argv: list[str]) -> int:
     suffix = EXPORT_SUFFIXES[args.format]
     if args.output is not None and Path(args.output).suffix.lower() != suffix:
         parser.error(f"--output: {args.output} must end in {suffix} for --format {args.format}")
-    forecaster = Forecaster.load(args.model, backend="torch")
     default = "gman-model.onnx" if args.format == "onnx" else "gman-model.pt2"
     output = Path(args.output or default)
+    if not args.into_package:
+        check_output_path(output, "--output")
+    forecaster = Forecaster.load(args.model, backend="torch")
     if args.into_package:
         with tempfile.TemporaryDirectory(prefix="gman-export-") as tmp:
             difference = export_onnx(forecaster, Path(tmp) / pkg.ONNX_FILE, check=not args.no_check)

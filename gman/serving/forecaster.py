@@ -6,8 +6,9 @@
     >>> Forecaster.to_wide(forecast)                         # target_time x sensor_id
 
 ``history`` holds at least the last P steps at the model's interval. Missing
-readings are NaN or the package's missing value. The forecast is tidy: one row
-per (sensor, future step)::
+readings are NaN (or None: a column of None alone, or of numbers and None, as
+JSON nulls make it) or the package's missing value. The forecast is tidy: one
+row per (sensor, future step)::
 
     sensor_id      str        one of forecaster.sensor_ids
     issued_at      Timestamp  last observed timestamp of the history
@@ -42,7 +43,12 @@ Time zones. A model trained on tz-aware timestamps records their zone
 (:attr:`Forecaster.timezone`); a tz-aware history is converted to it before the
 time of day is read, so the same instants give the same forecast whatever zone
 they are written in. Naive histories are read as wall-clock time in that zone.
-The forecast's timestamps stay in the history's own zone.
+A model trained on naive timestamps reads the wall clock of a tz-aware history.
+An index of timestamps whose UTC offsets differ (what pandas keeps of ISO strings
+across a daylight-saving change: an object Index of Timestamps; see
+:func:`history_index`) is read as instants, each at its own offset's wall clock
+for a model without a zone (the future steps at the last one's offset). The
+forecast's timestamps stay in the history's own zone (the last offset there).
 
 Devices. ``device="cuda"`` (or ``GMAN_DEVICE``, or :meth:`Forecaster.to` later)
 runs the PyTorch network on that torch device; the histories are prepared on
@@ -51,6 +57,7 @@ over. A device other than the CPU implies ``backend="torch"``.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import sys
@@ -228,15 +235,23 @@ class Forecaster:
 
         torch = _import_torch()
         path = Path(path)
+        not_a_model = f"{path}: not a gman model (package folder, Lightning checkpoint or MLflow model)"
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch's note on the pickle protocol of files it then refuses
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # UnpicklingError for non-weights content, RuntimeError/KeyError... for other files
+            if path.name == pkg.METADATA_FILE:
+                raise DataError(f"{path}: the metadata file of a gman package; give its folder, {path.parent}") from None
+            exported = _EXPORTED_FILES.get(path.suffix.lower())
+            if exported is not None:
+                raise DataError(f"{not_a_model}: {exported}; give the package folder it was exported from") from None
+            # torch reads any file that is no zip archive as a legacy pickle, and says "weights only" of
+            # text or an ONNX graph too: only a real pickle or checkpoint holds refused Python objects
+            refused = isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower()
             why = ("it holds Python objects beyond tensors and plain containers, which a weights-only load refuses"
-                   if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower()
-                   else "torch cannot read it as a checkpoint")
-            raise DataError(f"{path}: not a gman model (package folder, Lightning checkpoint or MLflow model): {why}") from None
+                   if refused and _is_pickle_or_zip(path) else "torch cannot read it as a checkpoint")
+            raise DataError(f"{not_a_model}: {why}") from None
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise DataError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
         state = {}
@@ -340,14 +355,15 @@ class Forecaster:
         )
 
     # --------------------------------------------------------------- prediction
-    def predict(self, history: History, *, layout: str = "tidy") -> pd.DataFrame:
+    def predict(self, history: History, *, layout: str = "tidy", where: str = "history") -> pd.DataFrame:
         """Forecast the next Q steps after the last timestamp of ``history``.
 
         ``history`` is one DataFrame (DatetimeIndex x sensor-id columns), or a
         list / dict of them, predicted as one batch. With several histories the
         result gains a leading ``history`` column (list position or dict key).
         ``layout="wide"`` returns target_time x sensor_id instead (rows indexed
-        by (history, target_time) for several histories).
+        by (history, target_time) for several histories). Errors and warnings name the
+        history ``where`` (``where[key]`` for one of several), e.g. the file it came from.
         """
         if layout not in ("tidy", "wide"):
             raise ForecastInputError(f"layout: {layout!r} is not 'tidy' or 'wide'")
@@ -359,16 +375,16 @@ class Forecaster:
             keys, frames, single = list(range(len(history))), list(history), False
         else:
             raise ForecastInputError(
-                f"history: expected a DataFrame or a list/dict of DataFrames, got {type(history).__name__}"
+                f"{where}: expected a DataFrame or a list/dict of DataFrames, got {type(history).__name__}"
             )
         if not frames:
-            raise ForecastInputError("history: empty list/dict of histories")
+            raise ForecastInputError(f"{where}: empty list/dict of histories")
 
-        prepared = [self.prepare(frame, _where(key, single)) for key, frame in zip(keys, frames)]
+        prepared = [self._prepare(frame, where if single else f"{where}[{key!r}]") for key, frame in zip(keys, frames)]
         values = np.stack([p[0] for p in prepared])
         mask = np.stack([p[1] for p in prepared])
         windows = [self.window_index(p[2]) for p in prepared]  # [P+Q] timestamps each
-        time = np.stack([self.time_features(w) for w in windows])
+        time = np.stack([self._window_time_features(w, p[3]) for w, p in zip(windows, prepared)])
         predictions = self.predict_arrays(values, mask, time)  # [B, Q, N]
 
         p = self.history_steps
@@ -386,10 +402,16 @@ class Forecaster:
 
         Raises :class:`ForecastInputError` (one line) for a history the model cannot use.
         """
+        values, mask, index, _ = self._prepare(history, where)
+        return values, mask, index
+
+    def _prepare(self, history: pd.DataFrame, where: str) -> tuple[np.ndarray, np.ndarray, pd.DatetimeIndex, np.ndarray | None]:
+        """:meth:`prepare`, plus the UTC offsets (seconds) of the last P timestamps where the history's
+        index holds timestamps with different offsets (None otherwise)."""
         p = self.history_steps
         if not isinstance(history, pd.DataFrame):
             raise ForecastInputError(f"{where}: expected a pandas DataFrame, got {type(history).__name__}")
-        index = history.index
+        index, offsets = _instants(history.index, where)
         if not isinstance(index, pd.DatetimeIndex):
             raise ForecastInputError(
                 f"{where}: index must be a DatetimeIndex of timestamps, got {type(index).__name__} "
@@ -408,11 +430,9 @@ class Forecaster:
         if all(_is_number_dtype(d) for d in set(dtypes)):  # the usual case: read every column at once
             values = history.iloc[-p:].to_numpy(dtype=np.float32, na_value=np.nan)[:, positions]
         else:
-            for column in positions:
-                if not _is_number_dtype(dtypes[column]):
-                    name = str(history.columns[column])
-                    raise ForecastInputError(f"{where}: column {name!r} is not numeric (dtype {dtypes[column]})")
-            values = history.iloc[-p:, positions].to_numpy(dtype=np.float32, na_value=np.nan)
+            values = np.empty((p, len(positions)), dtype=np.float32)
+            for j, column in enumerate(positions):
+                values[:, j] = _readings(history.iloc[:, column], p, where)
         if np.isinf(values).any():
             step, sensor = np.argwhere(np.isinf(values))[0]
             raise ForecastInputError(
@@ -428,10 +448,19 @@ class Forecaster:
             ids = [self._sensor_ids[i] for i in np.flatnonzero(silent)]
             warnings.warn(
                 f"{where}: {len(ids)} of {len(self._sensor_ids)} sensors have no observed reading in the last "
-                f"P={p} steps, e.g. {ids[:5]}; they are filled with the training mean",
+                f"P={p} steps, e.g. {ids[:5]}; they are fed as {self._missing_input_meaning()}",
                 stacklevel=3,
             )
-        return values, mask, index[-p:]
+        return values, mask, index[-p:], None if offsets is None else offsets[-p:]
+
+    def _missing_input_meaning(self) -> str:
+        """What the model sees at a missing reading, in the data's units: the training mean where the
+        scaler's missing input is 0, else the reading that normalises to it (0 for the authors' scaler)."""
+        reading = round(self._mean + self._missing_input * self._std, 6) + 0.0  # + 0.0: no "-0"
+        units = f" {self.units}" if self.units else ""
+        if self._missing_input == 0.0:
+            return f"the training mean ({reading:.4g}{units})"
+        return f"the scaler's missing input, i.e. a reading of {reading:.4g}{units}"
 
     def _column_positions(self, columns: pd.Index, where: str) -> tuple[np.ndarray, list[str]]:
         """Positions of the model's sensors among ``columns`` and the extra column names (last answer cached)."""
@@ -479,6 +508,16 @@ class Forecaster:
             f"{where}: irregular timestamps in the last P={self.history_steps} steps: {last[at] - last[at - 1]} "
             f"between {last[at - 1]} and {last[at]} (model interval {self._interval}; insert missing steps as NaN)"
         )
+
+    def _window_time_features(self, window: pd.DatetimeIndex, offsets: np.ndarray | None) -> np.ndarray:
+        """:meth:`time_features` of a P+Q window; with the UTC offsets of the P history timestamps (a history
+        whose offsets differ), a model without a zone reads each at its own wall clock, as it reads a
+        tz-aware index in its zone, and the future steps at the last one's offset."""
+        if offsets is None or self._timezone is not None:
+            return self.time_features(window)
+        clock = np.concatenate([offsets, np.repeat(offsets[-1:], len(window) - len(offsets))])
+        wall = window.tz_convert(None) + pd.to_timedelta(clock, unit="s")
+        return time_features(wall, self._interval)
 
     def future_index(self, issued_at: pd.Timestamp) -> pd.DatetimeIndex:
         """The Q target timestamps after ``issued_at``: issued_at + k * interval, k = 1..Q."""
@@ -626,8 +665,79 @@ def _is_number_dtype(dtype) -> bool:
     return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
 
 
-def _where(key: Any, single: bool) -> str:
-    return "history" if single else f"history[{key!r}]"
+# what pandas.api.types.infer_dtype calls an object column of numbers (and missing values) only
+_NUMBER_KINDS = frozenset({"empty", "integer", "floating", "mixed-integer-float", "decimal"})
+
+
+def _readings(column: pd.Series, p: int, where: str) -> np.ndarray:
+    """The last ``p`` values of a sensor column as float32 readings, NaN where missing.
+
+    A column of nothing but missing values, or of numbers and missing values in an ``object``
+    column, holds readings: that is what JSON ``null`` makes of a sensor without readings (all
+    None) and what ``None`` among numbers makes of a column. Text, booleans and dates do not.
+    """
+    if _is_number_dtype(column.dtype):
+        return column.iloc[-p:].to_numpy(dtype=np.float32, na_value=np.nan)
+    if column.isna().all():
+        return np.full(p, np.nan, dtype=np.float32)
+    if column.dtype == object and pd.api.types.infer_dtype(column, skipna=True) in _NUMBER_KINDS:
+        try:
+            return pd.to_numeric(column.iloc[-p:], errors="raise").to_numpy(dtype=np.float32, na_value=np.nan)
+        except (TypeError, ValueError, OverflowError):
+            pass  # e.g. an integer too large for any number type: refused below
+    raise ForecastInputError(f"{where}: column {str(column.name)!r} is not numeric (dtype {column.dtype})")
+
+
+def _instants(index: pd.Index, where: str) -> tuple[pd.Index, np.ndarray | None]:
+    """A history's index, and None; or, for an index of tz-aware timestamps whose UTC offsets differ (what
+    pandas keeps of ISO strings across a daylight-saving change: an object Index), the same instants in
+    the last one's offset and each one's offset in seconds. Any other index is returned as it is."""
+    if isinstance(index, pd.DatetimeIndex) or index.dtype != object or len(index) == 0:
+        return index, None
+    if not all(t is pd.NaT or (isinstance(t, datetime.datetime) and t.tzinfo is not None) for t in index):
+        return index, None  # refused by the caller: not a DatetimeIndex
+    if any(t is pd.NaT for t in index):
+        raise ForecastInputError(f"{where}: index contains missing timestamps (NaT)")
+    offsets = np.array([t.utcoffset().total_seconds() for t in index], dtype=np.int64)
+    last = datetime.timezone(datetime.timedelta(seconds=int(offsets[-1])))
+    instants = pd.DatetimeIndex(pd.to_datetime(list(index), utc=True), name=index.name).tz_convert(last)
+    return instants, offsets
+
+
+def history_index(values: Any, timezone: str | None, name: str | None = None) -> pd.Index:
+    """Timestamps (ISO strings or datetimes) -> the index of a history, as :meth:`Forecaster.predict` reads it.
+
+    Values whose UTC offsets differ (a history across a daylight-saving change) are written in
+    ``timezone`` (the model's) when there is one; for a model without one they stay as they are, an
+    Index of Timestamps that keep their offsets, so each is read at its own wall clock as a tz-aware
+    index is. Raises ValueError or TypeError for values that are not timestamps.
+    """
+    from gman.data.dataset import MixedOffsetsError, parse_timestamps
+
+    try:
+        return pd.DatetimeIndex(parse_timestamps(values, timezone), name=name)
+    except MixedOffsetsError:
+        stamps = [pd.Timestamp(v) for v in values]
+        if any(t is not pd.NaT and t.tzinfo is None for t in stamps):
+            raise ValueError("some timestamps have a UTC offset and some have none") from None
+        return pd.Index(stamps, dtype=object, name=name)
+
+
+# what gman export writes, which Forecaster.load does not read: suffix -> what the file is and what runs it
+_EXPORTED_FILES = {
+    ".onnx": "an exported ONNX graph, which runs with onnxruntime (or inside a package: gman export --into-package)",
+    ".pt2": "an exported torch.export program, which loads with torch.export.load",
+}
+
+
+def _is_pickle_or_zip(path: Path) -> bool:
+    """Does the file start as a pickle (protocol 2+) or a zip archive (torch.save's format) does?"""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"
 
 
 def _find_package(folder: Path) -> Path | None:

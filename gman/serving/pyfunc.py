@@ -133,16 +133,18 @@ class InvalidHistory(MlflowException):
 def frame_to_histories(frame: Any, timezone: str | None = None) -> pd.DataFrame | dict[str, pd.DataFrame]:
     """Payload DataFrame (``timestamp`` column + sensor columns [+ ``history_id``]) -> history / dict of histories.
 
-    Timestamps whose UTC offsets differ (a history across a daylight-saving change) are read
-    as instants and written in ``timezone`` (the model's; UTC for a model without one).
+    Timestamps whose UTC offsets differ (a history across a daylight-saving change) are read as
+    instants and written in ``timezone`` (the model's); for a model without one each keeps its
+    offset, so the model reads its wall clock, as ``Forecaster.predict`` reads a tz-aware index
+    (see :func:`gman.serving.forecaster.history_index`).
     """
     if not isinstance(frame, pd.DataFrame):
         raise ForecastInputError(f"payload: expected a DataFrame (dataframe_split or dataframe_records), got {type(frame).__name__}")
     if TIMESTAMP_COLUMN in frame.columns:
-        from gman.data.dataset import parse_timestamps
+        from gman.serving.forecaster import history_index
 
         try:
-            index = pd.DatetimeIndex(parse_timestamps(frame[TIMESTAMP_COLUMN], timezone or "UTC"), name=TIMESTAMP_COLUMN)
+            index = history_index(frame[TIMESTAMP_COLUMN], timezone, TIMESTAMP_COLUMN)
         except (TypeError, ValueError) as err:
             raise ForecastInputError(f"payload: column {TIMESTAMP_COLUMN!r} holds values that are not timestamps ({err})") from None
         frame = frame.drop(columns=TIMESTAMP_COLUMN).set_axis(index, axis=0)
@@ -185,15 +187,16 @@ def forecast_to_json_frame(forecast: pd.DataFrame, layout: str = "tidy") -> pd.D
 
 
 def signature_for(metadata: dict[str, Any]) -> ModelSignature:
-    """Inputs: ``timestamp``, optional ``history_id``, one optional column per sensor; outputs: the tidy
-    forecast; one parameter, ``layout`` ("tidy" or "wide", see the module docstring).
+    """Inputs: ``timestamp``, ``history_id``, one column per sensor; outputs: the tidy forecast; one
+    parameter, ``layout`` ("tidy" or "wide", see the module docstring).
 
-    Input columns are typed ``Any`` and sensor columns optional so that every
-    check happens in the Forecaster, whose one-line messages name the sensor or
-    column at fault. (MLflow's own enforcement would reject integer readings in
-    a ``double`` column, and datetime values in a ``string`` one.)
+    Input columns are typed ``Any`` and all optional, ``timestamp`` too, so that every
+    check happens in gman, whose one-line messages name the column at fault. (MLflow's
+    own enforcement would reject integer readings in a ``double`` column and datetime
+    values in a ``string`` one, and a missing required column in a 400 whose message
+    prints the whole input.)
     """
-    inputs = [ColSpec(AnyType(), TIMESTAMP_COLUMN), ColSpec(AnyType(), HISTORY_ID_COLUMN, required=False)]
+    inputs = [ColSpec(AnyType(), TIMESTAMP_COLUMN, required=False), ColSpec(AnyType(), HISTORY_ID_COLUMN, required=False)]
     inputs += [ColSpec(AnyType(), str(s), required=False) for s in metadata["sensor_ids"]]
     outputs = [
         ColSpec("string", HISTORY_ID_COLUMN, required=False),
