@@ -460,6 +460,42 @@ def test_gman_predict_over_a_dataset_split(forecaster, tmp_path, monkeypatch):
     assert list(issued_all) == list(frame.index[P - 1 : 120 - Q])
 
 
+def test_gman_predict_reads_the_training_data_as_the_training_run_did(forecaster, tmp_path, monkeypatch, capsys):
+    """A package inside its run folder: --dataset naming the data it trained on takes that run's reader options
+    (here its missing value, -1) and split; --data-option and --split-fractions still win."""
+    import yaml
+
+    from gman.serving.cli import main
+
+    frame = series(steps=120).fillna(-1.0)
+    data = tmp_path / "toy.csv"
+    frame.rename_axis("timestamp").to_csv(data)
+    run = tmp_path / "runs" / "r1"
+    (run / "model").mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    (run / "config.yaml").write_text(yaml.safe_dump(
+        {"data": {"dataset": str(data), "missing_value": -1.0, "split": [0.5, 0.25, 0.25], "options": None}}))
+    monkeypatch.setattr(Forecaster, "load", classmethod(lambda cls, source, **options: forecaster))
+    out = tmp_path / "f.parquet"
+    assert main("predict", ["--model", str(run / "model"), "--dataset", str(data), "--output", str(out),
+                            "--no-plots"]) == 0
+    assert f"reader options and split of the training run: {run / 'config.yaml'}" in capsys.readouterr().out
+    forecast = pd.read_parquet(out)
+    assert forecast["issued_at"].min() == frame.index[90 + P - 1]  # test = the last 25 % of 120 steps
+    assert forecast["truth"].isna().any() and not (forecast["truth"] == -1.0).any()  # -1 = missing
+    # another data set is read with the given options only, and the options given win
+    assert main("predict", ["--model", str(run / "model"), "--dataset", str(data), "--output", str(out),
+                            "--no-plots", "--split-fractions", "0.7,0.1,0.2", "--data-option", "missing_value=null"]) == 0
+    forecast = pd.read_parquet(out)
+    assert forecast["issued_at"].min() == frame.index[96 + P - 1] and (forecast["truth"] == -1.0).any()
+    other = tmp_path / "other.csv"
+    frame.rename_axis("timestamp").to_csv(other)
+    capsys.readouterr()
+    assert main("predict", ["--model", str(run / "model"), "--dataset", str(other), "--output", str(out),
+                            "--no-plots"]) == 0
+    assert "training run" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [(["--input", "h.csv", "--split", "val"], "--split: belongs to --dataset and has no effect with --input"),

@@ -164,20 +164,9 @@ class GMANDataModule(LightningDataModule):
     # ------------------------------------------------------------------ set-up
     def reader_options(self) -> dict[str, Any]:
         """The ``load_dataset`` keyword options this module's settings give (unset ones left out)."""
-        hp = self.hparams
-        options = {
-            key: hp[key]
-            for key in ("values_path", "format", "graph_path", "graph_format", "graph_sensor_ids",
-                        "start_time", "interval", "feature", "name", "units")
-            if hp[key] is not None
-        }
-        if hp.missing_value != "auto":
-            options["missing_value"] = hp.missing_value
-        for key, value in (hp.options or {}).items():
-            if key in options:
-                raise ConfigError(f"data.options: {key!r} is also set as data.{key}; set it once")
-            options[key] = value
-        return options
+        from gman.data.readers import settings_reader_options
+
+        return settings_reader_options(dict(self.hparams))
 
     def use_scaler(self, scaler: StandardScaler) -> None:
         """Normalise with ``scaler`` instead of fitting one in :meth:`setup` (call before it): a trained

@@ -126,6 +126,25 @@ def load_dataset(source: Any = None, **options) -> SensorDataset:
     return _load_card(str(source), options)
 
 
+# the data settings (``GMANDataModule`` arguments, a run config's ``data`` section) that are reader options
+_SETTINGS_READER_KEYS = ("values_path", "format", "graph_path", "graph_format", "graph_sensor_ids",
+                         "start_time", "interval", "feature", "name", "units")
+
+
+def settings_reader_options(settings: dict[str, Any]) -> dict[str, Any]:
+    """The ``load_dataset`` options that data settings give (a ``GMANDataModule``'s arguments, or the
+    ``data`` section of a run's config): its reader keys that are set, ``missing_value`` unless
+    ``"auto"``, and the ``options`` mapping (a key given both ways is a :class:`ConfigError`)."""
+    options = {key: settings[key] for key in _SETTINGS_READER_KEYS if settings.get(key) is not None}
+    if settings.get("missing_value", "auto") != "auto":
+        options["missing_value"] = settings["missing_value"]
+    for key, value in (settings.get("options") or {}).items():
+        if key in options:
+            raise ConfigError(f"data.options: {key!r} is also set as data.{key}; set it once")
+        options[key] = value
+    return options
+
+
 def source_is_path(text: str) -> bool:
     """Whether a dataset source string names a file (else a card): a path separator or a data file
     extension says so; a bare name is a card when a card of that name exists, even if a file or

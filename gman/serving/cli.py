@@ -155,12 +155,14 @@ def predict_command(argv: list[str]) -> int:
     parser.add_argument("--output", required=True, help="forecast file (.csv or .parquet)")
     parser.add_argument("--layout", choices=("tidy", "wide"), default=None, help="--input only: output layout (default tidy)")
     parser.add_argument("--data-option", action="append", default=None, metavar="KEY=VALUE",
-                        help="--dataset only: reader / synthetic option, e.g. num_sensors=10 (repeatable; YAML values)")
+                        help="--dataset only: reader / synthetic option, e.g. num_sensors=10 (repeatable; YAML values; "
+                             "for the data a run folder's model trained on, the run's options are the defaults)")
     parser.add_argument("--split", choices=(*SPLITS, "all"), default=None,
                         help="--dataset only: which split (default test); 'all' forecasts over the whole series "
                              "(new data the model has not seen)")
     parser.add_argument("--split-fractions", default=None,
-                        help="--dataset only: train,val,test fractions (default: the card's split, else 0.7,0.1,0.2)")
+                        help="--dataset only: train,val,test fractions (default: the training run's split for its "
+                             "own data, else the card's split, else 0.7,0.1,0.2)")
     parser.add_argument("--stride", type=int, default=None, help="--dataset only: issue a forecast every STRIDE steps (default 1)")
     parser.add_argument("--sensors", default=None, help="--dataset only: comma-separated sensor ids to plot (default: 3)")
     parser.add_argument("--plot-days", type=float, default=None,
@@ -191,12 +193,20 @@ def predict_command(argv: list[str]) -> int:
         print(f"{len(forecast)} rows -> {output}")
         return 0
 
-    from gman.data.readers import load_dataset
+    from gman.data.readers import load_dataset, settings_reader_options
     from gman.data.windows import chronological_split
 
-    fractions = args.split_fractions or _card_split(args.dataset)
+    # the data the model was trained on is read as it was in training (feature, interval, missing value...)
+    training = _training_data_settings(Path(args.model), args.dataset)
+    options, trained_split = {}, None
+    if training is not None:
+        settings, config = training
+        options = {k: v for k, v in settings_reader_options(settings).items() if k != "values_path"}
+        trained_split = settings.get("split")
+    options.update(_parse_options(args.data_option or []))
+    fractions = args.split_fractions or (tuple(trained_split) if trained_split else _card_split(args.dataset))
     sensors = _choose_sensors(args.sensors, forecaster.sensor_ids)  # before the work, not after
-    dataset = load_dataset(args.dataset, **_parse_options(args.data_option or []))
+    dataset = load_dataset(args.dataset, **options)
     if args.split == "all":
         start, stop = 0, dataset.num_steps
     else:
@@ -208,7 +218,9 @@ def predict_command(argv: list[str]) -> int:
     errors_path = output.with_name(f"{output.stem}_errors_by_sensor.csv")
     with _atomic_path(errors_path) as tmp:
         errors.to_csv(tmp, index=False)
-    lines = [f"{len(forecast)} rows ({forecast['issued_at'].nunique()} forecasts, split {args.split}) -> {output}",
+    lines = [f"reader options and split of the training run: {training[1]} (--data-option / --split-fractions "
+             "override them)"] if training is not None else []
+    lines += [f"{len(forecast)} rows ({forecast['issued_at'].nunique()} forecasts, split {args.split}) -> {output}",
              f"MAE by sensor -> {errors_path} (mean {f'{errors.mae.mean():.4g} {forecaster.units}'.strip()})"]
     if not args.no_plots:
         vs_truth = output.with_name(f"{output.stem}_vs_truth.png")
@@ -269,6 +281,33 @@ def _parse_options(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             raise ConfigError(f"--data-option: value of {key.strip()!r} is not valid YAML: {value!r}") from None
     return options
+
+
+def _training_data_settings(model: Path, dataset: str) -> tuple[dict[str, Any], Path] | None:
+    """(the ``data`` settings, the config file) of the ``gman train`` run that ``model`` comes from (its
+    package folder ``<run>/model`` or a checkpoint under ``<run>``), when ``dataset`` is the data that
+    run trained on; else None (another data set, or a model outside a run folder)."""
+    import yaml
+
+    from gman.data.readers import source_is_path
+
+    for folder in (model, model.parent, model.parent.parent):
+        config = folder / "config.yaml"
+        if config.is_file() and (folder / "run.json").is_file():
+            break
+    else:
+        return None
+    try:
+        settings = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+    except (yaml.YAMLError, OSError, UnicodeDecodeError, AttributeError):
+        return None
+    trained_on = str(settings.get("dataset") or "synthetic")
+    if trained_on == "synthetic" and settings.get("values_path"):
+        trained_on = str(settings["values_path"])  # values_path alone names the series file
+    if source_is_path(trained_on) != source_is_path(dataset):
+        return None
+    same = (Path(trained_on).resolve() == Path(dataset).resolve()) if source_is_path(dataset) else trained_on == dataset
+    return (settings, config) if same else None
 
 
 def _card_split(dataset: str) -> tuple[float, float, float]:
