@@ -180,6 +180,7 @@ def test_evaluate_a_checkpoint_and_an_mlflow_run_reproduce_the_test_metrics(unin
     assert out[-1] == str(workdir / "runs" / "eval-ckpt") and any(line.startswith("GMAN ") for line in out)
     run_id = json.loads((uninterrupted / "run.json").read_text())["run_id"]
     assert main(["evaluate", "--run-id", run_id, "--output-dir", "runs/eval-run"]) == 0
+    assert f"checkpoint: MLflow run {run_id}, artifact checkpoints/" in capsys.readouterr().out  # not a deleted temp path
     # a data error names where the data settings came from
     assert main(["evaluate", "--checkpoint", str(uninterrupted / "checkpoints" / "best.ckpt"),
                  "--data.options", "{num_sensors: 10, bogus: 1}", "--output-dir", "runs/eval-bad"]) == 2

@@ -676,8 +676,9 @@ def _training_config_near(checkpoint: Path) -> Path | None:
     return None
 
 
-def _fetch_run(run_id: str, tracking_uri: str, into: Path) -> tuple[Path, Path | None]:
-    """Download the best checkpoint and the config of an MLflow run; returns (checkpoint, config)."""
+def _fetch_run(run_id: str, tracking_uri: str, into: Path) -> tuple[Path, Path | None, str]:
+    """Download the best checkpoint and the config of an MLflow run; returns (checkpoint, config, the
+    checkpoint's artifact path)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -694,7 +695,7 @@ def _fetch_run(run_id: str, tracking_uri: str, into: Path) -> tuple[Path, Path |
         config = Path(client.download_artifacts(run_id, CONFIG_FILE, str(into)))
     except (MlflowException, OSError):
         config = None
-    return checkpoint, config
+    return checkpoint, config, best
 
 
 def _evaluate_parser(data_defaults: dict[str, Any]):
@@ -738,7 +739,7 @@ def evaluate_command(argv: list[str]) -> int:
         raise ConfigError("gman evaluate: give exactly one of --checkpoint PATH or --run_id ID")
     with tempfile.TemporaryDirectory(prefix="gman-evaluate-") as tmp:
         if known.run_id:
-            checkpoint, train_config = _fetch_run(known.run_id, resolve_tracking_uri(known.tracking_uri), Path(tmp))
+            checkpoint, train_config, artifact = _fetch_run(known.run_id, resolve_tracking_uri(known.tracking_uri), Path(tmp))
         else:
             checkpoint = Path(known.checkpoint)
             if not checkpoint.is_file():
@@ -754,10 +755,12 @@ def evaluate_command(argv: list[str]) -> int:
         source = None
         if train_config is not None:
             source = str(train_config) if known.checkpoint else f"config.yaml (MLflow run {known.run_id})"
-        return _evaluate(checkpoint, args, source)
+        # a run's checkpoint is downloaded into a temporary folder: name it by the run instead
+        label = None if known.checkpoint else f"MLflow run {known.run_id}, artifact {artifact}"
+        return _evaluate(checkpoint, args, source, label)
 
 
-def _evaluate(checkpoint: Path, args, train_config: str | None = None) -> int:
+def _evaluate(checkpoint: Path, args, train_config: str | None = None, checkpoint_label: str | None = None) -> int:
     import pickle
     import warnings
 
@@ -830,7 +833,7 @@ def _evaluate(checkpoint: Path, args, train_config: str | None = None) -> int:
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
-    _print(table, "", f"checkpoint: {checkpoint}", str(final_dir))
+    _print(table, "", f"checkpoint: {checkpoint_label or checkpoint}", str(final_dir))
     return 0
 
 
