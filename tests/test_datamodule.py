@@ -351,3 +351,38 @@ def test_model_layout_reorders_and_drops_sensors_and_converts_the_time_zone(tmp_
         lacking.setup("test")
     with pytest.raises(RuntimeError, match="before setup"):
         dm.use_model_layout(wanted)
+
+
+def test_data_from_python_a_dataframe_a_sensor_dataset_with_a_graph_in_memory_and_a_path(tmp_path):
+    from pathlib import Path
+
+    from gman.data.readers import load_dataset
+
+    reference = GMANDataModule(options=SMALL).load()
+    frame = reference.to_frame()
+    dm = GMANDataModule(dataset=frame)
+    dm.setup("fit")
+    assert dm.hparams.dataset == "dataframe" and dm.sensor_ids == reference.sensor_ids  # no object in the hparams
+    np.testing.assert_array_equal(dm.dataset.values, reference.values)
+    # a graph held in memory: an array in the data's order, or a DataFrame matched by id
+    by_id = pd.DataFrame(reference.adjacency, index=reference.sensor_ids, columns=reference.sensor_ids).iloc[::-1, ::-1]
+    for adjacency in (reference.adjacency, by_id):
+        np.testing.assert_array_equal(load_dataset(frame, adjacency=adjacency).adjacency, reference.adjacency)
+    with_graph = GMANDataModule(dataset=load_dataset(frame, adjacency=by_id), spatial_embedding="node2vec",
+                                node2vec_options={"dim": 4, "steps": 5})
+    with_graph.setup("fit")
+    assert with_graph.spatial_embedding.shape == (reference.num_nodes, 4)
+    path = tmp_path / "series.csv"
+    frame.to_csv(path, index_label="timestamp")
+    from_path = GMANDataModule(dataset=Path(path), spatial_embedding=None)
+    from_path.setup("fit")
+    assert from_path.hparams.dataset == str(path) and from_path.spatial_embedding is None
+    with pytest.raises(ConfigError, match="data.dataset: expected a card name, 'synthetic', a file path, a pandas "
+                                          "DataFrame or a SensorDataset, got int"):
+        GMANDataModule(dataset=3)
+    with pytest.raises(ConfigError, match=r"reader options \(interval\) do not apply"):
+        load_dataset(reference, interval="5min")
+    with pytest.raises(DataError, match="adjacency: expected a square numeric matrix"):
+        load_dataset(frame, adjacency=np.zeros((3, 4)))
+    with pytest.raises(ConfigError, match="adjacency: given together with graph_path"):
+        load_dataset(frame, adjacency=reference.adjacency, graph_path="g.csv")

@@ -495,3 +495,34 @@ def test_the_last_value_baselines_fallback_is_the_observed_training_mean():
     assert (~mask).any()  # the synthetic data has missing readings, which the authors' mean counts as 0
     assert _observed_training_mean(datamodule) == pytest.approx(values[mask].astype(np.float64).mean())
     assert _observed_training_mean(datamodule) > datamodule.scaler.mean
+
+
+def test_a_loaded_checkpoint_refuses_data_normalised_or_ordered_otherwise_until_use_trained(tmp_path):
+    L.seed_everything(0)
+    datamodule = GMANDataModule(**DATA)
+    module = GMANLightningModule(**TINY)
+    trainer = tiny_trainer(tmp_path)
+    trainer.fit(module, datamodule=datamodule)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    frame = datamodule.dataset.to_frame()
+
+    def test_mae(data) -> float:
+        loaded = GMANLightningModule.load_from_checkpoint(tmp_path / "m.ckpt")
+        if data is not None:
+            data.use_trained(loaded)
+        else:
+            data = other
+        tiny_trainer(tmp_path).test(loaded, datamodule=data, verbose=False)
+        return loaded.test_errors.mae_all
+
+    other = GMANDataModule(**DATA, normalisation="observed")
+    with pytest.raises(ConfigError, match="data: normalised with mean .* but the model was trained with mean .*; "
+                                          r"call datamodule.use_trained\(module\)"):
+        test_mae(None)
+    other = GMANDataModule(**{**DATA, "dataset": frame.iloc[:, ::-1], "options": None})
+    with pytest.raises(ConfigError, match="data: its sensors are not the model's, in the model's order"):
+        test_mae(None)
+    expected = test_mae(GMANDataModule(**DATA))
+    assert test_mae(GMANDataModule(**DATA, normalisation="observed")) == pytest.approx(expected, rel=1e-6)
+    assert test_mae(GMANDataModule(**{**DATA, "dataset": frame.iloc[:, ::-1], "options": None})) == pytest.approx(
+        expected, rel=1e-5)

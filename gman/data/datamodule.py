@@ -47,7 +47,12 @@ class GMANDataModule(LightningDataModule):
 
     Args:
         dataset: ``"synthetic"`` (built in), a dataset card name, or a path to a
-            series file (format from the extension or ``format``).
+            series file (format from the extension or ``format``); from Python also a
+            ``pathlib.Path``, a pandas DataFrame (read as :func:`gman.data.readers.load_dataset`
+            reads one, with the reader options given here) or a ready
+            :class:`~gman.data.dataset.SensorDataset` (``load_dataset(frame, adjacency=A)``
+            gives one with a graph held in memory).  An object is not saved with the
+            hyperparameters: they record ``"dataframe"`` or the data set's name.
         values_path, format, graph_path, graph_format, graph_sensor_ids,
         start_time, interval, feature, name, units: reader options of
             :func:`gman.data.readers.load_dataset` (None = unset / the card's value).
@@ -59,11 +64,11 @@ class GMANDataModule(LightningDataModule):
         split: train / val / test fractions of the raw steps; None = the card's
             split, else 0.7 / 0.1 / 0.2.
         batch_size, eval_batch_size (None = batch_size), num_workers.
-        spatial_embedding: ``"learnable"`` (default, so that data without a graph trains; not the
-            authors', whose embedding is a fixed node2vec of the graph: ``"node2vec"``, which
-            ``gman train``'s demo and the shipped configs set; None: the model learns a table),
-            ``"node2vec"`` (computed from the graph, cached), or a path to a
-            word2vec text file whose rows are in the graph's node order.
+        spatial_embedding: ``"learnable"`` (default, and what None means: the model learns a
+            table, so that data without a graph trains; not the authors', whose embedding is a
+            fixed node2vec of the graph: ``"node2vec"``, which ``gman train``'s demo and the
+            shipped configs set), ``"node2vec"`` (computed from the graph, cached), or a path
+            to a word2vec text file whose rows are in the graph's node order.
         node2vec_options: keyword options of
             :func:`gman.data.embedding.node2vec_embedding` (``dim``, ``p``, ``q``, ...).
         seed: seeds the training order (per epoch) and node2vec; None (default): the run's seed,
@@ -103,6 +108,23 @@ class GMANDataModule(LightningDataModule):
         normalisation: str = "authors",
     ):
         super().__init__()
+        # from Python: paths and in-memory data (kept out of the hyperparameters, which checkpoints store)
+        self._data_object: pd.DataFrame | SensorDataset | None = None
+        if isinstance(dataset, os.PathLike):
+            dataset = os.fspath(dataset)
+        elif isinstance(dataset, (pd.DataFrame, SensorDataset)):
+            self._data_object = dataset
+            dataset = dataset.name if isinstance(dataset, SensorDataset) else "dataframe"
+        elif not isinstance(dataset, str):
+            raise ConfigError(f"data.dataset: expected a card name, 'synthetic', a file path, a pandas DataFrame or a "
+                              f"SensorDataset, got {type(dataset).__name__}")
+        if spatial_embedding is None:
+            spatial_embedding = "learnable"
+        elif isinstance(spatial_embedding, os.PathLike):
+            spatial_embedding = os.fspath(spatial_embedding)
+        elif not isinstance(spatial_embedding, str):
+            raise ConfigError(f"data.spatial_embedding: expected 'learnable', 'node2vec' or a path to a word2vec file, "
+                              f"got {type(spatial_embedding).__name__}")
         for option, value, low in (("history_steps", history_steps, 1), ("horizon_steps", horizon_steps, 1),
                                    ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -175,6 +197,17 @@ class GMANDataModule(LightningDataModule):
             raise RuntimeError("GMANDataModule.use_scaler: call it before setup()")
         self._given_scaler = scaler
 
+    def use_trained(self, module) -> None:
+        """Normalise and lay out the data as a trained ``GMANLightningModule`` expects (call before
+        :meth:`setup`): its scaler (:meth:`use_scaler`) and, for a module loaded from a ``gman train``
+        checkpoint, its sensor order and time zone (:meth:`use_model_layout`)."""
+        scaler = module.trained_scaler()
+        if scaler is not None:
+            self.use_scaler(scaler)
+        package = getattr(module, "checkpoint_package", None)
+        if package is not None:
+            self.use_model_layout(package["sensor_ids"], package.get("timezone"))
+
     def use_model_layout(self, sensor_ids: Sequence[str], timezone: str | None = None) -> None:
         """Lay the data out as a trained model expects (call before :meth:`setup`): its sensors in its
         order (other sensors dropped; one the data lacks is a :class:`DataError`), and tz-aware
@@ -203,6 +236,8 @@ class GMANDataModule(LightningDataModule):
         from gman.data.readers import load_dataset
 
         options = self.reader_options()
+        if self._data_object is not None:
+            return load_dataset(self._data_object, **options)
         if self.hparams.dataset == "synthetic" and "values_path" in options:
             # values_path alone names the series file (dataset keeps its default)
             return load_dataset(options.pop("values_path"), **options)
@@ -263,6 +298,8 @@ class GMANDataModule(LightningDataModule):
         from gman.data.readers import source_is_path
 
         name = self.hparams.dataset
+        if self._data_object is not None:
+            return None
         if self.hparams.values_path is not None and name == "synthetic":
             return None  # the series file of values_path, not the built-in network
         if name == "synthetic" or source_is_path(name):

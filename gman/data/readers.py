@@ -55,6 +55,8 @@ READER_OPTIONS = {
     "values_path": "path of the series file (a card's data file; the source when source is None)",
     "format": "h5 | csv | long-csv | parquet | npz (default: from the extension)",
     "graph_path": "graph file (DCRNN pickle, dense CSV, edge list, distances)",
+    "adjacency": "from Python, instead of graph_path: the graph as a square array in the data's sensor order "
+                 "(or graph_sensor_ids'), or a square DataFrame whose index and columns are sensor ids",
     "graph_format": "dcrnn-pickle | dense-csv | edge-list | distance-csv | distance-matrix",
     "graph_sensor_ids": "the graph's nodes, a list or a text file of ids: the order of a bare adjacency matrix, the "
                         "row order of an edge list over node indices, or every sensor a distance file knows",
@@ -107,6 +109,9 @@ class _Table:
 def load_dataset(source: Any = None, **options) -> SensorDataset:
     """Load a :class:`SensorDataset` from ``source`` (see the module docstring)."""
     if isinstance(source, SensorDataset):
+        if options:
+            raise ConfigError(f"load_dataset: a SensorDataset is used as it is; reader options ({', '.join(options)}) "
+                              "do not apply to it")
         return source
     if isinstance(source, pd.DataFrame):
         _check_keys(options, READER_OPTIONS, "DataFrame")
@@ -489,7 +494,9 @@ def _finish(table: _Table, where: str, options: dict, default_name: str) -> Sens
         if len(sensor_ids) != values.shape[1]:
             raise DataError(f"{where}: {len(sensor_ids)} sensor_ids given for {values.shape[1]} sensors")
     adjacency, graph_node_ids = None, None
-    if options.get("graph_path") is not None:
+    if options.get("graph_path") is not None and options.get("adjacency") is not None:
+        raise ConfigError("adjacency: given together with graph_path; give one")
+    if options.get("graph_path") is not None or options.get("adjacency") is not None:
         adjacency, sensor_ids, graph_node_ids, kept = _match_graph(sensor_ids, values.shape[1], where, options)
         if kept is not None:
             values, mask = values[:, kept], mask[:, kept]
@@ -520,7 +527,8 @@ def _match_graph(data_ids: list[str] | None, num_nodes: int, where: str, options
     the data columns kept or None for all)."""
     from gman.data.graph import load_adjacency
 
-    graph_path = Path(options["graph_path"])
+    in_memory = options.get("adjacency")
+    graph_path = Path(options["graph_path"]) if in_memory is None else "adjacency"
     unmatched = options.get("unmatched_sensors", "error")
     if unmatched not in ("error", "drop"):
         raise ConfigError(f"unmatched_sensors: expected 'error' or 'drop', got {unmatched!r}")
@@ -534,9 +542,12 @@ def _match_graph(data_ids: list[str] | None, num_nodes: int, where: str, options
     index_ids = [str(i) for i in range(num_nodes)]
     if options.get("graph_sensor_ids") is not None:
         kwargs["id_map"] = _read_id_list(options["graph_sensor_ids"], "graph_sensor_ids")
-    adjacency, graph_ids = load_adjacency(
-        graph_path, format=options.get("graph_format"), sensor_ids=data_ids or index_ids, **kwargs
-    )
+    if in_memory is not None:
+        adjacency, graph_ids = _adjacency_in_memory(in_memory, kwargs.get("id_map"))
+    else:
+        adjacency, graph_ids = load_adjacency(
+            graph_path, format=options.get("graph_format"), sensor_ids=data_ids or index_ids, **kwargs
+        )
     if adjacency.shape[0] != num_nodes and (graph_ids is None or data_ids is None):
         raise DataError(
             f"{where} and {graph_path}: the data has {num_nodes} sensors but the graph has {adjacency.shape[0]}"
@@ -573,6 +584,26 @@ def _match_graph(data_ids: list[str] | None, num_nodes: int, where: str, options
     order = np.array([position[s] for s in data_ids])
     same_order = kept is None and bool((order == np.arange(len(order))).all())
     return adjacency[np.ix_(order, order)], data_ids, None if same_order else graph_ids, kept
+
+
+def _adjacency_in_memory(adjacency, id_map: list[str] | None) -> tuple[np.ndarray, list[str] | None]:
+    """The ``adjacency`` option: (a float32 [M, M] matrix, its node ids or None for the data's order)."""
+    if isinstance(adjacency, pd.DataFrame):
+        ids = [id_text(c) for c in adjacency.columns]
+        if [id_text(i) for i in adjacency.index] != ids:
+            raise DataError("adjacency: a DataFrame graph needs the same sensor ids, in the same order, as index and columns")
+        if id_map is not None:
+            raise ConfigError("graph_sensor_ids: a DataFrame adjacency names its nodes itself")
+        matrix, nodes = adjacency.to_numpy(), ids
+    else:
+        matrix, nodes = np.asarray(adjacency), id_map
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or not np.issubdtype(matrix.dtype, np.number):
+        raise DataError(f"adjacency: expected a square numeric matrix, got shape {matrix.shape}, dtype {matrix.dtype}")
+    if nodes is not None and len(nodes) != matrix.shape[0]:
+        raise DataError(f"adjacency: {matrix.shape[0]} rows but {len(nodes)} graph_sensor_ids")
+    if nodes is not None and repeated(nodes):
+        raise DataError(f"adjacency: sensor id {repeated(nodes)[0]!r} names two nodes")
+    return matrix.astype(np.float32), nodes
 
 
 def _fill_gaps(values: np.ndarray, index: pd.DatetimeIndex, interval, where: str):

@@ -768,7 +768,6 @@ def _evaluate(checkpoint: Path, args, train_config: str | None = None, checkpoin
     import torch
 
     from gman.data.datamodule import GMANDataModule
-    from gman.data.windows import StandardScaler
     from gman.training import evaluate
     from gman.training.module import GMANLightningModule
 
@@ -792,12 +791,8 @@ def _evaluate(checkpoint: Path, args, train_config: str | None = None, checkpoin
         datamodule = GMANDataModule(**{**args.data.as_dict(), "spatial_embedding": "learnable"})
         # the inputs are normalised as in training: the checkpoint's scaler, not one fitted again (runs from
         # before session 9 have no normalisation setting and no missing input: theirs was 0)
-        datamodule.use_scaler(StandardScaler(module.hparams.scaler_mean, module.hparams.scaler_std,
-                                             module.hparams.get("scaler_missing_input") or 0.0))
         # ... and its sensors in the model's order, timestamps in its time zone (older checkpoints: as given)
-        package = module.checkpoint_package
-        if package is not None:
-            datamodule.use_model_layout(package["sensor_ids"], package.get("timezone"))
+        datamodule.use_trained(module)
         datamodule.prepare_data()
         datamodule.setup("test")
     except (ConfigError, DataError) as err:

@@ -189,8 +189,39 @@ class GMANLightningModule(L.LightningModule):
         self._test_metrics = HorizonMetrics(hp.horizon_steps)
 
     def setup(self, stage: str) -> None:
-        """Read the data-dependent sizes from the trainer's data module and build the network (once)."""
+        """Read the data-dependent sizes from the trainer's data module and build the network (once);
+        a network built before (a loaded checkpoint) is checked against the data module instead."""
+        built_before = self.net is not None
         self.configure_model()
+        if built_before and self._trainer is not None and getattr(self.trainer, "datamodule", None) is not None:
+            self._check_data_fits(self.trainer.datamodule)
+
+    def trained_scaler(self):
+        """The :class:`~gman.data.windows.StandardScaler` the network was trained with (None before it is known)."""
+        from gman.data.windows import StandardScaler
+
+        hp = self.hparams
+        if hp.get("scaler_mean") is None or hp.get("scaler_std") is None:
+            return None
+        return StandardScaler(hp.scaler_mean, hp.scaler_std, hp.get("scaler_missing_input") or 0.0)
+
+    def _check_data_fits(self, datamodule) -> None:
+        """A trained network fed data normalised or laid out otherwise forecasts nonsense without a word:
+        refuse it, pointing to :meth:`GMANDataModule.use_trained`."""
+        scaler, trained = getattr(datamodule, "scaler", None), self.trained_scaler()
+        fix = "call datamodule.use_trained(module) before the data module is set up"
+        if getattr(datamodule, "num_nodes", None) is not None and int(datamodule.num_nodes) != int(self.hparams.num_nodes):
+            raise ConfigError(f"data: {datamodule.num_nodes} sensors, but the model was trained on {self.hparams.num_nodes}")
+        if scaler is not None and trained is not None and not all(
+            abs(a - b) <= 1e-6 * max(1.0, abs(b))
+            for a, b in ((scaler.mean, trained.mean), (scaler.std, trained.std), (scaler.missing_input, trained.missing_input))
+        ):
+            raise ConfigError(f"data: normalised with mean {scaler.mean:.6g}, std {scaler.std:.6g}, but the model was trained "
+                              f"with mean {trained.mean:.6g}, std {trained.std:.6g}; {fix}")
+        ids = (self.checkpoint_package or {}).get("sensor_ids")
+        if ids is not None and getattr(datamodule, "sensor_ids", None) is not None \
+                and list(datamodule.sensor_ids) != [str(s) for s in ids]:
+            raise ConfigError(f"data: its sensors are not the model's, in the model's order; {fix}")
 
     def configure_model(self) -> None:
         """:meth:`setup`'s work, also under Lightning's name for it: callbacks that copy the
