@@ -167,6 +167,19 @@ def test_forward_validates_shapes():
     assert model(x, good_time).shape == (2, 3, 6)
 
 
+def test_forward_refuses_a_time_that_is_not_integer():
+    """A float time would be floored: 0.5 (noon, as a fraction of the day) would read as midnight."""
+    model = small_model().eval()
+    x, time = torch.randn(2, 4, 6), make_time(2, 7)
+    for dtype in (torch.float32, torch.float64, torch.bool):
+        with pytest.raises(ValueError, match=r"time must be an integer tensor of \(day_of_week, time_of_day_index\) "
+                                             rf"pairs, got dtype {dtype}$"):
+            model(x, time.to(dtype))
+    with torch.no_grad():
+        for dtype in (torch.int32, torch.int16):  # any integer dtype reads the same indices
+            torch.testing.assert_close(model(x, time.to(dtype)), model(x, time), rtol=0, atol=0)
+
+
 def test_batch_norm_placement_and_momentum():
     def count(m):
         return sum(isinstance(x, BatchNorm) for x in m.modules())

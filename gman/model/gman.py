@@ -71,6 +71,9 @@ from gman.model.layers import (
 
 __all__ = ["GMAN"]
 
+# the dtypes ``time`` may have: integer indices (F.embedding takes them as long)
+_TIME_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
 
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -146,9 +149,11 @@ class GMAN(nn.Module):
             time of day, so the network has no direct way to trust the last reading
             more at 5 minutes than at 60; the gain gives it one.
 
-    forward(x [B, P, N] float, time [B, P+Q, 2] long) -> [B, Q, N]
+    forward(x [B, P, N] float, time [B, P+Q, 2] integer) -> [B, Q, N]
         ``time[..., 0]`` day of week 0..6, ``time[..., 1]`` time-of-day index
         ``0..steps_per_day−1``, for the history steps then the future steps.
+        A float ``time`` is refused (it would be floored, not read as a fraction
+        of the day).
     """
 
     def __init__(
@@ -325,7 +330,12 @@ class GMAN(nn.Module):
         return self.ste(self.spatial_embedding, time)
 
     def forward(self, x: Tensor, time: Tensor) -> Tensor:
-        """x [B, P, N] normalised, time [B, P+Q, 2] long -> [B, Q, N] normalised."""
+        """x [B, P, N] normalised, time [B, P+Q, 2] integer -> [B, Q, N] normalised.
+
+        ``time`` has an integer dtype; its values outside ``0..6`` / ``0..steps_per_day−1`` are
+        not checked here (that would wait for the device): they fail in the embedding look-up
+        (an IndexError on the CPU).
+        """
         p, q, n = self.history_steps, self.horizon_steps, self.num_nodes
         if self._partition_pending:
             raise ValueError("GMAN: partition_method 'bfs' needs set_partition_graph(adjacency) (or a loaded state dict) first")
@@ -333,6 +343,12 @@ class GMAN(nn.Module):
             raise ValueError(f"GMAN: x must have shape [B, {p}, {n}], got {list(x.shape)}")
         if time.dim() != 3 or time.shape[1] != p + q or time.shape[2] != 2 or time.shape[0] != x.shape[0]:
             raise ValueError(f"GMAN: time must have shape [{x.shape[0]}, {p + q}, 2], got {list(time.shape)}")
+        # dtype checks only: a check of the values would wait for the device.  A float time would be
+        # floored (a time of day given as a fraction of the day reads as midnight), so it is refused.
+        if time.dtype not in _TIME_DTYPES:
+            raise ValueError(
+                f"GMAN: time must be an integer tensor of (day_of_week, time_of_day_index) pairs, got dtype {time.dtype}"
+            )
         ste = self.embed(time.long())
         ste_p, ste_q = ste.steps(0, p), ste.steps(p, p + q)
         h = self.input_fc(x.unsqueeze(-1))  # [B, P, N, D]
