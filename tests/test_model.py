@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,13 +146,28 @@ def test_set_spatial_embedding_rejects(bad):
         dict(num_nodes=0), dict(steps_per_day=-1), dict(num_heads=2.5), dict(head_dim=True),
         dict(num_layers=0), dict(history_steps="12"), dict(dropout=1.0), dict(dropout=-0.1),
         dict(bn_momentum=0.0), dict(batch_norm="after"), dict(causal_mask=1),
-        dict(spatial_attention="nope"),
+        dict(spatial_attention="nope"), dict(num_nodes=np.float64(6)), dict(num_layers=np.bool_(True)),
+        dict(spatial_attention="group", num_groups=np.float32(2)),
     ],
 )
 def test_constructor_validation(kw):
     with pytest.raises(ValueError) as err:
         small_model(**kw)
     assert "\n" not in str(err.value)
+
+
+def test_numpy_integers_are_integer_arguments():
+    """Sizes read from arrays (``values.shape``, ``np.int64`` scalars) are taken, and the
+    config holds plain ints, so it stays JSON-serialisable."""
+    model = small_model(num_nodes=np.int64(6), steps_per_day=np.int32(STEPS_PER_DAY), num_heads=np.uint8(2),
+                        spatial_attention="group", num_groups=np.int64(2), partition_seed=np.int64(3),
+                        dropout=np.float32(0.25))
+    config = model.config
+    assert config["num_nodes"] == 6 and type(config["num_nodes"]) is int
+    assert type(config["num_groups"]) is int and type(config["partition_seed"]) is int
+    assert type(model.num_heads) is int
+    assert json.loads(json.dumps(config)) == config
+    assert model(torch.randn(2, 4, 6), make_time(2, 7)).shape == (2, 3, 6)
 
 
 def test_forward_validates_shapes():

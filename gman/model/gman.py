@@ -52,6 +52,7 @@ authors' ``tf.split(x, K, axis=-1)``), so ``K ≠ d`` works.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -75,10 +76,15 @@ __all__ = ["GMAN"]
 _TIME_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+def _is_integer(value: Any) -> bool:
+    """An integer of any kind (Python or numpy), but not a bool: ``True`` is no layer count."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_integer(value) or value < 1:
         raise ValueError(f"GMAN: {name} must be a positive integer, got {value!r}")
-    return value
+    return int(value)  # a plain int: the config stays JSON-serialisable
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -88,7 +94,7 @@ def _flag(name: str, value: Any) -> bool:
 
 
 def _fraction(name: str, value: Any, low_open: bool, high_closed: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > 0 if low_open else value >= 0) and (value <= 1 if high_closed else value < 1)
     if not ok:
@@ -183,14 +189,14 @@ class GMAN(nn.Module):
         residual_step_gain: bool = False,
     ) -> None:
         super().__init__()
-        self.num_nodes = _positive_int("num_nodes", num_nodes)
-        self.steps_per_day = _positive_int("steps_per_day", steps_per_day)
-        self.se_dim = _positive_int("se_dim", se_dim)
-        self.history_steps = _positive_int("history_steps", history_steps)
-        self.horizon_steps = _positive_int("horizon_steps", horizon_steps)
-        self.num_layers = _positive_int("num_layers", num_layers)
-        self.num_heads = _positive_int("num_heads", num_heads)
-        self.head_dim = _positive_int("head_dim", head_dim)
+        self.num_nodes = num_nodes = _positive_int("num_nodes", num_nodes)
+        self.steps_per_day = steps_per_day = _positive_int("steps_per_day", steps_per_day)
+        self.se_dim = se_dim = _positive_int("se_dim", se_dim)
+        self.history_steps = history_steps = _positive_int("history_steps", history_steps)
+        self.horizon_steps = horizon_steps = _positive_int("horizon_steps", horizon_steps)
+        self.num_layers = num_layers = _positive_int("num_layers", num_layers)
+        self.num_heads = num_heads = _positive_int("num_heads", num_heads)
+        self.head_dim = head_dim = _positive_int("head_dim", head_dim)
         dropout = _fraction("dropout", dropout, low_open=False, high_closed=False)
         bn_momentum = _fraction("bn_momentum", bn_momentum, low_open=True, high_closed=True)
         for name, value in (
@@ -214,16 +220,16 @@ class GMAN(nn.Module):
             )
         options = dict(spatial_attention_options or {})
         group = spatial_attention == "group"
-        if num_groups is not None and not (
-            isinstance(num_groups, int) and not isinstance(num_groups, bool) and 1 <= num_groups <= num_nodes
-        ):
+        if num_groups is not None and not (_is_integer(num_groups) and 1 <= num_groups <= num_nodes):
             raise ValueError(f"GMAN: num_groups must be null or an integer in [1, {num_nodes}] (num_nodes), got {num_groups!r}")
+        num_groups = None if num_groups is None else int(num_groups)
         if partition_method not in PARTITION_METHODS:
             raise ValueError(
                 f"GMAN: partition_method must be one of {', '.join(PARTITION_METHODS)}, got {partition_method!r}"
             )
-        if isinstance(partition_seed, bool) or not isinstance(partition_seed, int):
+        if not _is_integer(partition_seed):
             raise ValueError(f"GMAN: partition_seed must be an integer, got {partition_seed!r}")
+        partition_seed = int(partition_seed)
         if not group and (num_groups is not None or partition_method != "random"):
             raise ValueError(f"GMAN: num_groups and partition_method apply to spatial_attention 'group', not {spatial_attention!r}")
         if group and {"num_groups", "partition_method", "partition_seed", "num_nodes"} & set(options):
