@@ -196,6 +196,22 @@ def test_forward_refuses_a_time_that_is_not_integer():
             torch.testing.assert_close(model(x, time.to(dtype)), model(x, time), rtol=0, atol=0)
 
 
+def test_forward_refuses_x_of_another_dtype_than_the_parameters():
+    double = small_model().double()
+    with pytest.raises(ValueError, match=r"^GMAN: x has dtype torch.float32, the model's parameters torch.float64; "):
+        double(torch.randn(2, 4, 6), make_time(2, 7))
+    with pytest.raises(ValueError, match=r"x must be a float tensor of normalised readings, got dtype torch.int64"):
+        small_model()(torch.zeros(2, 4, 6, dtype=torch.long), make_time(2, 7))
+    assert double(torch.randn(2, 4, 6, dtype=torch.float64), make_time(2, 7)).dtype == torch.float64
+    # autocast casts the matrix products' operands itself: float32 parameters take float32 or bf16 x
+    model = small_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16):
+            assert model(torch.randn(2, 4, 6, dtype=dtype), make_time(2, 7)).dtype == torch.bfloat16
+        with pytest.raises(ValueError, match="x has dtype torch.float32, the model's parameters torch.float64"):
+            double(torch.randn(2, 4, 6), make_time(2, 7))  # autocast leaves float64 alone
+
+
 def test_batch_norm_placement_and_momentum():
     def count(m):
         return sum(isinstance(x, BatchNorm) for x in m.modules())

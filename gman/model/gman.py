@@ -74,6 +74,8 @@ __all__ = ["GMAN"]
 
 # the dtypes ``time`` may have: integer indices (F.embedding takes them as long)
 _TIME_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# the dtypes autocast casts to its lower precision and back (it leaves float64 as it is)
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _is_integer(value: Any) -> bool:
@@ -158,8 +160,8 @@ class GMAN(nn.Module):
     forward(x [B, P, N] float, time [B, P+Q, 2] integer) -> [B, Q, N]
         ``time[..., 0]`` day of week 0..6, ``time[..., 1]`` time-of-day index
         ``0..steps_per_day−1``, for the history steps then the future steps.
-        A float ``time`` is refused (it would be floored, not read as a fraction
-        of the day).
+        ``x`` has the parameters' dtype; a float ``time`` is refused (it would be
+        floored, not read as a fraction of the day).
     """
 
     def __init__(
@@ -338,6 +340,7 @@ class GMAN(nn.Module):
     def forward(self, x: Tensor, time: Tensor) -> Tensor:
         """x [B, P, N] normalised, time [B, P+Q, 2] integer -> [B, Q, N] normalised.
 
+        ``x`` has the parameters' dtype (under autocast, float32 or half as the parameters are).
         ``time`` has an integer dtype; its values outside ``0..6`` / ``0..steps_per_day−1`` are
         not checked here (that would wait for the device): they fail in the embedding look-up
         (an IndexError on the CPU).
@@ -354,6 +357,17 @@ class GMAN(nn.Module):
         if time.dtype not in _TIME_DTYPES:
             raise ValueError(
                 f"GMAN: time must be an integer tensor of (day_of_week, time_of_day_index) pairs, got dtype {time.dtype}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"GMAN: x must be a float tensor of normalised readings, got dtype {x.dtype}")
+        weight_dtype = self.input_fc.linears[0].weight.dtype
+        # under autocast the matrix products cast float32 / half inputs and weights themselves (not float64)
+        autocast = (x.dtype in _AUTOCAST_DTYPES and weight_dtype in _AUTOCAST_DTYPES
+                    and torch.is_autocast_enabled(x.device.type))
+        if x.dtype != weight_dtype and not autocast:
+            raise ValueError(
+                f"GMAN: x has dtype {x.dtype}, the model's parameters {weight_dtype}; "
+                f"convert x (x.to({weight_dtype})) or the model (model.to({x.dtype}))"
             )
         ste = self.embed(time.long())
         ste_p, ste_q = ste.steps(0, p), ste.steps(p, p + q)
