@@ -234,6 +234,34 @@ def test_batch_errors_name_the_history(forecaster):
         forecaster.predict({"good": frame, "bad": frame.iloc[:2]})
 
 
+def _arrays(forecaster: Forecaster) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """values, mask [1, P, N] and time [1, P+Q, 2] of the history ``series().iloc[:P]``."""
+    frame = series().iloc[:P].fillna(50.0)
+    values, mask, index = forecaster.prepare(frame)
+    time = forecaster.time_features(forecaster.window_index(index))
+    return values[None], mask[None], time[None]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda v, m, t: (v, m, t + 0.5), r"^time: must hold integer \(day_of_week, time_of_day_index\) pairs, got dtype float64$"),
+        (lambda v, m, t: (v, m, t / [1, 288]), r"^time: must hold integer .* got dtype float64$"),  # fraction of the day
+        (lambda v, m, t: (v, m, t + [0, 288]), r"^time: time_of_day_index \(time\[\.\.\., 1\]\) must be in 0\.\.287, got \d+$"),
+        (lambda v, m, t: (v, m, t - [1, 0]), r"^time: day_of_week \(time\[\.\.\., 0\]\) must be in 0\.\.6, got -1$"),
+        (lambda v, m, t: (v, m, t[:, :P]), rf"^time: expected shape \[1, {P + Q}, 2\] \(B, P\+Q, 2\), got \[1, {P}, 2\]$"),
+        (lambda v, m, t: (v[..., :-1], m[..., :-1], t), rf"^values: expected shape \[B, {P}, 5\] \(B, P, N\), got \[1, {P}, 4\]$"),
+        (lambda v, m, t: (v, m[:, :1], t), r"^mask: expected the shape of values"),
+    ],
+)
+def test_predict_arrays_refuses_arrays_the_model_cannot_read(forecaster, damage, message):
+    values, mask, time = _arrays(forecaster)
+    expected = forecaster.predict(series().iloc[:P].fillna(50.0), layout="wide").to_numpy()
+    np.testing.assert_allclose(forecaster.predict_arrays(values, mask, time)[0], expected, rtol=1e-5)
+    with pytest.raises(ForecastInputError, match=message):
+        forecaster.predict_arrays(*damage(values, mask, time))
+
+
 def test_checkpoint_with_package_metadata_loads_like_the_package(forecaster, tmp_path):
     checkpoint = {
         "state_dict": {f"model.{k}": v for k, v in forecaster.model.state_dict().items()},
