@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gman.data.dataset import checked_time_features
+
 
 def last_value_forecast(values: np.ndarray, mask: np.ndarray, starts: np.ndarray,
                         history_steps: int, horizon_steps: int, fallback: float) -> np.ndarray:
@@ -59,7 +61,8 @@ class HistoricalAverage:
     def fit(self, values: np.ndarray, mask: np.ndarray, time: np.ndarray, steps_per_day: int) -> "HistoricalAverage":
         values = np.asarray(values, dtype=np.float64)
         mask = np.asarray(mask, dtype=bool)
-        time = np.asarray(time, dtype=np.int64)
+        # a float or out-of-range time would be floored or wrap round to another slot
+        time = checked_time_features(time, int(steps_per_day), "HistoricalAverage.fit: time")
         self.steps_per_day = int(steps_per_day)
         self.weekly = values.shape[0] >= 7 * self.steps_per_day
         num_slots = (7 if self.weekly else 1) * self.steps_per_day
@@ -80,7 +83,7 @@ class HistoricalAverage:
     def predict(self, time: np.ndarray) -> np.ndarray:
         if self.table is None:
             raise RuntimeError("HistoricalAverage.predict called before fit")
-        return self.table[self._slot(np.asarray(time, dtype=np.int64))]
+        return self.table[self._slot(checked_time_features(time, self.steps_per_day, "HistoricalAverage.predict: time"))]
 
 
 def historical_average_forecast(model: HistoricalAverage, time: np.ndarray, starts: np.ndarray,
