@@ -262,6 +262,34 @@ def test_predict_arrays_refuses_arrays_the_model_cannot_read(forecaster, damage,
         forecaster.predict_arrays(*damage(values, mask, time))
 
 
+def test_a_forecaster_of_a_network_in_memory_snapshots_it_and_leaves_it_alone(forecaster, tmp_path, monkeypatch):
+    net = GMAN(**forecaster.model.config)
+    net.load_state_dict(forecaster.model.state_dict())
+    net.train()  # the caller is training it
+    metadata = pkg.package_metadata(net, scaler_mean=MEAN, scaler_std=STD, sensor_ids=SENSORS,
+                                    interval=pd.Timedelta("5min"), missing_value=0.0, dataset_name="toy")
+    snapshot = Forecaster(net, metadata)
+    assert net.training and snapshot.model is not net and not snapshot.model.training
+    frame = series().iloc[:P]
+    before = snapshot.predict(frame)
+    pd.testing.assert_frame_equal(before, forecaster.predict(frame))
+    with torch.no_grad():
+        net.output_fc.linears[-1].bias.add_(1.0)  # one more training step, say
+    pd.testing.assert_frame_equal(snapshot.predict(frame), before)  # the weights it was built with
+    moved = Forecaster(net, metadata).predict(frame)  # a new Forecaster serves the new weights
+    np.testing.assert_allclose(moved["prediction"], before["prediction"] + STD, rtol=1e-5)
+
+    handed_over = Forecaster(net, metadata, copy=False)
+    assert handed_over.model is net and not net.training
+    with pytest.raises(ValueError, match="copy must be true or false"):
+        Forecaster(net, metadata, copy="no")
+    # loading builds a network of its own: no second copy of it
+    path = pkg.save_package(tmp_path / "model", forecaster.model, scaler_mean=MEAN, scaler_std=STD, sensor_ids=SENSORS,
+                            interval=pd.Timedelta("5min"), missing_value=0.0, dataset_name="toy", units="mph")
+    monkeypatch.setattr("gman.serving.forecaster.deepcopy", lambda _: pytest.fail("the loaded network was copied"))
+    pd.testing.assert_frame_equal(Forecaster.load(path, backend="torch").predict(frame), forecaster.predict(frame))
+
+
 def test_checkpoint_with_package_metadata_loads_like_the_package(forecaster, tmp_path):
     checkpoint = {
         "state_dict": {f"model.{k}": v for k, v in forecaster.model.state_dict().items()},

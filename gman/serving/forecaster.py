@@ -63,6 +63,7 @@ import re
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -100,14 +101,26 @@ class Forecaster:
     """A GMAN network plus everything needed to turn a raw history into forecasts.
 
     Build one with :meth:`load` (or :meth:`from_package`); the constructor takes
-    the network and the package metadata (``gman.json`` content).
+    the network and the package metadata (``gman.json`` content), e.g.
+    ``Forecaster(net, package_metadata(net, ...))`` for a network in memory.
+
+    The constructor snapshots ``model``: it predicts with a copy (in eval mode) of the
+    weights ``model`` has then, and leaves ``model`` itself alone (its train/eval mode,
+    its device). Later changes to ``model``'s weights do not reach the Forecaster:
+    build a new one to serve them. ``copy=False`` hands ``model`` over instead (no
+    copy: the Forecaster puts it in eval mode and :meth:`to` moves it), for a network
+    nothing else holds.
     """
 
     def __init__(self, model: "GMAN | None", metadata: dict[str, Any], *, session: Any = None,
-                 package_path: str | os.PathLike | None = None):
+                 package_path: str | os.PathLike | None = None, copy: bool = True):
         pkg.check_metadata(metadata, "metadata")
         if model is None and (session is None or package_path is None):
             raise ValueError("Forecaster: needs a model, or an ONNX Runtime session and the package path")
+        if not isinstance(copy, bool):
+            raise ValueError(f"Forecaster: copy must be true or false, got {copy!r}")
+        if model is not None and copy:
+            model = deepcopy(model)
         self._model = None if model is None else model.eval()
         self._net: Any = None  # the inference copy of the model (batch-norm folded), built on first use
         self._session = session
@@ -215,7 +228,7 @@ class Forecaster:
         _set_torch_threads(threads)
         _import_torch()
         state = pkg.load_state_dict(path, metadata)
-        return cls(pkg.build_model(metadata, state, str(path)), metadata)
+        return cls(pkg.build_model(metadata, state, str(path)), metadata, copy=False)  # a network of its own
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> "Forecaster":
@@ -265,7 +278,7 @@ class Forecaster:
         if metadata is None:
             metadata = _metadata_from_hparams(path, checkpoint.get("hyper_parameters") or {})
         pkg.check_metadata(metadata, str(path))
-        return cls(pkg.build_model(metadata, state, str(path)), metadata)
+        return cls(pkg.build_model(metadata, state, str(path)), metadata, copy=False)  # a network of its own
 
     @classmethod
     def from_mlflow(cls, uri: str, *, backend: str | None = None, threads: int | None = None) -> "Forecaster":
@@ -286,7 +299,11 @@ class Forecaster:
     # --------------------------------------------------------------- properties
     @property
     def model(self) -> "GMAN":
-        """The PyTorch network (eval mode); with the ONNX backend it is read from the package on first use."""
+        """The PyTorch network (eval mode); with the ONNX backend it is read from the package on first use.
+
+        :meth:`predict` runs a batch-norm-folded copy of it made at the first prediction, so change
+        the weights by building a new Forecaster, not by changing this module.
+        """
         if self._model is None:
             assert self._package_path is not None
             _import_torch()
