@@ -5,8 +5,9 @@ Both work on the raw series (data units) and window start indices, the way
 ``s .. s+P-1`` and its targets are steps ``s+P .. s+P+Q-1``.
 
 * **Last observed value**: every future step repeats, per sensor, the last
-  observed reading inside the history window (the scaler mean where the
-  sensor reported nothing in the whole window).
+  observed reading inside the history window (``fallback`` where the sensor
+  reported nothing in the whole window: the mean of the observed training
+  readings is what ``gman train`` passes).
 * **Historical average**: the mean observed reading per sensor and
   time-of-week slot (``day_of_week · steps_per_day + time_of_day``) over the
   training split; when the training split is shorter than one week, the slot
@@ -24,7 +25,8 @@ def last_value_forecast(values: np.ndarray, mask: np.ndarray, starts: np.ndarray
                         history_steps: int, horizon_steps: int, fallback: float) -> np.ndarray:
     """Forecasts [S, Q, N] repeating each sensor's last observed history reading.
 
-    values, mask: [T, N] series and observation mask; starts: [S] window starts.
+    values, mask: [T, N] series and observation mask; starts: [S] window starts;
+    fallback: the forecast of a sensor with no observed reading in a window's history.
     """
     values, mask = np.asarray(values), np.asarray(mask, dtype=bool)
     num_steps = values.shape[0]
