@@ -70,6 +70,15 @@ def test_historical_average_refuses_a_time_that_is_no_slot():
     assert model.predict(time).shape == (len(time), 1)
 
 
+def test_both_baselines_are_exported_by_gman_training():
+    import gman.training
+    from gman.training import baselines
+
+    for name in ("HistoricalAverage", "historical_average_forecast", "last_value_forecast"):
+        assert name in gman.training.__all__ and name in dir(gman.training)
+        assert getattr(gman.training, name) is getattr(baselines, name)
+
+
 def test_epoch_seeded_sampler_replays_an_epoch_and_varies_across_epochs():
     sampler = EpochSeededRandomSampler(50, seed=3)
     sampler.set_epoch(2)
