@@ -55,6 +55,30 @@ def test_historical_average_falls_back_to_time_of_day_for_short_training():
     assert model.table[3, 0] == pytest.approx(observed.mean())
 
 
+def test_historical_average_refuses_a_time_that_is_no_slot():
+    """A float time was floored, and a negative one wrapped round to a slot at the end of the week."""
+    steps_per_day = 4
+    time = _time(7 * steps_per_day, steps_per_day)
+    values, mask = np.ones((len(time), 1), dtype=np.float32), np.ones((len(time), 1), dtype=bool)
+    with pytest.raises(ValueError, match=r"^HistoricalAverage.fit: time: must hold integer .* got dtype float64$"):
+        HistoricalAverage().fit(values, mask, time / [1, steps_per_day], steps_per_day)
+    model = HistoricalAverage().fit(values, mask, time, steps_per_day)
+    with pytest.raises(ValueError, match=r"^HistoricalAverage.predict: time: day_of_week \(time\[\.\.\., 0\]\) must be in 0\.\.6, got -1$"):
+        model.predict(time - [1, 0])
+    with pytest.raises(ValueError, match=r"time_of_day_index \(time\[\.\.\., 1\]\) must be in 0\.\.3, got 4$"):
+        model.predict(time + [0, 1])
+    assert model.predict(time).shape == (len(time), 1)
+
+
+def test_both_baselines_are_exported_by_gman_training():
+    import gman.training
+    from gman.training import baselines
+
+    for name in ("HistoricalAverage", "historical_average_forecast", "last_value_forecast"):
+        assert name in gman.training.__all__ and name in dir(gman.training)
+        assert getattr(gman.training, name) is getattr(baselines, name)
+
+
 def test_epoch_seeded_sampler_replays_an_epoch_and_varies_across_epochs():
     sampler = EpochSeededRandomSampler(50, seed=3)
     sampler.set_epoch(2)

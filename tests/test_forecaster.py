@@ -234,6 +234,62 @@ def test_batch_errors_name_the_history(forecaster):
         forecaster.predict({"good": frame, "bad": frame.iloc[:2]})
 
 
+def _arrays(forecaster: Forecaster) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """values, mask [1, P, N] and time [1, P+Q, 2] of the history ``series().iloc[:P]``."""
+    frame = series().iloc[:P].fillna(50.0)
+    values, mask, index = forecaster.prepare(frame)
+    time = forecaster.time_features(forecaster.window_index(index))
+    return values[None], mask[None], time[None]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda v, m, t: (v, m, t + 0.5), r"^time: must hold integer \(day_of_week, time_of_day_index\) pairs, got dtype float64$"),
+        (lambda v, m, t: (v, m, t / [1, 288]), r"^time: must hold integer .* got dtype float64$"),  # fraction of the day
+        (lambda v, m, t: (v, m, t + [0, 288]), r"^time: time_of_day_index \(time\[\.\.\., 1\]\) must be in 0\.\.287, got \d+$"),
+        (lambda v, m, t: (v, m, t - [1, 0]), r"^time: day_of_week \(time\[\.\.\., 0\]\) must be in 0\.\.6, got -1$"),
+        (lambda v, m, t: (v, m, t[:, :P]), rf"^time: expected shape \[1, {P + Q}, 2\] \(B, P\+Q, 2\), got \[1, {P}, 2\]$"),
+        (lambda v, m, t: (v[..., :-1], m[..., :-1], t), rf"^values: expected shape \[B, {P}, 5\] \(B, P, N\), got \[1, {P}, 4\]$"),
+        (lambda v, m, t: (v, m[:, :1], t), r"^mask: expected the shape of values"),
+    ],
+)
+def test_predict_arrays_refuses_arrays_the_model_cannot_read(forecaster, damage, message):
+    values, mask, time = _arrays(forecaster)
+    expected = forecaster.predict(series().iloc[:P].fillna(50.0), layout="wide").to_numpy()
+    np.testing.assert_allclose(forecaster.predict_arrays(values, mask, time)[0], expected, rtol=1e-5)
+    with pytest.raises(ForecastInputError, match=message):
+        forecaster.predict_arrays(*damage(values, mask, time))
+
+
+def test_a_forecaster_of_a_network_in_memory_snapshots_it_and_leaves_it_alone(forecaster, tmp_path, monkeypatch):
+    net = GMAN(**forecaster.model.config)
+    net.load_state_dict(forecaster.model.state_dict())
+    net.train()  # the caller is training it
+    metadata = pkg.package_metadata(net, scaler_mean=MEAN, scaler_std=STD, sensor_ids=SENSORS,
+                                    interval=pd.Timedelta("5min"), missing_value=0.0, dataset_name="toy")
+    snapshot = Forecaster(net, metadata)
+    assert net.training and snapshot.model is not net and not snapshot.model.training
+    frame = series().iloc[:P]
+    before = snapshot.predict(frame)
+    pd.testing.assert_frame_equal(before, forecaster.predict(frame))
+    with torch.no_grad():
+        net.output_fc.linears[-1].bias.add_(1.0)  # one more training step, say
+    pd.testing.assert_frame_equal(snapshot.predict(frame), before)  # the weights it was built with
+    moved = Forecaster(net, metadata).predict(frame)  # a new Forecaster serves the new weights
+    np.testing.assert_allclose(moved["prediction"], before["prediction"] + STD, rtol=1e-5)
+
+    handed_over = Forecaster(net, metadata, copy=False)
+    assert handed_over.model is net and not net.training
+    with pytest.raises(ValueError, match="copy must be true or false"):
+        Forecaster(net, metadata, copy="no")
+    # loading builds a network of its own: no second copy of it
+    path = pkg.save_package(tmp_path / "model", forecaster.model, scaler_mean=MEAN, scaler_std=STD, sensor_ids=SENSORS,
+                            interval=pd.Timedelta("5min"), missing_value=0.0, dataset_name="toy", units="mph")
+    monkeypatch.setattr("gman.serving.forecaster.deepcopy", lambda _: pytest.fail("the loaded network was copied"))
+    pd.testing.assert_frame_equal(Forecaster.load(path, backend="torch").predict(frame), forecaster.predict(frame))
+
+
 def test_checkpoint_with_package_metadata_loads_like_the_package(forecaster, tmp_path):
     checkpoint = {
         "state_dict": {f"model.{k}": v for k, v in forecaster.model.state_dict().items()},

@@ -18,6 +18,33 @@ def test_masked_mae_ignores_missing_labels():
     assert masked_mae(pred, target, torch.zeros_like(mask)).item() == 0.0
 
 
+def test_a_nan_label_where_the_mask_is_false_changes_neither_the_loss_nor_its_gradient():
+    """Users' own arrays hold missing readings as NaN: 0 · NaN would make the loss and its gradient NaN."""
+    pred = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
+    mask = torch.tensor([[True, False, True]])
+    losses, grads = [], []
+    for missing in (0.0, float("nan")):
+        target = torch.tensor([[2.0, missing, 5.0]])
+        loss = masked_mae(pred, target, mask)
+        (grad,) = torch.autograd.grad(loss, pred)
+        losses.append(loss.item())
+        grads.append(grad)
+    assert losses == [pytest.approx(1.5)] * 2
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], torch.tensor([[-0.5, 0.0, -0.5]]))
+
+
+def test_masked_mae_needs_one_shape_and_takes_numpy_arrays():
+    rng = np.random.default_rng(0)
+    pred, target = rng.normal(size=(5, 3, 4)), rng.normal(size=(5, 3, 4))
+    mask = rng.random((5, 3, 4)) > 0.3
+    loss = masked_mae(pred, target, mask)
+    assert torch.is_tensor(loss) and loss.item() == pytest.approx(np.abs(pred - target)[mask].mean())
+    for bad_target, bad_mask in ((target, mask[:, :1]), (target[:, :, :1], mask)):  # would broadcast
+        with pytest.raises(ValueError, match=r"^masked_mae: pred, target and mask must share one shape, got \[5, 3, 4\], "):
+            masked_mae(torch.tensor(pred), torch.tensor(bad_target), torch.tensor(bad_mask))
+
+
 def test_per_step_errors_match_a_direct_computation():
     rng = np.random.default_rng(0)
     pred = rng.normal(50, 10, size=(7, 4, 5))
@@ -60,6 +87,16 @@ def test_batches_combine_exactly_and_zero_labels_never_give_nan():
     assert kept.sum() == 39
     assert parts.mape[0] == pytest.approx(100 * np.mean(np.abs(err[kept]) / np.abs(y[kept])))
     assert parts.mae_all == pytest.approx((pred - target).abs().mean().item())
+
+
+def test_nan_labels_where_the_mask_is_false_do_not_make_the_errors_nan():
+    rng = np.random.default_rng(2)
+    pred, target = rng.normal(50, 10, size=(6, 3, 4)), rng.normal(50, 10, size=(6, 3, 4))
+    mask = rng.random((6, 3, 4)) > 0.3
+    with_nan = horizon_errors(pred, np.where(mask, target, np.nan), mask)
+    with_zero = horizon_errors(pred, np.where(mask, target, 0.0), mask)
+    assert math.isfinite(with_nan.mae_all) and math.isfinite(with_nan.rmse_all) and math.isfinite(with_nan.mape_all)
+    assert with_nan == with_zero
 
 
 def test_a_step_without_labels_is_nan_not_zero():

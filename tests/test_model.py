@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,13 +146,28 @@ def test_set_spatial_embedding_rejects(bad):
         dict(num_nodes=0), dict(steps_per_day=-1), dict(num_heads=2.5), dict(head_dim=True),
         dict(num_layers=0), dict(history_steps="12"), dict(dropout=1.0), dict(dropout=-0.1),
         dict(bn_momentum=0.0), dict(batch_norm="after"), dict(causal_mask=1),
-        dict(spatial_attention="nope"),
+        dict(spatial_attention="nope"), dict(num_nodes=np.float64(6)), dict(num_layers=np.bool_(True)),
+        dict(spatial_attention="group", num_groups=np.float32(2)),
     ],
 )
 def test_constructor_validation(kw):
     with pytest.raises(ValueError) as err:
         small_model(**kw)
     assert "\n" not in str(err.value)
+
+
+def test_numpy_integers_are_integer_arguments():
+    """Sizes read from arrays (``values.shape``, ``np.int64`` scalars) are taken, and the
+    config holds plain ints, so it stays JSON-serialisable."""
+    model = small_model(num_nodes=np.int64(6), steps_per_day=np.int32(STEPS_PER_DAY), num_heads=np.uint8(2),
+                        spatial_attention="group", num_groups=np.int64(2), partition_seed=np.int64(3),
+                        dropout=np.float32(0.25))
+    config = model.config
+    assert config["num_nodes"] == 6 and type(config["num_nodes"]) is int
+    assert type(config["num_groups"]) is int and type(config["partition_seed"]) is int
+    assert type(model.num_heads) is int
+    assert json.loads(json.dumps(config)) == config
+    assert model(torch.randn(2, 4, 6), make_time(2, 7)).shape == (2, 3, 6)
 
 
 def test_forward_validates_shapes():
@@ -165,6 +181,35 @@ def test_forward_validates_shapes():
         with pytest.raises(ValueError, match=r"time must have shape \[2, 7, 2\], got"):
             model(x, time)
     assert model(x, good_time).shape == (2, 3, 6)
+
+
+def test_forward_refuses_a_time_that_is_not_integer():
+    """A float time would be floored: 0.5 (noon, as a fraction of the day) would read as midnight."""
+    model = small_model().eval()
+    x, time = torch.randn(2, 4, 6), make_time(2, 7)
+    for dtype in (torch.float32, torch.float64, torch.bool):
+        with pytest.raises(ValueError, match=r"time must be an integer tensor of \(day_of_week, time_of_day_index\) "
+                                             rf"pairs, got dtype {dtype}$"):
+            model(x, time.to(dtype))
+    with torch.no_grad():
+        for dtype in (torch.int32, torch.int16):  # any integer dtype reads the same indices
+            torch.testing.assert_close(model(x, time.to(dtype)), model(x, time), rtol=0, atol=0)
+
+
+def test_forward_refuses_x_of_another_dtype_than_the_parameters():
+    double = small_model().double()
+    with pytest.raises(ValueError, match=r"^GMAN: x has dtype torch.float32, the model's parameters torch.float64; "):
+        double(torch.randn(2, 4, 6), make_time(2, 7))
+    with pytest.raises(ValueError, match=r"x must be a float tensor of normalised readings, got dtype torch.int64"):
+        small_model()(torch.zeros(2, 4, 6, dtype=torch.long), make_time(2, 7))
+    assert double(torch.randn(2, 4, 6, dtype=torch.float64), make_time(2, 7)).dtype == torch.float64
+    # autocast casts the matrix products' operands itself: float32 parameters take float32 or bf16 x
+    model = small_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16):
+            assert model(torch.randn(2, 4, 6, dtype=dtype), make_time(2, 7)).dtype == torch.bfloat16
+        with pytest.raises(ValueError, match="x has dtype torch.float32, the model's parameters torch.float64"):
+            double(torch.randn(2, 4, 6), make_time(2, 7))  # autocast leaves float64 alone
 
 
 def test_batch_norm_placement_and_momentum():

@@ -208,6 +208,28 @@ def time_features(index: pd.DatetimeIndex, interval: pd.Timedelta) -> np.ndarray
     return np.stack([day_of_week, time_of_day], axis=1)
 
 
+def checked_time_features(time, steps_per_day: int, name: str = "time", error: type[Exception] = ValueError) -> np.ndarray:
+    """``time [..., 2]`` (day_of_week, time_of_day) pairs as int64, after checking what a model needs.
+
+    An integer dtype (a float time of day would be read as its integer part, so 0.5
+    of a day would be midnight), day_of_week in 0..6 and time_of_day in
+    0..steps_per_day−1 (outside, the model's embedding look-up fails with a bare
+    IndexError, or on a GPU with a device assertion).  ``error`` is raised with
+    one line naming ``name``.
+    """
+    time = np.asarray(time)
+    if time.dtype.kind not in "iu":
+        raise error(f"{name}: must hold integer (day_of_week, time_of_day_index) pairs, got dtype {time.dtype}")
+    if time.ndim == 0 or time.shape[-1] != 2:
+        raise error(f"{name}: the last axis must hold (day_of_week, time_of_day_index) pairs, got shape {list(time.shape)}")
+    for column, what, top in ((0, "day_of_week", 6), (1, "time_of_day_index", steps_per_day - 1)):
+        part = time[..., column]
+        if part.size and (part.min() < 0 or part.max() > top):
+            bad = part.min() if part.min() < 0 else part.max()
+            raise error(f"{name}: {what} (time[..., {column}]) must be in 0..{top}, got {bad}")
+    return time.astype(np.int64, copy=False)
+
+
 class MixedOffsetsError(ValueError):
     """Timestamps with different UTC offsets, and no time zone to write them in."""
 

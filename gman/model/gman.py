@@ -52,6 +52,7 @@ authors' ``tf.split(x, K, axis=-1)``), so ``K ≠ d`` works.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -71,11 +72,21 @@ from gman.model.layers import (
 
 __all__ = ["GMAN"]
 
+# the dtypes ``time`` may have: integer indices (F.embedding takes them as long)
+_TIME_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# the dtypes autocast casts to its lower precision and back (it leaves float64 as it is)
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _is_integer(value: Any) -> bool:
+    """An integer of any kind (Python or numpy), but not a bool: ``True`` is no layer count."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_integer(value) or value < 1:
         raise ValueError(f"GMAN: {name} must be a positive integer, got {value!r}")
-    return value
+    return int(value)  # a plain int: the config stays JSON-serialisable
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -85,7 +96,7 @@ def _flag(name: str, value: Any) -> bool:
 
 
 def _fraction(name: str, value: Any, low_open: bool, high_closed: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > 0 if low_open else value >= 0) and (value <= 1 if high_closed else value < 1)
     if not ok:
@@ -146,9 +157,11 @@ class GMAN(nn.Module):
             time of day, so the network has no direct way to trust the last reading
             more at 5 minutes than at 60; the gain gives it one.
 
-    forward(x [B, P, N] float, time [B, P+Q, 2] long) -> [B, Q, N]
+    forward(x [B, P, N] float, time [B, P+Q, 2] integer) -> [B, Q, N]
         ``time[..., 0]`` day of week 0..6, ``time[..., 1]`` time-of-day index
         ``0..steps_per_day−1``, for the history steps then the future steps.
+        ``x`` has the parameters' dtype; a float ``time`` is refused (it would be
+        floored, not read as a fraction of the day).
     """
 
     def __init__(
@@ -178,14 +191,14 @@ class GMAN(nn.Module):
         residual_step_gain: bool = False,
     ) -> None:
         super().__init__()
-        self.num_nodes = _positive_int("num_nodes", num_nodes)
-        self.steps_per_day = _positive_int("steps_per_day", steps_per_day)
-        self.se_dim = _positive_int("se_dim", se_dim)
-        self.history_steps = _positive_int("history_steps", history_steps)
-        self.horizon_steps = _positive_int("horizon_steps", horizon_steps)
-        self.num_layers = _positive_int("num_layers", num_layers)
-        self.num_heads = _positive_int("num_heads", num_heads)
-        self.head_dim = _positive_int("head_dim", head_dim)
+        self.num_nodes = num_nodes = _positive_int("num_nodes", num_nodes)
+        self.steps_per_day = steps_per_day = _positive_int("steps_per_day", steps_per_day)
+        self.se_dim = se_dim = _positive_int("se_dim", se_dim)
+        self.history_steps = history_steps = _positive_int("history_steps", history_steps)
+        self.horizon_steps = horizon_steps = _positive_int("horizon_steps", horizon_steps)
+        self.num_layers = num_layers = _positive_int("num_layers", num_layers)
+        self.num_heads = num_heads = _positive_int("num_heads", num_heads)
+        self.head_dim = head_dim = _positive_int("head_dim", head_dim)
         dropout = _fraction("dropout", dropout, low_open=False, high_closed=False)
         bn_momentum = _fraction("bn_momentum", bn_momentum, low_open=True, high_closed=True)
         for name, value in (
@@ -209,16 +222,16 @@ class GMAN(nn.Module):
             )
         options = dict(spatial_attention_options or {})
         group = spatial_attention == "group"
-        if num_groups is not None and not (
-            isinstance(num_groups, int) and not isinstance(num_groups, bool) and 1 <= num_groups <= num_nodes
-        ):
+        if num_groups is not None and not (_is_integer(num_groups) and 1 <= num_groups <= num_nodes):
             raise ValueError(f"GMAN: num_groups must be null or an integer in [1, {num_nodes}] (num_nodes), got {num_groups!r}")
+        num_groups = None if num_groups is None else int(num_groups)
         if partition_method not in PARTITION_METHODS:
             raise ValueError(
                 f"GMAN: partition_method must be one of {', '.join(PARTITION_METHODS)}, got {partition_method!r}"
             )
-        if isinstance(partition_seed, bool) or not isinstance(partition_seed, int):
+        if not _is_integer(partition_seed):
             raise ValueError(f"GMAN: partition_seed must be an integer, got {partition_seed!r}")
+        partition_seed = int(partition_seed)
         if not group and (num_groups is not None or partition_method != "random"):
             raise ValueError(f"GMAN: num_groups and partition_method apply to spatial_attention 'group', not {spatial_attention!r}")
         if group and {"num_groups", "partition_method", "partition_seed", "num_nodes"} & set(options):
@@ -325,7 +338,13 @@ class GMAN(nn.Module):
         return self.ste(self.spatial_embedding, time)
 
     def forward(self, x: Tensor, time: Tensor) -> Tensor:
-        """x [B, P, N] normalised, time [B, P+Q, 2] long -> [B, Q, N] normalised."""
+        """x [B, P, N] normalised, time [B, P+Q, 2] integer -> [B, Q, N] normalised.
+
+        ``x`` has the parameters' dtype (under autocast, float32 or half as the parameters are).
+        ``time`` has an integer dtype; its values outside ``0..6`` / ``0..steps_per_day−1`` are
+        not checked here (that would wait for the device): they fail in the embedding look-up
+        (an IndexError on the CPU).
+        """
         p, q, n = self.history_steps, self.horizon_steps, self.num_nodes
         if self._partition_pending:
             raise ValueError("GMAN: partition_method 'bfs' needs set_partition_graph(adjacency) (or a loaded state dict) first")
@@ -333,6 +352,23 @@ class GMAN(nn.Module):
             raise ValueError(f"GMAN: x must have shape [B, {p}, {n}], got {list(x.shape)}")
         if time.dim() != 3 or time.shape[1] != p + q or time.shape[2] != 2 or time.shape[0] != x.shape[0]:
             raise ValueError(f"GMAN: time must have shape [{x.shape[0]}, {p + q}, 2], got {list(time.shape)}")
+        # dtype checks only: a check of the values would wait for the device.  A float time would be
+        # floored (a time of day given as a fraction of the day reads as midnight), so it is refused.
+        if time.dtype not in _TIME_DTYPES:
+            raise ValueError(
+                f"GMAN: time must be an integer tensor of (day_of_week, time_of_day_index) pairs, got dtype {time.dtype}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"GMAN: x must be a float tensor of normalised readings, got dtype {x.dtype}")
+        weight_dtype = self.input_fc.linears[0].weight.dtype
+        # under autocast the matrix products cast float32 / half inputs and weights themselves (not float64)
+        autocast = (x.dtype in _AUTOCAST_DTYPES and weight_dtype in _AUTOCAST_DTYPES
+                    and torch.is_autocast_enabled(x.device.type))
+        if x.dtype != weight_dtype and not autocast:
+            raise ValueError(
+                f"GMAN: x has dtype {x.dtype}, the model's parameters {weight_dtype}; "
+                f"convert x (x.to({weight_dtype})) or the model (model.to({x.dtype}))"
+            )
         ste = self.embed(time.long())
         ste_p, ste_q = ste.steps(0, p), ste.steps(p, p + q)
         h = self.input_fc(x.unsqueeze(-1))  # [B, P, N, D]

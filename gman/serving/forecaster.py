@@ -63,13 +63,14 @@ import re
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import pandas as pd
 
-from gman.data.dataset import time_features
+from gman.data.dataset import checked_time_features, time_features
 from gman.data.graph import repeated
 from gman.errors import DataError, ForecastInputError
 from gman.serving import package as pkg
@@ -100,14 +101,26 @@ class Forecaster:
     """A GMAN network plus everything needed to turn a raw history into forecasts.
 
     Build one with :meth:`load` (or :meth:`from_package`); the constructor takes
-    the network and the package metadata (``gman.json`` content).
+    the network and the package metadata (``gman.json`` content), e.g.
+    ``Forecaster(net, package_metadata(net, ...))`` for a network in memory.
+
+    The constructor snapshots ``model``: it predicts with a copy (in eval mode) of the
+    weights ``model`` has then, and leaves ``model`` itself alone (its train/eval mode,
+    its device). Later changes to ``model``'s weights do not reach the Forecaster:
+    build a new one to serve them. ``copy=False`` hands ``model`` over instead (no
+    copy: the Forecaster puts it in eval mode and :meth:`to` moves it), for a network
+    nothing else holds.
     """
 
     def __init__(self, model: "GMAN | None", metadata: dict[str, Any], *, session: Any = None,
-                 package_path: str | os.PathLike | None = None):
+                 package_path: str | os.PathLike | None = None, copy: bool = True):
         pkg.check_metadata(metadata, "metadata")
         if model is None and (session is None or package_path is None):
             raise ValueError("Forecaster: needs a model, or an ONNX Runtime session and the package path")
+        if not isinstance(copy, bool):
+            raise ValueError(f"Forecaster: copy must be true or false, got {copy!r}")
+        if model is not None and copy:
+            model = deepcopy(model)
         self._model = None if model is None else model.eval()
         self._net: Any = None  # the inference copy of the model (batch-norm folded), built on first use
         self._session = session
@@ -215,7 +228,7 @@ class Forecaster:
         _set_torch_threads(threads)
         _import_torch()
         state = pkg.load_state_dict(path, metadata)
-        return cls(pkg.build_model(metadata, state, str(path)), metadata)
+        return cls(pkg.build_model(metadata, state, str(path)), metadata, copy=False)  # a network of its own
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> "Forecaster":
@@ -265,7 +278,7 @@ class Forecaster:
         if metadata is None:
             metadata = _metadata_from_hparams(path, checkpoint.get("hyper_parameters") or {})
         pkg.check_metadata(metadata, str(path))
-        return cls(pkg.build_model(metadata, state, str(path)), metadata)
+        return cls(pkg.build_model(metadata, state, str(path)), metadata, copy=False)  # a network of its own
 
     @classmethod
     def from_mlflow(cls, uri: str, *, backend: str | None = None, threads: int | None = None) -> "Forecaster":
@@ -286,7 +299,11 @@ class Forecaster:
     # --------------------------------------------------------------- properties
     @property
     def model(self) -> "GMAN":
-        """The PyTorch network (eval mode); with the ONNX backend it is read from the package on first use."""
+        """The PyTorch network (eval mode); with the ONNX backend it is read from the package on first use.
+
+        :meth:`predict` runs a batch-norm-folded copy of it made at the first prediction, so change
+        the weights by building a new Forecaster, not by changing this module.
+        """
         if self._model is None:
             assert self._package_path is not None
             _import_torch()
@@ -539,17 +556,31 @@ class Forecaster:
                        batch_size: int | None = None) -> np.ndarray:
         """Forecasts [B, Q, N] float32 in data units from values/mask [B, P, N] and time [B, P+Q, 2].
 
+        ``time`` holds integer (day_of_week 0..6, time_of_day_index 0..steps_per_day−1) pairs, as
+        :meth:`time_features` gives them; other arrays are refused with a :class:`ForecastInputError`.
+
         Runs ``batch_size`` windows per forward pass (default :attr:`batch_size`): on the CPU a larger batch falls out
         of cache (N = 207, L = 3, 2 cores, per window: 64.5 ms at B = 1, 52.6 at 8, 53.5 at 16,
         72.9 at 64; 200 histories in one pass took 82 ms each and 1.5 GB).
         """
         values = np.asarray(values, dtype=np.float32)
         mask = np.asarray(mask, dtype=bool)
-        time = np.ascontiguousarray(time, dtype=np.int64)
+        time = np.ascontiguousarray(checked_time_features(time, self.steps_per_day, "time", ForecastInputError))
+        p, q, n = self.history_steps, self.horizon_steps, len(self._sensor_ids)
+        if values.ndim != 3 or values.shape[1:] != (p, n):
+            raise ForecastInputError(f"values: expected shape [B, {p}, {n}] (B, P, N), got {list(values.shape)}")
+        if mask.shape != values.shape:
+            raise ForecastInputError(f"mask: expected the shape of values, {list(values.shape)}, got {list(mask.shape)}")
+        if time.shape != (len(values), p + q, 2):
+            raise ForecastInputError(f"time: expected shape [{len(values)}, {p + q}, 2] (B, P+Q, 2), got {list(time.shape)}")
         step = batch_size or self.batch_size
-        if len(values) > step:
-            return np.concatenate([self.predict_arrays(values[lo:lo + step], mask[lo:lo + step], time[lo:lo + step], step)
-                                   for lo in range(0, len(values), step)])
+        if len(values) <= step:
+            return self._predict_batch(values, mask, time)
+        return np.concatenate([self._predict_batch(values[lo:lo + step], mask[lo:lo + step], time[lo:lo + step])
+                               for lo in range(0, len(values), step)])
+
+    def _predict_batch(self, values: np.ndarray, mask: np.ndarray, time: np.ndarray) -> np.ndarray:
+        """:meth:`predict_arrays` of checked arrays in one forward pass."""
         if self._session is not None:  # the graph reads raw values: NaN = missing
             raw = np.where(mask, values, np.float32(np.nan)).astype(np.float32, copy=False)
             (out,) = self._session.run(None, {"values": raw, "time": time})

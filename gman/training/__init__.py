@@ -21,6 +21,8 @@ _EXPORTS: dict[str, str] = {
     "horizon_errors": "gman.training.metrics",
     "masked_mae": "gman.training.metrics",
     "HistoricalAverage": "gman.training.baselines",
+    "historical_average_forecast": "gman.training.baselines",
+    "last_value_forecast": "gman.training.baselines",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,8 +5,9 @@ Both work on the raw series (data units) and window start indices, the way
 ``s .. s+P-1`` and its targets are steps ``s+P .. s+P+Q-1``.
 
 * **Last observed value**: every future step repeats, per sensor, the last
-  observed reading inside the history window (the scaler mean where the
-  sensor reported nothing in the whole window).
+  observed reading inside the history window (``fallback`` where the sensor
+  reported nothing in the whole window: the mean of the observed training
+  readings is what ``gman train`` passes).
 * **Historical average**: the mean observed reading per sensor and
   time-of-week slot (``day_of_week · steps_per_day + time_of_day``) over the
   training split; when the training split is shorter than one week, the slot
@@ -17,12 +18,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from gman.data.dataset import checked_time_features
+
 
 def last_value_forecast(values: np.ndarray, mask: np.ndarray, starts: np.ndarray,
                         history_steps: int, horizon_steps: int, fallback: float) -> np.ndarray:
     """Forecasts [S, Q, N] repeating each sensor's last observed history reading.
 
-    values, mask: [T, N] series and observation mask; starts: [S] window starts.
+    values, mask: [T, N] series and observation mask; starts: [S] window starts;
+    fallback: the forecast of a sensor with no observed reading in a window's history.
     """
     values, mask = np.asarray(values), np.asarray(mask, dtype=bool)
     num_steps = values.shape[0]
@@ -59,7 +63,8 @@ class HistoricalAverage:
     def fit(self, values: np.ndarray, mask: np.ndarray, time: np.ndarray, steps_per_day: int) -> "HistoricalAverage":
         values = np.asarray(values, dtype=np.float64)
         mask = np.asarray(mask, dtype=bool)
-        time = np.asarray(time, dtype=np.int64)
+        # a float or out-of-range time would be floored or wrap round to another slot
+        time = checked_time_features(time, int(steps_per_day), "HistoricalAverage.fit: time")
         self.steps_per_day = int(steps_per_day)
         self.weekly = values.shape[0] >= 7 * self.steps_per_day
         num_slots = (7 if self.weekly else 1) * self.steps_per_day
@@ -80,7 +85,7 @@ class HistoricalAverage:
     def predict(self, time: np.ndarray) -> np.ndarray:
         if self.table is None:
             raise RuntimeError("HistoricalAverage.predict called before fit")
-        return self.table[self._slot(np.asarray(time, dtype=np.int64))]
+        return self.table[self._slot(checked_time_features(time, self.steps_per_day, "HistoricalAverage.predict: time"))]
 
 
 def historical_average_forecast(model: HistoricalAverage, time: np.ndarray, starts: np.ndarray,

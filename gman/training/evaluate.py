@@ -39,8 +39,10 @@ def score_baselines(dataset, train_range: tuple[int, int], starts: np.ndarray, h
     """Last observed value and historical average on the windows starting at ``starts``.
 
     dataset: a SensorDataset; train_range: (start, stop) steps of the training split
-    (the historical average is fitted there); fallback: the value forecast for
-    a sensor with no observed history reading (the scaler mean).
+    (the historical average is fitted there); fallback: the last-value forecast
+    of a sensor with no observed history reading, which should be the mean of
+    the observed training readings (what ``gman train`` passes; the scaler's
+    mean under the authors' normalisation counts missing readings as 0).
     """
     time = dataset.time_features()
     train_start, train_stop = train_range

@@ -1,8 +1,8 @@
 """Masked forecast errors per horizon step.
 
 Only observed labels count (``mask`` = True where a reading exists), so a
-missing reading (stored as 0.0) never turns into an error of "speed 0" and
-MAPE is never NaN.  All errors are computed in data units (de-normalised).
+missing reading (stored as 0.0, or NaN in a user's own arrays) never turns into
+an error of "speed 0" or a NaN, and MAPE is never NaN.  All errors are computed in data units (de-normalised).
 
 For predictions ``ŷ``, labels ``y`` and mask ``m`` of shape [S, Q, N]
 (windows, horizon steps, sensors), per step ``q``:
@@ -26,14 +26,24 @@ MAPE_EPS = 1e-4
 
 
 def masked_mae(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scalar masked mean absolute error; 0 when nothing is observed (keeps the loss finite).
+    """Scalar masked mean absolute error of pred, target, mask of one shape (e.g. [B, Q, N]);
+    0 when nothing is observed (keeps the loss finite).
 
-    Computed in at least float32: a bf16 count of observed labels would be
-    rounded (36,565 labels count as 36,352).
+    ``mask`` is True where a label is observed; what ``target`` holds elsewhere (0, NaN)
+    changes neither the loss nor its gradient.  Numpy arrays are taken too (``torch.as_tensor``);
+    the result is a 0-dim tensor.  Computed in at least float32: a bf16 count of observed
+    labels would be rounded (36,565 labels count as 36,352).
     """
+    pred, target, mask = (torch.as_tensor(a) for a in (pred, target, mask))
+    if not pred.shape == target.shape == mask.shape:
+        raise ValueError(f"masked_mae: pred, target and mask must share one shape, got "
+                         f"{list(pred.shape)}, {list(target.shape)}, {list(mask.shape)}")
     dtype = torch.promote_types(pred.dtype, torch.float32)
-    pred, mask = pred.to(dtype), mask.to(dtype)
-    return (mask * (pred - target).abs()).sum() / mask.sum().clamp_min(1.0)
+    observed = mask.bool()
+    # where, not a product with the mask: 0 · NaN is NaN.  The difference is masked before abs, so
+    # neither abs nor its gradient ever sees a NaN label.
+    error = torch.where(observed, pred.to(dtype) - target, 0.0).abs()
+    return error.sum() / observed.sum().to(dtype).clamp_min(1.0)
 
 
 @dataclass
@@ -79,7 +89,7 @@ class HorizonMetrics:
             raise ValueError(f"expected {self.horizon_steps} horizon steps, got {pred.shape[1]}")
         pred, target = pred.detach().double().cpu(), target.detach().double().cpu()
         mask = mask.detach().cpu().bool()
-        error = (pred - target).abs()
+        error = torch.where(mask, pred - target, 0.0).abs()  # not error · mask: a missing label may be NaN
         observed = mask.double()
         mape_mask = (mask & (target.abs() > MAPE_EPS)).double()
         ape = torch.where(mape_mask.bool(), error / target.abs().clamp_min(MAPE_EPS), torch.zeros_like(error))
