@@ -67,15 +67,21 @@ def gman(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([*GMAN, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
 
 
+def yaml_of(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
 def gman_rows(folder: Path) -> list[dict]:
     with open(folder / "horizons.csv", newline="") as handle:
         return [row for row in csv.DictReader(handle) if row["model"] == "GMAN"]
 
 
-def mlflow_run(workdir: Path, run_id: str):
+def mlflow_run(workdir: Path, run_id: str, db: str = "mlflow.db"):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(run_id)
+    return MlflowClient(f"sqlite:///{workdir / db}").get_run(run_id)
 
 
 @pytest.fixture(scope="module")
@@ -156,16 +162,54 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_test_metrics(uninterrupted
     assert len(expected) == 3 * 12 + 3 and got == expected
 
 
-def test_sigterm_ends_the_run_killed_with_a_failing_status(workdir):
+@pytest.fixture(scope="module")
+def terminated(workdir) -> tuple[subprocess.CompletedProcess, Path]:
+    """A run stopped by SIGTERM in its second epoch (last.ckpt holds epoch 0), tracked in a store given by a
+    relative path: ``termed.db`` in ``workdir``."""
+    stopped = gman(["train", "--config", "tiny.yaml", "--output-dir", "runs/termed", "--tracking_uri",
+                    "sqlite:///termed.db"], workdir, GMAN_TEST_SIGKILL_AT="1:3", GMAN_TEST_SIGNAL="SIGTERM")
+    return stopped, workdir / "runs" / "termed.partial"
+
+
+def test_sigterm_ends_the_run_killed_with_a_failing_status(terminated, workdir):
     """Lightning stops on SIGTERM with a bare SystemExit; gman must not exit 0 for a run it did not finish."""
-    stopped = gman(["train", "--config", "tiny.yaml", "--output-dir", "runs/termed"], workdir,
-                   GMAN_TEST_SIGKILL_AT="1:3", GMAN_TEST_SIGNAL="SIGTERM")
+    stopped, partial = terminated
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     assert "resume it with: gman train --resume" in stopped.stderr
-    partial = workdir / "runs" / "termed.partial"
     run = json.loads((partial / "run.json").read_text())
-    assert run["status"] == "KILLED" and mlflow_run(workdir, run["run_id"]).info.status == "KILLED"
+    assert run["status"] == "KILLED" and mlflow_run(workdir, run["run_id"], "termed.db").info.status == "KILLED"
     assert not (workdir / "runs" / "termed").exists()
+
+
+def test_a_run_resumes_from_another_directory_and_a_store_without_it_is_refused(terminated, workdir):
+    """The relative tracking URI is stored absolute; a resume pointed at a store that lacks the run is a
+    one-line error that creates no database and leaves run.json as it was."""
+    _, partial = terminated
+    expected_uri = f"sqlite:///{workdir / 'termed.db'}"
+    assert json.loads((partial / "run.json").read_text())["tracking_uri"] == expected_uri
+    assert yaml_of(partial / "config.yaml")["tracking_uri"] == expected_uri
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    run_json = (partial / "run.json").read_bytes()
+    for uri, message in (("sqlite:///termed.db", "does not exist (no file"),
+                         (f"sqlite:///{workdir / 'mlflow-empty.db'}", "is not in")):
+        if "empty" in uri:  # a store that exists but never saw the run
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(uri).search_experiments()
+        refused = gman(["train", "--resume", str(partial), "--tracking_uri", uri], elsewhere)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        err = [line for line in refused.stderr.splitlines() if line.startswith("gman: error:")]
+        assert len(err) == 1 and err[0].startswith("gman: error: --resume: ") and message in err[0], refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert list(elsewhere.iterdir()) == [] and (partial / "run.json").read_bytes() == run_json
+
+    resumed = gman(["train", "--resume", str(partial)], elsewhere)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.strip().splitlines()[-1] == str(workdir / "runs" / "termed")
+    run = json.loads((workdir / "runs" / "termed" / "run.json").read_text())
+    assert run["status"] == "FINISHED" and mlflow_run(workdir, run["run_id"], "termed.db").info.status == "FINISHED"
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_evaluate_a_checkpoint_and_an_mlflow_run_reproduce_the_test_metrics(uninterrupted, workdir, monkeypatch,

@@ -242,7 +242,11 @@ def test_tracking_uri_resolution_and_a_deleted_experiment_coming_back(tmp_path, 
     assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
     assert resolve_tracking_uri(None, tmp_path) == "http://tracking.example:5000"  # the environment beats the default
-    assert resolve_tracking_uri("sqlite:///x.db", tmp_path) == "sqlite:///x.db"   # a setting beats the environment
+    assert resolve_tracking_uri("sqlite:///x.db", tmp_path) == f"sqlite:///{tmp_path.resolve() / 'x.db'}"  # a setting beats the environment
+    # a relative sqlite path is made absolute (the URI is stored with the run); query, memory and absolute kept
+    assert resolve_tracking_uri("sqlite:///db/../x.db?mode=ro", tmp_path) == f"sqlite:///{tmp_path.resolve() / 'x.db'}?mode=ro"
+    assert resolve_tracking_uri("sqlite:////abs/x.db", tmp_path) == "sqlite:////abs/x.db"
+    assert resolve_tracking_uri("sqlite:///:memory:", tmp_path) == "sqlite:///:memory:"
     with pytest.raises(ConfigError, match="tracking_uri: 'mlflow.db' is not a URI"):
         resolve_tracking_uri("mlflow.db")
 

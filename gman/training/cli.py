@@ -371,19 +371,25 @@ def train(argv: list[str]) -> int:
 
         torch.set_num_threads(config.threads)
 
+    from gman.training.tracking import check_run_to_resume, resolve_tracking_uri
+
+    if config.tracking_uri:  # stored absolute (a relative sqlite path would mean another file after a cd)
+        config.tracking_uri = resolve_tracking_uri(config.tracking_uri)
+    tracking_uri = resolve_tracking_uri(config.tracking_uri or saved_run.get("tracking_uri"))
     if resume is None and config.output_dir and writer:  # before minutes of data loading
         _check_new_run_folder(Path(config.output_dir).resolve())
+    if resume is not None and writer:  # a store without the run: nothing is created there, run.json is untouched
+        check_run_to_resume(tracking_uri, saved_run.get("run_id") or "")
     # Data and network first: a bad file or setting stops here, before any folder or MLflow run exists.
     datamodule.prepare_data()
     datamodule.setup("fit")
     module.build_for(datamodule)
     _check_sync_batchnorm(config, module)
 
-    from gman.training.tracking import OtherRankLogger, make_logger, resolve_tracking_uri
+    from gman.training.tracking import OtherRankLogger, make_logger
 
     dataset_name = datamodule.dataset.name
     experiment = config.experiment or saved_run.get("experiment") or dataset_name
-    tracking_uri = resolve_tracking_uri(config.tracking_uri or saved_run.get("tracking_uri"))
     if resume is not None:
         final_dir = work_dir.with_name(work_dir.name[: -len(PARTIAL_SUFFIX)])
     else:

@@ -38,7 +38,55 @@ def resolve_tracking_uri(setting: str | None = None, workdir: str | Path | None 
         raise ConfigError(
             f"tracking_uri: {uri!r} is not a URI; use sqlite:///<path>/mlflow.db or http://host:port"
         )
-    return uri
+    return _absolute_sqlite_path(uri, workdir)
+
+
+def _absolute_sqlite_path(uri: str, workdir: str | Path | None) -> str:
+    """``sqlite:///rel.db`` (three slashes: relative to the working directory) as ``sqlite:////abs/rel.db``.
+
+    The URI is stored in the run's ``run.json`` and ``config.yaml``; a relative one would point
+    ``--resume`` (or ``gman evaluate --run_id``) from another directory at another, empty database.
+    Other schemes are left alone; a bare path or a ``file:rel`` URI has no ``://`` and is refused above.
+    """
+    if not uri.startswith("sqlite:///"):
+        return uri
+    path, query_mark, query = uri[len("sqlite:///"):].partition("?")
+    if not path or path == ":memory:" or Path(path).is_absolute():
+        return uri
+    absolute = os.path.abspath(Path(workdir or os.getcwd()).resolve() / path)
+    return f"sqlite:///{absolute}{query_mark}{query}"
+
+
+def check_run_to_resume(tracking_uri: str, run_id: str, shown_uri: str | None = None) -> None:
+    """Raise a ConfigError unless the MLflow run ``run_id`` is in the store at ``tracking_uri``.
+
+    Called before ``--resume`` writes anything: MLflow would otherwise create an empty sqlite
+    database where the URI points and then fail deep inside Lightning's logger.  ``shown_uri`` is
+    the URI as messages may show it (without a password).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    shown_uri = shown_uri or tracking_uri
+    if tracking_uri.startswith("sqlite:///"):
+        db_path = Path(tracking_uri[len("sqlite:///"):].partition("?")[0])
+        if not db_path.is_file():
+            raise ConfigError(f"--resume: the run's MLflow store {shown_uri} does not exist (no file {db_path}); "
+                              "give its URI with --tracking_uri")
+    try:
+        run = MlflowClient(tracking_uri).get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise ConfigError(f"--resume: MLflow run {run_id} is not in {shown_uri}; give the URI of the store "
+                              "it was started in with --tracking_uri") from None
+        raise ConfigError(f"tracking_uri: {shown_uri}: cannot use this MLflow tracking store "
+                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    except Exception as err:  # noqa: BLE001 - an unreachable server or database raises many kinds
+        raise ConfigError(f"tracking_uri: {shown_uri}: cannot use this MLflow tracking store "
+                          f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise ConfigError(f"--resume: MLflow run {run_id} in {shown_uri} was deleted; restore it (mlflow runs "
+                          "restore) or start a new run")
 
 
 def default_artifact_location(tracking_uri: str) -> str | None:
