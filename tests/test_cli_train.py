@@ -38,6 +38,7 @@ trainer:
   callbacks:
     - class_path: test_cli_train.SigkillAt
     - class_path: test_cli_train.RaiseAt
+    - class_path: test_cli_train.SigtermAfter
 """
 
 
@@ -58,6 +59,28 @@ class RaiseAt(Callback):
         spec = os.environ.get("GMAN_TEST_RAISE_AT")
         if spec and (trainer.current_epoch, batch_idx) == tuple(int(v) for v in spec.split(":")):
             raise RuntimeError("injected failure")
+
+
+class SigtermAfter(Callback):
+    """Once the test stage is over, makes ``GMAN_TEST_SIGTERM_AFTER=module:function`` (one that gman's report
+    calls, e.g. ``gman.serving.pyfunc:log_model``) send its process SIGTERM when it returns (inert without it)."""
+
+    def on_test_end(self, trainer, pl_module):
+        spec = os.environ.get("GMAN_TEST_SIGTERM_AFTER")
+        if not spec:
+            return
+        import importlib
+
+        module_name, name = spec.split(":")
+        module = importlib.import_module(module_name)
+        original = getattr(module, name)
+
+        def then_sigterm(*args, **kwargs):
+            result = original(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return result
+
+        setattr(module, name, then_sigterm)
 
 
 def gman(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -179,6 +202,33 @@ def test_sigterm_ends_the_run_killed_with_a_failing_status(terminated, workdir):
     run = json.loads((partial / "run.json").read_text())
     assert run["status"] == "KILLED" and mlflow_run(workdir, run["run_id"], "termed.db").info.status == "KILLED"
     assert not (workdir / "runs" / "termed").exists()
+
+
+def test_sigterm_during_the_report_ends_the_run_killed_and_the_resume_logs_the_model_once(workdir):
+    """After fit and test Lightning no longer handles SIGTERM; gman does, as during fit.  Here it comes
+    after the model was logged and registered: the resumed run must not log or register it again."""
+    from mlflow.tracking import MlflowClient
+
+    stopped = gman(["train", "--config", "tiny.yaml", "--output-dir", "runs/termed-report", "--register",
+                    "tiny-report"], workdir, GMAN_TEST_SIGTERM_AFTER="gman.serving.pyfunc:log_model")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    partial = workdir / "runs" / "termed-report.partial"
+    assert f"resume it with: gman train --resume {partial}" in stopped.stderr
+    run = json.loads((partial / "run.json").read_text())
+    assert run["status"] == "KILLED" and mlflow_run(workdir, run["run_id"]).info.status == "KILLED"
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+    def models_and_versions():
+        experiment = mlflow_run(workdir, run["run_id"]).info.experiment_id
+        models = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run['run_id']}'")
+        return len(models), len(client.search_model_versions("name = 'tiny-report'"))
+
+    assert models_and_versions() == (1, 1)
+    resumed = gman(["train", "--resume", str(partial), "--register", "tiny-report"], workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert mlflow_run(workdir, run["run_id"]).info.status == "FINISHED"
+    assert models_and_versions() == (1, 1)
 
 
 def test_a_run_resumes_from_another_directory_and_a_store_without_it_is_refused(terminated, workdir):

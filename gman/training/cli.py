@@ -42,11 +42,13 @@ default the one it was trained on) and writes the same table, csv and plots.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -415,23 +417,87 @@ def train(argv: list[str]) -> int:
                               f"({type(err).__name__}: {_one_line(err)[:200]})") from None
     else:
         logger = OtherRankLogger()
-    try:
-        result = _fit_test_and_report(cli, trainer, logger, work_dir, final_dir, experiment, tracking_uri,
-                                      resume is not None, writer)
-    except BaseException as err:
-        if writer:
-            # Lightning turns Ctrl-C into SystemExit(1) after its own clean-up
-            logger.finish(_end_status(err))
-            _handle_failed_folder(work_dir, err)
-        if isinstance(err, SystemExit) and not err.code:
-            # Lightning stops on SIGTERM with a bare SystemExit (status 0): a killed run must not look successful
-            raise SystemExit(128 + signal.SIGTERM) from None
-        raise
+    sigterm = _SigtermEndsTheRun() if writer else contextlib.nullcontext()
+    with sigterm:
+        try:
+            result = _fit_test_and_report(cli, trainer, logger, work_dir, final_dir, experiment, tracking_uri,
+                                          resume is not None, writer)
+            if writer:
+                sigterm.ignore()  # everything is logged; what is left takes milliseconds and must not be cut short
+                _complete_run(logger, work_dir, final_dir, result["best_checkpoint"])
+        except BaseException as err:
+            if writer:
+                sigterm.ignore()  # a second SIGTERM must not cut the marking of the run short
+                # Lightning turns Ctrl-C into SystemExit(1) after its own clean-up
+                logger.finish(_end_status(err))
+                _handle_failed_folder(work_dir, err)
+            if isinstance(err, SystemExit) and not err.code:
+                # Lightning stops on SIGTERM with a bare SystemExit (status 0): a killed run must not look successful
+                raise SystemExit(128 + signal.SIGTERM) from None
+            raise
     if writer:
-        logger.finish("FINISHED")
         _print(result["table"], "", f"MLflow run: {result['run_id']} (experiment {experiment!r}, {tracking_uri})",
                str(final_dir))
     return 0
+
+
+class _SigtermEndsTheRun:
+    """While installed (``with``), SIGTERM stops ``gman train`` as it does inside ``trainer.fit``.
+
+    Lightning handles SIGTERM only inside ``trainer.fit`` / ``trainer.test``: its handler notes the
+    signal and the loops raise ``SIGTERMException`` at the next batch, which :func:`train` turns into a
+    KILLED run, the resume hint and exit status 143.  Around them (set-up, baselines, plots, the model's
+    logging and registration) the default action would end the process on the spot and leave the MLflow
+    run RUNNING forever; this handler raises the same exception there.  Inside fit/test Lightning
+    installs its own handler and calls the one it found (this one) after it; this one then leaves the
+    stop to Lightning, so the graceful stop at a batch boundary and its clean-up are unchanged.
+    """
+
+    def __init__(self) -> None:
+        self._previous = None
+        self._ignoring = False
+        # signal handlers can only be set from the main thread (train() called from another: left as it is)
+        self._active = threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> "_SigtermEndsTheRun":
+        if self._active:
+            self._previous = signal.signal(signal.SIGTERM, self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._active:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def ignore(self) -> None:
+        """From now on SIGTERM is ignored: the run is being completed or marked FAILED / KILLED."""
+        self._ignoring = True
+
+    def __call__(self, signum, frame) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if self._ignoring or signal.getsignal(signal.SIGTERM) is not self:
+            return  # not installed itself: Lightning's handler called it, and its loops stop at the next batch
+        self._ignoring = True
+        raise SIGTERMException()
+
+
+def _stop_if_sigterm_was_noted(trainer) -> None:
+    """Lightning's loops act on a SIGTERM only at their checks; one that arrives after the last check of
+    ``fit`` or ``test`` (saving the last checkpoint, tear-down) is noted in ``trainer.received_sigterm``
+    and would otherwise be forgotten when the next stage resets it."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if trainer.received_sigterm:
+        raise SIGTERMException()
+
+
+def _complete_run(logger, work_dir: Path, final_dir: Path, best_name: str) -> None:
+    """The run's last step: the folder gets its final name, run.json and the MLflow run say FINISHED."""
+    os.replace(work_dir, final_dir)
+    run = json.loads((final_dir / RUN_FILE).read_text())
+    run.update(status="FINISHED", best_checkpoint=str(final_dir / CHECKPOINT_DIR / best_name))
+    _write_json(final_dir / RUN_FILE, run)
+    logger.finish("FINISHED")
 
 
 def _launch_rank_is_zero() -> bool:
@@ -527,7 +593,7 @@ def _fit_test_and_report(cli, trainer, logger, work_dir: Path, final_dir: Path, 
     if not writer:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         run_test_on_best_checkpoint(trainer, module, datamodule)
-        return {"table": "", "run_id": None}
+        return {"table": "", "run_id": None, "best_checkpoint": None}
 
     work_dir.mkdir(parents=True, exist_ok=resuming)
     run_id = logger.run_id  # creates (or reopens) the MLflow run now, so run.json can name it
@@ -557,7 +623,9 @@ def _fit_test_and_report(cli, trainer, logger, work_dir: Path, final_dir: Path, 
             os.environ.pop(RUN_DIR_ENV, None)
         else:
             os.environ[RUN_DIR_ENV] = previous
+    _stop_if_sigterm_was_noted(trainer)
     run_test_on_best_checkpoint(trainer, module, datamodule)
+    _stop_if_sigterm_was_noted(trainer)
     return _report(module, datamodule, trainer.checkpoint_callback, logger, work_dir, final_dir, config.register)
 
 
@@ -600,7 +668,12 @@ def _set_output_dir(config_yaml: str, final_dir: Path) -> str:
 
 def _report(module, datamodule, checkpoint, logger, work_dir: Path, final_dir: Path,
             register: str | None) -> dict[str, Any]:
-    """Baselines, table, csv, plots, package, MLflow artifacts; rename the folder. Rank 0 only."""
+    """Baselines, table, csv, plots, package, MLflow artifacts and model. Rank 0 only.
+
+    A resumed run whose first attempt was stopped here does it all again (the metrics are logged again
+    at the same step, the artifacts overwritten) except the model: one already logged complete (READY)
+    by the run is not logged again, nor registered again under a name that has a version from the run.
+    """
     import mlflow
 
     from gman.serving.package import save_package
@@ -638,14 +711,25 @@ def _report(module, datamodule, checkpoint, logger, work_dir: Path, final_dir: P
         client.log_artifact(run_id, str(work_dir / name))
     client.log_artifact(run_id, str(best), artifact_path=CHECKPOINT_DIR)
     with mlflow.start_run(run_id=run_id):
-        log_model(package, artifact_path=PACKAGE_DIR, registered_model_name=register)
+        model_uri = _model_logged_by(client, run_id)
+        if model_uri is None:
+            log_model(package, artifact_path=PACKAGE_DIR, registered_model_name=register)
+        elif register and not client.search_model_versions(f"name = '{register}' AND run_id = '{run_id}'"):
+            mlflow.register_model(model_uri, register)
     client.set_tag(run_id, "gman.best_checkpoint", f"{CHECKPOINT_DIR}/{best_name}")
+    return {"table": table, "run_id": run_id, "best_checkpoint": best_name}
 
-    os.replace(work_dir, final_dir)
-    run = json.loads((final_dir / RUN_FILE).read_text())
-    run.update(status="FINISHED", best_checkpoint=str(final_dir / CHECKPOINT_DIR / best_name))
-    _write_json(final_dir / RUN_FILE, run)
-    return {"table": table, "run_id": run_id}
+
+def _model_logged_by(client, run_id: str) -> str | None:
+    """URI of the complete (READY) model package a run has logged, if any (a resumed run's first attempt
+    may have logged it before it was stopped)."""
+    from mlflow.entities import LoggedModelStatus
+
+    run = client.get_run(run_id)
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}' AND name = '{PACKAGE_DIR}'")
+    ready = [m for m in models if m.status == LoggedModelStatus.READY]
+    return f"models:/{ready[0].model_id}" if ready else None
 
 
 def _observed_training_mean(datamodule) -> float:
