@@ -231,9 +231,39 @@ def test_sigterm_during_the_report_ends_the_run_killed_and_the_resume_logs_the_m
     assert models_and_versions() == (1, 1)
 
 
-def test_a_run_resumes_from_another_directory_and_a_store_without_it_is_refused(terminated, workdir):
+@pytest.mark.parametrize("args, message", [
+    (["--model.learning_rate", "0.01"], "model.learning_rate cannot change when a run is resumed (0.001 -> 0.01)"),
+    (["--data.batch_size", "8", "--trainer.max_epochs", "5"], "data.batch_size cannot change when a run is resumed (16 -> 8)"),
+    (["--seed_everything", "4"], "seed_everything cannot change when a run is resumed (3 -> 4)"),
+    (["--trainer.callbacks", "[]"], "trainer.callbacks"),
+])
+def test_a_resume_refuses_a_changed_setting_and_leaves_the_run_as_it_was(terminated, workdir, monkeypatch, capsys,
+                                                                         args, message):
+    """Only the settings of RESUME_MAY_CHANGE may differ from the run's config.yaml; any other change is refused
+    in one line naming it, before the folder or the MLflow run is touched."""
+    from gman.cli import main
+
+    _, partial = terminated
+    monkeypatch.chdir(workdir)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    files = {p: p.read_bytes() for p in partial.rglob("*") if p.is_file()}
+    run_id = json.loads((partial / "run.json").read_text())["run_id"]
+    before = mlflow_run(workdir, run_id, "termed.db")
+    assert main(["train", "--resume", str(partial), *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gman: error:")]
+    assert len(err) == 1 and err[0].startswith("gman: error: --resume: ") and message in err[0], err
+    assert {p: p.read_bytes() for p in partial.rglob("*") if p.is_file()} == files
+    after = mlflow_run(workdir, run_id, "termed.db")
+    assert (after.info.status, after.info.end_time, after.data.tags, after.data.params) == (
+        before.info.status, before.info.end_time, before.data.tags, before.data.params)
+
+
+def test_a_resume_from_another_directory_finds_its_store_and_applies_the_allowed_changes(terminated, workdir,
+                                                                                        tmp_path):
     """The relative tracking URI is stored absolute; a resume pointed at a store that lacks the run is a
-    one-line error that creates no database and leaves run.json as it was."""
+    one-line error that creates no database and leaves run.json as it was.  A resume that changes when the run
+    stops (RESUME_MAY_CHANGE) applies it, writes it into config.yaml (folder and MLflow artifact) and records it
+    in a tag (the params keep the values the run started with)."""
     _, partial = terminated
     expected_uri = f"sqlite:///{workdir / 'termed.db'}"
     assert json.loads((partial / "run.json").read_text())["tracking_uri"] == expected_uri
@@ -254,12 +284,28 @@ def test_a_run_resumes_from_another_directory_and_a_store_without_it_is_refused(
         assert "Traceback" not in refused.stderr
         assert list(elsewhere.iterdir()) == [] and (partial / "run.json").read_bytes() == run_json
 
-    resumed = gman(["train", "--resume", str(partial)], elsewhere)
+    resumed = gman(["train", "--resume", str(partial), "--trainer.max_epochs", "2", "--patience", "3"], elsewhere)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert resumed.stdout.strip().splitlines()[-1] == str(workdir / "runs" / "termed")
-    run = json.loads((workdir / "runs" / "termed" / "run.json").read_text())
-    assert run["status"] == "FINISHED" and mlflow_run(workdir, run["run_id"], "termed.db").info.status == "FINISHED"
+    final = workdir / "runs" / "termed"
+    assert resumed.stdout.strip().splitlines()[-1] == str(final)
     assert list(elsewhere.iterdir()) == []
+    run = json.loads((final / "run.json").read_text())
+    mlrun = mlflow_run(workdir, run["run_id"], "termed.db")
+    assert run["status"] == "FINISHED" and mlrun.info.status == "FINISHED"
+
+    change = "trainer.max_epochs: 3 -> 2; patience: 10 -> 3"
+    assert f"resuming MLflow run {run['run_id']}: {change}" in resumed.stdout
+    assert mlrun.data.tags["gman.resume.1"] == change
+    assert mlrun.data.params["trainer.max_epochs"] == "3" and mlrun.data.params["patience"] == "10"
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    last = torch.load(final / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 1  # trained 2 epochs, not 3
+    assert last["callbacks"]["EarlyStopping{'monitor': 'val_mae', 'mode': 'min'}"]["patience"] == 3
+    artifact = MlflowClient(expected_uri).download_artifacts(run["run_id"], "config.yaml", str(tmp_path))
+    for config in (yaml_of(final / "config.yaml"), yaml_of(Path(artifact))):
+        assert (config["trainer"]["max_epochs"], config["patience"]) == (2, 3)
 
 
 def test_evaluate_a_checkpoint_and_an_mlflow_run_reproduce_the_test_metrics(uninterrupted, workdir, monkeypatch,

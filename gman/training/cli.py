@@ -102,6 +102,18 @@ TRAIN_DESCRIPTION = (
     "overridden, e.g. "
     "--trainer.max_epochs 20 --model.num_layers 3 --data.batch_size 32."
 )
+# Settings `gman train --resume` may change: when training stops, where it runs, what it reports and
+# where the results go.  None of them changes what the checkpoint's training means.  Any other change
+# (model, data, optimiser and lr schedule, batch sizes, seed, callbacks, precision, ...) would continue
+# the run as another one than it started as (and the optimiser and lr scheduler restored from the
+# checkpoint would override model.learning_rate anyway), so it is refused.
+RESUME_MAY_CHANGE = (
+    "trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "patience",           # when it stops
+    "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",   # where it runs
+    "threads", "data.num_workers",  # the batches' order and content do not depend on the loader processes
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",  # reporting
+    "tracking_uri", "register",  # how the store is reached (the run must be in it), the registry name
+)
 TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
     "devices": 1,
@@ -380,6 +392,7 @@ def train(argv: list[str]) -> int:
     tracking_uri = resolve_tracking_uri(config.tracking_uri or saved_run.get("tracking_uri"))
     if resume is None and config.output_dir and writer:  # before minutes of data loading
         _check_new_run_folder(Path(config.output_dir).resolve())
+    resume_changes = _resume_changes(cli, work_dir / CONFIG_FILE) if resume is not None else None
     if resume is not None and writer:  # a store without the run: nothing is created there, run.json is untouched
         check_run_to_resume(tracking_uri, saved_run.get("run_id") or "")
     # Data and network first: a bad file or setting stops here, before any folder or MLflow run exists.
@@ -421,7 +434,7 @@ def train(argv: list[str]) -> int:
     with sigterm:
         try:
             result = _fit_test_and_report(cli, trainer, logger, work_dir, final_dir, experiment, tracking_uri,
-                                          resume is not None, writer)
+                                          resume_changes, writer)
             if writer:
                 sigterm.ignore()  # everything is logged; what is left takes milliseconds and must not be cut short
                 _complete_run(logger, work_dir, final_dir, result["best_checkpoint"])
@@ -500,6 +513,42 @@ def _complete_run(logger, work_dir: Path, final_dir: Path, best_name: str) -> No
     logger.finish("FINISHED")
 
 
+def _resume_changes(cli, saved_config: Path) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each setting of a resumed run that differs from its config.yaml.
+
+    Raises a ConfigError for the first one not in :data:`RESUME_MAY_CHANGE`, before anything is written.
+    Keys the saved config lacks (settings added to gman after the run started) are not compared.
+    """
+    import yaml
+
+    saved = _flatten(yaml.safe_load(saved_config.read_text()) or {})
+    now = _flatten(yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)) or {})
+    changes = [(key, saved[key], value) for key, value in now.items() if key in saved and saved[key] != value]
+    for key, old, new in changes:
+        if key not in RESUME_MAY_CHANGE:
+            raise ConfigError(f"--resume: {key} cannot change when a run is resumed ({_setting_text(old)} -> "
+                              f"{_setting_text(new)}); a resume may change only {', '.join(RESUME_MAY_CHANGE)}; "
+                              "start a new run for other settings")
+    return changes
+
+
+def _setting_text(value: Any) -> str:
+    return json.dumps(value, default=str)
+
+
+def _record_resume(logger, changes: list[tuple[str, Any, Any]]) -> None:
+    """Tag ``gman.resume.<n>`` on the MLflow run with what this resume changed (its params keep the values
+    the run started with: MLflow params cannot change), and say it on the console."""
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    client, run_id = logger.experiment, logger.run_id
+    previous = [k for k in client.get_run(run_id).data.tags if k.startswith("gman.resume.")]
+    text = "; ".join(f"{key}: {_setting_text(old)} -> {_setting_text(new)}" for key, old, new in changes)
+    text = text or "settings unchanged"
+    client.set_tag(run_id, f"gman.resume.{len(previous) + 1}", text[:MAX_TAG_VAL_LENGTH])
+    _print(f"resuming MLflow run {run_id}: {text}")
+
+
 def _launch_rank_is_zero() -> bool:
     """Whether this process is global rank 0, read from the launcher's environment.
 
@@ -554,18 +603,48 @@ def _handle_failed_folder(work_dir: Path, err: BaseException) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
+def _early_stopping_class():
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    class EarlyStoppingKeepingPatience(EarlyStopping):
+        """Lightning's EarlyStopping with the configured patience also on ``--resume``.
+
+        The stock callback restores ``patience`` from the checkpoint, so a resume could not change it;
+        and ``trainer.should_stop`` is not saved, so a run whose early stopping had fired before it was
+        stopped (during its test or report) would train another epoch when resumed.  Here such a run
+        stops at once, unless the new patience is larger than the epochs it has waited.
+        """
+
+        @property
+        def state_key(self) -> str:
+            # the stock class's key, so that checkpoints written with either class restore into both
+            return f"EarlyStopping{dict(monitor=self.monitor, mode=self.mode)!r}"
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            patience = self.patience
+            super().load_state_dict(state_dict)
+            self.patience = patience
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            super().on_train_start(trainer, pl_module)
+            if self.wait_count >= self.patience:
+                trainer.should_stop = True
+
+    return EarlyStoppingKeepingPatience
+
+
 def _build_trainer(cli, work_dir: Path, writer: bool):
     """The Lightning trainer with gman's callbacks, still without its logger: built before the MLflow
     experiment is touched, so that a trainer setting Lightning refuses leaves nothing behind."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     config = cli.config
     # every rank gets the same callbacks; ModelCheckpoint takes rank 0's folder (a broadcast) and only
     # rank 0 saves, but all ranks track the best checkpoint, which they all load for the test stage
     checkpoint = ModelCheckpoint(dirpath=work_dir / CHECKPOINT_DIR, filename=BEST_CHECKPOINT, monitor=MONITOR,
                                  mode="min", save_top_k=1, save_last=True, enable_version_counter=False)
-    callbacks = [checkpoint, EarlyStopping(monitor=MONITOR, mode="min", patience=config.patience),
+    callbacks = [checkpoint, _early_stopping_class()(monitor=MONITOR, mode="min", patience=config.patience),
                  LearningRateMonitor(logging_interval="epoch")]
     user_callbacks = cli._get(cli.config_init, "trainer", default={}).get("callbacks") or []
     try:
@@ -582,10 +661,12 @@ def _build_trainer(cli, work_dir: Path, writer: bool):
 
 
 def _fit_test_and_report(cli, trainer, logger, work_dir: Path, final_dir: Path, experiment: str, tracking_uri: str,
-                         resuming: bool, writer: bool = True) -> dict[str, Any]:
+                         resume_changes: list[tuple[str, Any, Any]] | None, writer: bool = True) -> dict[str, Any]:
+    """Fit, test and report; ``resume_changes`` is None for a new run, else the settings a resume changed."""
     from gman.training.module import DATA_DERIVED, data_hparams
 
     config, datamodule, module = cli.config, cli.datamodule, cli.model
+    resuming = resume_changes is not None
     trainer.logger = logger
 
     last = work_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
@@ -597,11 +678,12 @@ def _fit_test_and_report(cli, trainer, logger, work_dir: Path, final_dir: Path, 
 
     work_dir.mkdir(parents=True, exist_ok=resuming)
     run_id = logger.run_id  # creates (or reopens) the MLflow run now, so run.json can name it
-    resolved = cli.parser.dump(config, skip_none=False)
-    if not resuming:
-        config_yaml = _set_output_dir(resolved, final_dir)
-        (work_dir / (CONFIG_FILE + ".tmp")).write_text(config_yaml)
-        os.replace(work_dir / (CONFIG_FILE + ".tmp"), work_dir / CONFIG_FILE)
+    if resuming:
+        _record_resume(logger, resume_changes)
+    # a resumed run's config.yaml takes the settings the resume changed (RESUME_MAY_CHANGE)
+    config_yaml = _set_output_dir(cli.parser.dump(config, skip_none=False), final_dir)
+    (work_dir / (CONFIG_FILE + ".tmp")).write_text(config_yaml)
+    os.replace(work_dir / (CONFIG_FILE + ".tmp"), work_dir / CONFIG_FILE)
     _write_json(work_dir / RUN_FILE, {"run_id": run_id, "experiment": experiment, "tracking_uri": tracking_uri,
                                       "output_dir": str(final_dir), "status": "RUNNING"})
 
