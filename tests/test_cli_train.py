@@ -39,6 +39,7 @@ trainer:
     - class_path: test_cli_train.SigkillAt
     - class_path: test_cli_train.RaiseAt
     - class_path: test_cli_train.SigtermAfter
+    - class_path: test_cli_train.RecordRunStatus
 """
 
 
@@ -81,6 +82,16 @@ class SigtermAfter(Callback):
             return result
 
         setattr(module, name, then_sigterm)
+
+
+class RecordRunStatus(Callback):
+    """Writes the MLflow run's status as training starts to the file ``GMAN_TEST_STATUS_FILE`` (inert without it)."""
+
+    def on_train_start(self, trainer, pl_module):
+        path = os.environ.get("GMAN_TEST_STATUS_FILE")
+        if path:
+            logger = trainer.logger
+            Path(path).write_text(logger.experiment.get_run(logger.run_id).info.status)
 
 
 def gman(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -284,8 +295,10 @@ def test_a_resume_from_another_directory_finds_its_store_and_applies_the_allowed
         assert "Traceback" not in refused.stderr
         assert list(elsewhere.iterdir()) == [] and (partial / "run.json").read_bytes() == run_json
 
-    resumed = gman(["train", "--resume", str(partial), "--trainer.max_epochs", "2", "--patience", "3"], elsewhere)
+    resumed = gman(["train", "--resume", str(partial), "--trainer.max_epochs", "2", "--patience", "3"], elsewhere,
+                   GMAN_TEST_STATUS_FILE=str(tmp_path / "status"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "status").read_text() == "RUNNING"  # not the KILLED of the first attempt while it trains
     final = workdir / "runs" / "termed"
     assert resumed.stdout.strip().splitlines()[-1] == str(final)
     assert list(elsewhere.iterdir()) == []

@@ -679,6 +679,9 @@ def _fit_test_and_report(cli, trainer, logger, work_dir: Path, final_dir: Path, 
     work_dir.mkdir(parents=True, exist_ok=resuming)
     run_id = logger.run_id  # creates (or reopens) the MLflow run now, so run.json can name it
     if resuming:
+        # reopened, the run shows RUNNING again (not KILLED / FAILED while it trains); MLflow keeps its old
+        # end time until the run ends, as mlflow.start_run(run_id=...) does
+        logger.experiment.update_run(run_id, status="RUNNING")
         _record_resume(logger, resume_changes)
     # a resumed run's config.yaml takes the settings the resume changed (RESUME_MAY_CHANGE)
     config_yaml = _set_output_dir(cli.parser.dump(config, skip_none=False), final_dir)
