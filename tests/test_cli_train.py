@@ -14,7 +14,8 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 TESTS_DIR = Path(__file__).resolve().parent
-GMAN = [sys.executable, "-m", "gman.cli"]
+# as the `gman` console script starts it: sys.argv[0] is not a file of the package's git checkout
+GMAN = [sys.executable, "-c", "import sys; from gman.cli import main; sys.exit(main())"]
 
 # A tiny run: 10 sensors x 8 days of synthetic data, an L=1, D=8 model, 8 batches per epoch.
 TINY_CONFIG = """\
@@ -152,6 +153,13 @@ def test_train_writes_a_complete_run_folder_and_mlflow_run(uninterrupted, workdi
     step12 = next(r for r in rows if r["model"] == "GMAN" and r["step"] == "12")
     assert mlrun.data.metrics["test_mae_step12_60min"] == pytest.approx(float(step12["mae"]), rel=1e-5)
     assert "val_mae" in mlrun.data.metrics and "baseline_last_value_mae_step03_15min" in mlrun.data.metrics
+    # the code version: gman's, and the commit of the checkout the package was imported from
+    import gman
+
+    head = subprocess.run(["git", "-C", str(Path(gman.__file__).parent), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert mlrun.data.tags["gman.version"] == gman.__version__
+    assert mlrun.data.tags.get("mlflow.source.git.commit") == (head or None)
 
 
 def test_a_checkpoint_alone_is_servable(uninterrupted, tmp_path):

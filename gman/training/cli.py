@@ -401,7 +401,7 @@ def train(argv: list[str]) -> int:
     module.build_for(datamodule)
     _check_sync_batchnorm(config, module)
 
-    from gman.training.tracking import OtherRankLogger, make_logger
+    from gman.training.tracking import OtherRankLogger, code_version_tags, make_logger
 
     dataset_name = datamodule.dataset.name
     experiment = config.experiment or saved_run.get("experiment") or dataset_name
@@ -422,7 +422,8 @@ def train(argv: list[str]) -> int:
     if writer:
         try:
             logger = make_logger(experiment, tracking_uri, run_id=saved_run.get("run_id"), run_name=final_dir.name,
-                                 tags={"gman.output_dir": str(final_dir), "gman.dataset": dataset_name})
+                                 tags={"gman.output_dir": str(final_dir), "gman.dataset": dataset_name,
+                                       **code_version_tags()})
         except ConfigError:
             raise
         except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for an unusable store
@@ -538,11 +539,17 @@ def _setting_text(value: Any) -> str:
 
 def _record_resume(logger, changes: list[tuple[str, Any, Any]]) -> None:
     """Tag ``gman.resume.<n>`` on the MLflow run with what this resume changed (its params keep the values
-    the run started with: MLflow params cannot change), and say it on the console."""
+    the run started with: MLflow params cannot change), and say it on the console.  A different gman
+    version or commit than the run's tags name (those of its start) is listed too."""
     from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
+    from gman.training.tracking import code_version_tags
+
     client, run_id = logger.experiment, logger.run_id
-    previous = [k for k in client.get_run(run_id).data.tags if k.startswith("gman.resume.")]
+    tags = client.get_run(run_id).data.tags
+    changes = [*changes, *((key, tags.get(key), value) for key, value in code_version_tags().items()
+                           if tags.get(key) != value)]
+    previous = [k for k in tags if k.startswith("gman.resume.")]
     text = "; ".join(f"{key}: {_setting_text(old)} -> {_setting_text(new)}" for key, old, new in changes)
     text = text or "settings unchanged"
     client.set_tag(run_id, f"gman.resume.{len(previous) + 1}", text[:MAX_TAG_VAL_LENGTH])

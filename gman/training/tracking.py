@@ -137,6 +137,36 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
         return client.create_experiment(name, artifact_location=default_artifact_location(tracking_uri))
 
 
+def code_version_tags() -> dict[str, str]:
+    """``gman.version`` and, where the imported gman package is tracked in a git checkout, the checkout's
+    HEAD as ``mlflow.source.git.commit`` (no such tag if git is missing, slow or says otherwise).
+
+    MLflow derives that tag from ``sys.argv[0]``, which for the ``gman`` console script is in the virtual
+    environment, not in the checkout.  "Tracked" rules out a copy installed into a virtual environment
+    that happens to lie inside some other repository.
+    """
+    import subprocess
+
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
+    import gman
+
+    tags = {"gman.version": gman.__version__}
+    package_dir = Path(gman.__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(package_dir), *args], capture_output=True, text=True, timeout=5)
+
+    try:
+        if git("ls-files", "--error-unmatch", Path(gman.__file__).name).returncode == 0:
+            head = git("rev-parse", "HEAD")
+            if head.returncode == 0 and head.stdout.strip():
+                tags[MLFLOW_GIT_COMMIT] = head.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
 def make_logger(experiment_name: str, tracking_uri: str, run_id: str | None = None, run_name: str | None = None,
                 tags: dict[str, str] | None = None):
     """Lightning's MLFlowLogger on ``tracking_uri``; ``run_id`` reopens an existing run (``--resume``).
