@@ -39,6 +39,7 @@ trainer:
   callbacks:
     - class_path: test_cli_train.SigkillAt
     - class_path: test_cli_train.RaiseAt
+      init_args: {message: injected failure}
     - class_path: test_cli_train.SigtermAfter
     - class_path: test_cli_train.RecordRunStatus
 """
@@ -55,12 +56,15 @@ class SigkillAt(Callback):
 
 
 class RaiseAt(Callback):
-    """Raises RuntimeError at ``GMAN_TEST_RAISE_AT=epoch:batch`` (inert without it)."""
+    """Raises RuntimeError(message) at ``GMAN_TEST_RAISE_AT=epoch:batch`` (inert without it)."""
+
+    def __init__(self, message: str = "failure") -> None:
+        self.message = message
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         spec = os.environ.get("GMAN_TEST_RAISE_AT")
         if spec and (trainer.current_epoch, batch_idx) == tuple(int(v) for v in spec.split(":")):
-            raise RuntimeError("injected failure")
+            raise RuntimeError(self.message)
 
 
 class SigtermAfter(Callback):
@@ -153,6 +157,9 @@ def test_train_writes_a_complete_run_folder_and_mlflow_run(uninterrupted, workdi
     step12 = next(r for r in rows if r["model"] == "GMAN" and r["step"] == "12")
     assert mlrun.data.metrics["test_mae_step12_60min"] == pytest.approx(float(step12["mae"]), rel=1e-5)
     assert "val_mae" in mlrun.data.metrics and "baseline_last_value_mae_step03_15min" in mlrun.data.metrics
+    # the callbacks (runs with and without, say, EMAWeightAveraging must not look alike)
+    assert mlrun.data.params["trainer.callbacks.0.class_path"] == "test_cli_train.SigkillAt"
+    assert mlrun.data.params["trainer.callbacks.1.init_args.message"] == "injected failure"
     # the code version: gman's, and the commit of the checkout the package was imported from
     import gman
 

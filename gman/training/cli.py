@@ -318,12 +318,17 @@ def _resume_folder(folder: Path) -> Path:
 
 
 # ------------------------------------------------------------- utilities
-def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+def _flatten(config: dict, prefix: str = "", lists: bool = False) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``; with ``lists``, a list of mappings by index too (``trainer.callbacks``:
+    ``trainer.callbacks.0.class_path``, ``trainer.callbacks.0.init_args.decay``)."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value and key not in ("spatial_attention_options",):
-            flat.update(_flatten(value, f"{name}."))
+            flat.update(_flatten(value, f"{name}.", lists))
+        elif lists and isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            for index, item in enumerate(value):
+                flat.update(_flatten(item, f"{name}.{index}.", lists))
         else:
             flat[name] = value
     return flat
@@ -338,10 +343,11 @@ def _write_json(path: Path, data: dict) -> None:
 def _log_params(logger, params: dict[str, Any]) -> None:
     """Log settings as MLflow params; on a resumed run only those not logged yet (params are immutable)."""
     from mlflow.entities import Param
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
     client, run_id = logger.experiment, logger.run_id
     existing = client.get_run(run_id).data.params
-    items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+    items = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items() if k not in existing]
     for lo in range(0, len(items), 100):
         client.log_batch(run_id, params=items[lo:lo + 100])
 
@@ -698,8 +704,8 @@ def _fit_test_and_report(cli, trainer, logger, work_dir: Path, final_dir: Path, 
                                       "output_dir": str(final_dir), "status": "RUNNING"})
 
     # run-control options are not settings; data-derived model sizes are logged from the data (data_derived.*)
-    params = {k: v for k, v in _flatten(config.as_dict()).items()
-              if not k.startswith(("resume", "register", "config", "trainer.callbacks", "trainer.logger"))
+    params = {k: v for k, v in _flatten(config.as_dict(), lists=True).items()
+              if not k.startswith(("resume", "register", "config", "trainer.logger"))
               and not (k.startswith("model.") and k[len("model."):] in DATA_DERIVED and v is None)}
     params.update({f"data_derived.{k}": v for k, v in data_hparams(datamodule, config.model.se_dim).items()})
     _log_params(logger, params)
