@@ -510,6 +510,25 @@ def test_a_failing_run_is_marked_failed_and_its_folder_kept_only_if_resumable(wo
             assert "--resume" in capsys.readouterr().err
 
 
+def test_the_default_run_folder_is_inside_runs_whatever_the_experiment_is_called(workdir, monkeypatch, capsys):
+    """The experiment's name is made one safe folder name; MLflow keeps it as given."""
+    from mlflow.tracking import MlflowClient
+
+    from gman.cli import main
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("GMAN_TEST_RAISE_AT", "1:0")  # stops it once last.ckpt exists: its .partial folder is kept
+    experiment = "../odd/ex: é 'q' *"
+    with pytest.raises(RuntimeError, match="injected failure"):
+        main(["train", "--config", "tiny.yaml", "--experiment", experiment])
+    (folder,) = [p for p in (workdir / "runs").iterdir() if p.name.startswith("odd-ex-")]
+    assert re.fullmatch(r"odd-ex-é-q-\d{8}-\d{6}\.partial", folder.name), folder.name
+    assert not list(workdir.parent.glob("odd*")) and not list(workdir.glob("odd*"))  # no ../odd/ex... folder
+    assert f"--resume {folder}" in capsys.readouterr().err
+    assert MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_experiment_by_name(experiment) is not None
+
+
 def test_evaluate_refuses_a_file_that_is_no_checkpoint_in_one_plain_line(tmp_path, monkeypatch, capsys):
     import pickle
 

@@ -358,6 +358,14 @@ def _print(*lines: str) -> None:
 
 
 # ----------------------------------------------------------------- train
+def _folder_name(experiment: str) -> str:
+    """The experiment's name as one folder name (``runs/<it>-<time stamp>``): path separators, ``..``,
+    spaces, quotes and shell wildcards become ``-`` (MLflow keeps the name as given)."""
+    import re
+
+    return re.sub(r"[^\w.-]+", "-", experiment).strip(".-") or "run"
+
+
 def _check_new_run_folder(final_dir: Path) -> None:
     """Refuse a run folder that exists, finished or (``.partial``) interrupted."""
     work_dir = final_dir.with_name(final_dir.name + PARTIAL_SUFFIX)
@@ -415,7 +423,8 @@ def train(argv: list[str]) -> int:
         final_dir = work_dir.with_name(work_dir.name[: -len(PARTIAL_SUFFIX)])
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        final_dir = Path(config.output_dir or Path(DEFAULT_RUNS_DIR) / f"{experiment}-{stamp}").resolve()
+        default_dir = Path(DEFAULT_RUNS_DIR) / f"{_folder_name(experiment)}-{stamp}"
+        final_dir = Path(config.output_dir or default_dir).resolve()
         if not writer and os.environ.get(RUN_DIR_ENV):
             final_dir = Path(os.environ[RUN_DIR_ENV])  # rank 0's folder (its time stamp may differ from ours)
         work_dir = final_dir.with_name(final_dir.name + PARTIAL_SUFFIX)
