@@ -236,7 +236,8 @@ def test_sigterm_during_the_report_ends_the_run_killed_and_the_resume_logs_the_m
     from mlflow.tracking import MlflowClient
 
     stopped = gman(["train", "--config", "tiny.yaml", "--output-dir", "runs/termed-report", "--register",
-                    "tiny-report"], workdir, GMAN_TEST_SIGTERM_AFTER="gman.serving.pyfunc:log_model")
+                    "tiny-report", "--trainer.max_epochs", "1"], workdir,
+                   GMAN_TEST_SIGTERM_AFTER="gman.serving.pyfunc:log_model")
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     partial = workdir / "runs" / "termed-report.partial"
     assert f"resume it with: gman train --resume {partial}" in stopped.stderr
@@ -259,7 +260,8 @@ def test_sigterm_during_the_report_ends_the_run_killed_and_the_resume_logs_the_m
 
 @pytest.mark.parametrize("args, message", [
     (["--model.learning_rate", "0.01"], "model.learning_rate cannot change when a run is resumed (0.001 -> 0.01)"),
-    (["--data.batch_size", "8", "--trainer.max_epochs", "5"], "data.batch_size cannot change when a run is resumed (16 -> 8)"),
+    (["--data.batch_size", "8", "--trainer.max_epochs", "5"],
+     "data.batch_size cannot change when a run is resumed (16 -> 8)"),
     (["--seed_everything", "4"], "seed_everything cannot change when a run is resumed (3 -> 4)"),
     (["--trainer.callbacks", "[]"], "trainer.callbacks"),
 ])
@@ -285,7 +287,8 @@ def test_a_resume_refuses_a_changed_setting_and_leaves_the_run_as_it_was(termina
 
 
 def test_a_resume_from_another_directory_finds_its_store_and_applies_the_allowed_changes(terminated, workdir,
-                                                                                        tmp_path):
+                                                                                        tmp_path, monkeypatch,
+                                                                                        capsys):
     """The relative tracking URI is stored absolute; a resume pointed at a store that lacks the run is a
     one-line error that creates no database and leaves run.json as it was.  A resume that changes when the run
     stops (RESUME_MAY_CHANGE) applies it, writes it into config.yaml (folder and MLflow artifact) and records it
@@ -297,17 +300,19 @@ def test_a_resume_from_another_directory_finds_its_store_and_applies_the_allowed
     elsewhere = workdir / "elsewhere"
     elsewhere.mkdir()
     run_json = (partial / "run.json").read_bytes()
+    from mlflow.tracking import MlflowClient
+
+    from gman.cli import main
+
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     for uri, message in (("sqlite:///termed.db", "does not exist (no file"),
                          (f"sqlite:///{workdir / 'mlflow-empty.db'}", "is not in")):
         if "empty" in uri:  # a store that exists but never saw the run
-            from mlflow.tracking import MlflowClient
-
             MlflowClient(uri).search_experiments()
-        refused = gman(["train", "--resume", str(partial), "--tracking_uri", uri], elsewhere)
-        assert refused.returncode == 2, refused.stderr[-2000:]
-        err = [line for line in refused.stderr.splitlines() if line.startswith("gman: error:")]
-        assert len(err) == 1 and err[0].startswith("gman: error: --resume: ") and message in err[0], refused.stderr
-        assert "Traceback" not in refused.stderr
+        assert main(["train", "--resume", str(partial), "--tracking_uri", uri]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gman: error:")]
+        assert len(err) == 1 and err[0].startswith("gman: error: --resume: ") and message in err[0], err
         assert list(elsewhere.iterdir()) == [] and (partial / "run.json").read_bytes() == run_json
 
     resumed = gman(["train", "--resume", str(partial), "--trainer.max_epochs", "2", "--patience", "3"], elsewhere,
@@ -326,7 +331,6 @@ def test_a_resume_from_another_directory_finds_its_store_and_applies_the_allowed
     assert mlrun.data.tags["gman.resume.1"] == change
     assert mlrun.data.params["trainer.max_epochs"] == "3" and mlrun.data.params["patience"] == "10"
     import torch
-    from mlflow.tracking import MlflowClient
 
     last = torch.load(final / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["epoch"] == 1  # trained 2 epochs, not 3
@@ -527,6 +531,89 @@ def test_the_default_run_folder_is_inside_runs_whatever_the_experiment_is_called
     assert not list(workdir.parent.glob("odd*")) and not list(workdir.glob("odd*"))  # no ../odd/ex... folder
     assert f"--resume {folder}" in capsys.readouterr().err
     assert MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_experiment_by_name(experiment) is not None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A local MLflow tracking server (no authentication: it ignores the user and password a URI sends)."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = tmp_path / "server"
+    store.mkdir()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+                               "--default-artifact-root", str(store / "artifacts")],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("the MLflow server did not start")
+                time.sleep(0.2)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_password_in_the_tracking_uri_is_never_written_or_shown(mlflow_server, tmp_path, monkeypatch, capsys):
+    """The URI's password is masked wherever gman writes or prints the URI (params, config.yaml, run.json, the
+    console, errors); a resume takes it again from --tracking_uri or MLFLOW_TRACKING_URI."""
+    from mlflow.tracking import MlflowClient
+
+    from gman.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    (tmp_path / "tiny.yaml").write_text(TINY_CONFIG)
+
+    def password_anywhere() -> list[Path]:
+        return [p for p in tmp_path.rglob("*") if p.is_file() and b"s3cret" in p.read_bytes()]
+
+    # a store that cannot be reached: the error names the URI without its password
+    assert main(["train", "--config", "tiny.yaml", "--tracking_uri", "http://me:s3cret@127.0.0.1:9",
+                 "--output-dir", "runs/nowhere"]) == 2
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("gman: error:")]
+    assert len(errors) == 1 and "tracking_uri: http://me:***@127.0.0.1:9: cannot use this MLflow tracking store" in \
+        errors[0], errors
+    assert "s3cret" not in out + err and not (tmp_path / "runs").exists()
+
+    uri, masked = f"http://me:s3cret@127.0.0.1:{mlflow_server}", f"http://me:***@127.0.0.1:{mlflow_server}"
+    monkeypatch.setenv("GMAN_TEST_RAISE_AT", "1:0")  # stopped once last.ckpt exists, to be resumed
+    with pytest.raises(RuntimeError, match="injected failure"):
+        main(["train", "--config", "tiny.yaml", "--tracking_uri", uri, "--output-dir", "runs/pw",
+              "--trainer.max_epochs", "2"])
+    monkeypatch.delenv("GMAN_TEST_RAISE_AT")
+    partial = tmp_path / "runs" / "pw.partial"
+    run = json.loads((partial / "run.json").read_text())
+    assert run["tracking_uri"] == masked and yaml_of(partial / "config.yaml")["tracking_uri"] == masked
+    assert MlflowClient(uri).get_run(run["run_id"]).data.params["tracking_uri"] == masked
+    assert password_anywhere() == [] and "s3cret" not in "".join(capsys.readouterr())
+
+    files = {p: p.read_bytes() for p in partial.iterdir() if p.is_file()}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri put it there, in this process
+    assert main(["train", "--resume", str(partial)]) == 2
+    assert f"gman: error: tracking_uri: {masked}: the run's store needs its password" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in partial.iterdir() if p.is_file()} == files
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["train", "--resume", str(partial)]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == str(tmp_path / "runs" / "pw") and f"'synthetic', {masked})" in out
+    assert MlflowClient(uri).get_run(run["run_id"]).info.status == "FINISHED"
+    assert password_anywhere() == [] and "s3cret" not in out + err
 
 
 def test_evaluate_refuses_a_file_that_is_no_checkpoint_in_one_plain_line(tmp_path, monkeypatch, capsys):

@@ -399,7 +399,7 @@ def train(argv: list[str]) -> int:
 
         torch.set_num_threads(config.threads)
 
-    from gman.training.tracking import check_run_to_resume, resolve_tracking_uri
+    from gman.training.tracking import check_run_to_resume, resolve_tracking_uri, without_password
 
     if config.tracking_uri:  # stored absolute (a relative sqlite path would mean another file after a cd)
         config.tracking_uri = resolve_tracking_uri(config.tracking_uri)
@@ -408,14 +408,18 @@ def train(argv: list[str]) -> int:
         _check_new_run_folder(Path(config.output_dir).resolve())
     resume_changes = _resume_changes(cli, work_dir / CONFIG_FILE) if resume is not None else None
     if resume is not None and writer:  # a store without the run: nothing is created there, run.json is untouched
+        tracking_uri = _with_password_again(tracking_uri)
         check_run_to_resume(tracking_uri, saved_run.get("run_id") or "")
+    if without_password(tracking_uri) != tracking_uri:
+        # MLflow prints "View run ... at: <the URI with its password>" when a run on a server ends
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # Data and network first: a bad file or setting stops here, before any folder or MLflow run exists.
     datamodule.prepare_data()
     datamodule.setup("fit")
     module.build_for(datamodule)
     _check_sync_batchnorm(config, module)
 
-    from gman.training.tracking import OtherRankLogger, code_version_tags, make_logger
+    from gman.training.tracking import OtherRankLogger, code_version_tags, make_logger, unusable_store
 
     dataset_name = datamodule.dataset.name
     experiment = config.experiment or saved_run.get("experiment") or dataset_name
@@ -442,8 +446,7 @@ def train(argv: list[str]) -> int:
         except ConfigError:
             raise
         except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for an unusable store
-            raise ConfigError(f"tracking_uri: {tracking_uri}: cannot use this MLflow tracking store "
-                              f"({type(err).__name__}: {_one_line(err)[:200]})") from None
+            raise unusable_store(tracking_uri, err) from None
     else:
         logger = OtherRankLogger()
     sigterm = _SigtermEndsTheRun() if writer else contextlib.nullcontext()
@@ -465,7 +468,8 @@ def train(argv: list[str]) -> int:
                 raise SystemExit(128 + signal.SIGTERM) from None
             raise
     if writer:
-        _print(result["table"], "", f"MLflow run: {result['run_id']} (experiment {experiment!r}, {tracking_uri})",
+        _print(result["table"], "", f"MLflow run: {result['run_id']} (experiment {experiment!r}, "
+                                    f"{without_password(tracking_uri)})",
                str(final_dir))
     return 0
 
@@ -538,7 +542,8 @@ def _resume_changes(cli, saved_config: Path) -> list[tuple[str, Any, Any]]:
     import yaml
 
     saved = _flatten(yaml.safe_load(saved_config.read_text()) or {})
-    now = _flatten(yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)) or {})
+    # compared as written (the saved tracking URI has no password), so the password is not recorded either
+    now = _flatten(_without_secrets(yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)) or {}))
     changes = [(key, saved[key], value) for key, value in now.items() if key in saved and saved[key] != value]
     for key, old, new in changes:
         if key not in RESUME_MAY_CHANGE:
@@ -569,6 +574,21 @@ def _record_resume(logger, changes: list[tuple[str, Any, Any]]) -> None:
     text = text or "settings unchanged"
     client.set_tag(run_id, f"gman.resume.{len(previous) + 1}", text[:MAX_TAG_VAL_LENGTH])
     _print(f"resuming MLflow run {run_id}: {text}")
+
+
+def _with_password_again(tracking_uri: str) -> str:
+    """The URI of a resumed run's store with its password: gman wrote it as ``user:***@host`` (see
+    :func:`~gman.training.tracking.without_password`), so the password comes from ``--tracking_uri`` given
+    again (then it is not masked here) or from ``MLFLOW_TRACKING_URI`` naming the same store."""
+    from gman.training.tracking import has_masked_password, without_password
+
+    if not has_masked_password(tracking_uri):
+        return tracking_uri
+    from_environment = os.environ.get("MLFLOW_TRACKING_URI")
+    if from_environment and without_password(from_environment) == tracking_uri:
+        return from_environment
+    raise ConfigError(f"tracking_uri: {tracking_uri}: the run's store needs its password, which gman does not "
+                      "write down; give the URI again with --tracking_uri or MLFLOW_TRACKING_URI")
 
 
 def _launch_rank_is_zero() -> bool:
@@ -686,6 +706,7 @@ def _fit_test_and_report(cli, trainer, logger, work_dir: Path, final_dir: Path, 
                          resume_changes: list[tuple[str, Any, Any]] | None, writer: bool = True) -> dict[str, Any]:
     """Fit, test and report; ``resume_changes`` is None for a new run, else the settings a resume changed."""
     from gman.training.module import DATA_DERIVED, data_hparams
+    from gman.training.tracking import without_password
 
     config, datamodule, module = cli.config, cli.datamodule, cli.model
     resuming = resume_changes is not None
@@ -709,7 +730,8 @@ def _fit_test_and_report(cli, trainer, logger, work_dir: Path, final_dir: Path, 
     config_yaml = _set_output_dir(cli.parser.dump(config, skip_none=False), final_dir)
     (work_dir / (CONFIG_FILE + ".tmp")).write_text(config_yaml)
     os.replace(work_dir / (CONFIG_FILE + ".tmp"), work_dir / CONFIG_FILE)
-    _write_json(work_dir / RUN_FILE, {"run_id": run_id, "experiment": experiment, "tracking_uri": tracking_uri,
+    _write_json(work_dir / RUN_FILE, {"run_id": run_id, "experiment": experiment,
+                                      "tracking_uri": without_password(tracking_uri),
                                       "output_dir": str(final_dir), "status": "RUNNING"})
 
     # run-control options are not settings; data-derived model sizes are logged from the data (data_derived.*)
@@ -717,6 +739,8 @@ def _fit_test_and_report(cli, trainer, logger, work_dir: Path, final_dir: Path, 
               if not k.startswith(("resume", "register", "config", "trainer.logger"))
               and not (k.startswith("model.") and k[len("model."):] in DATA_DERIVED and v is None)}
     params.update({f"data_derived.{k}": v for k, v in data_hparams(datamodule, config.model.se_dim).items()})
+    if params.get("tracking_uri"):
+        params["tracking_uri"] = without_password(params["tracking_uri"])
     _log_params(logger, params)
     logger.experiment.log_artifact(run_id, str(work_dir / CONFIG_FILE))
 
@@ -764,13 +788,23 @@ def _rank_environment() -> str:
 
 
 def _set_output_dir(config_yaml: str, final_dir: Path) -> str:
-    """The resolved config with ``output_dir`` fixed to the run's folder (so ``--resume`` finds it again)."""
+    """The resolved config with ``output_dir`` fixed to the run's folder (so ``--resume`` finds it again),
+    and no password in ``tracking_uri``."""
     import yaml
 
-    data = yaml.safe_load(config_yaml)
+    data = _without_secrets(yaml.safe_load(config_yaml))
     data["output_dir"] = str(final_dir)
     data["resume"] = None
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def _without_secrets(settings: dict) -> dict:
+    """The settings (a loaded config) with the tracking URI's password masked."""
+    from gman.training.tracking import without_password
+
+    if settings.get("tracking_uri"):
+        settings = {**settings, "tracking_uri": without_password(settings["tracking_uri"])}
+    return settings
 
 
 def _report(module, datamodule, checkpoint, logger, work_dir: Path, final_dir: Path,
@@ -878,11 +912,13 @@ def _fetch_run(run_id: str, tracking_uri: str, into: Path) -> tuple[Path, Path |
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from gman.training.tracking import without_password
+
     client = MlflowClient(tracking_uri)
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise ConfigError(f"--run_id: no MLflow run {run_id!r} in {tracking_uri}") from None
+        raise ConfigError(f"--run_id: no MLflow run {run_id!r} in {without_password(tracking_uri)}") from None
     best = run.data.tags.get("gman.best_checkpoint")
     if not best:
         raise ConfigError(f"--run_id: run {run_id} has no best checkpoint logged (did it finish?)")

@@ -57,17 +57,59 @@ def _absolute_sqlite_path(uri: str, workdir: str | Path | None) -> str:
     return f"sqlite:///{absolute}{query_mark}{query}"
 
 
-def check_run_to_resume(tracking_uri: str, run_id: str, shown_uri: str | None = None) -> None:
+PASSWORD_MASK = "***"
+
+
+def without_password(uri: str) -> str:
+    """The URI with its password (``scheme://user:PASSWORD@host``), if any, replaced by ``***``.
+
+    The form in which gman writes or prints a tracking URI: the MLflow param, ``config.yaml``,
+    ``run.json``, the console, error messages.
+    """
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    if parts.password is None:
+        return uri
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return parts._replace(netloc=f"{user}:{PASSWORD_MASK}@{hostport}").geturl()
+
+
+def scrub_password(text: str, uri: str) -> str:
+    """``text`` (e.g. an exception's message, which may quote the URI) with the URI's password masked."""
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(uri).password
+    except ValueError:
+        return text
+    return text.replace(password, PASSWORD_MASK) if password else text
+
+
+def has_masked_password(uri: str | None) -> bool:
+    """Whether the URI is one written by gman without its password (``user:***@host``)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return bool(uri) and urlsplit(uri).password == PASSWORD_MASK
+    except ValueError:
+        return False
+
+
+def check_run_to_resume(tracking_uri: str, run_id: str) -> None:
     """Raise a ConfigError unless the MLflow run ``run_id`` is in the store at ``tracking_uri``.
 
     Called before ``--resume`` writes anything: MLflow would otherwise create an empty sqlite
-    database where the URI points and then fail deep inside Lightning's logger.  ``shown_uri`` is
-    the URI as messages may show it (without a password).
+    database where the URI points and then fail deep inside Lightning's logger.
     """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    shown_uri = shown_uri or tracking_uri
+    shown_uri = without_password(tracking_uri)
     if tracking_uri.startswith("sqlite:///"):
         db_path = Path(tracking_uri[len("sqlite:///"):].partition("?")[0])
         if not db_path.is_file():
@@ -79,14 +121,19 @@ def check_run_to_resume(tracking_uri: str, run_id: str, shown_uri: str | None = 
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise ConfigError(f"--resume: MLflow run {run_id} is not in {shown_uri}; give the URI of the store "
                               "it was started in with --tracking_uri") from None
-        raise ConfigError(f"tracking_uri: {shown_uri}: cannot use this MLflow tracking store "
-                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        raise unusable_store(tracking_uri, err) from None
     except Exception as err:  # noqa: BLE001 - an unreachable server or database raises many kinds
-        raise ConfigError(f"tracking_uri: {shown_uri}: cannot use this MLflow tracking store "
-                          f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})") from None
+        raise unusable_store(tracking_uri, err) from None
     if run.info.lifecycle_stage == "deleted":
         raise ConfigError(f"--resume: MLflow run {run_id} in {shown_uri} was deleted; restore it (mlflow runs "
                           "restore) or start a new run")
+
+
+def unusable_store(tracking_uri: str, err: BaseException) -> ConfigError:
+    """The one-line error for a store MLflow cannot use, with no password in it."""
+    detail = " ".join(part.strip() for part in str(err).splitlines() if part.strip())[:200]
+    return ConfigError(f"tracking_uri: {without_password(tracking_uri)}: cannot use this MLflow tracking store "
+                       f"({type(err).__name__}: {scrub_password(detail, tracking_uri)})")
 
 
 def default_artifact_location(tracking_uri: str) -> str | None:
