@@ -13,7 +13,11 @@ The output folder is built as ``<output_dir>.partial`` and renamed to
 suffix is always complete.  An interrupted run (crash, SIGKILL) leaves the
 ``.partial`` folder with ``run.json`` (the MLflow run id), the resolved
 ``config.yaml`` and ``checkpoints/last.ckpt`` (saved at every epoch end);
-``gman train --resume <folder>`` continues it into the same MLflow run.
+``gman train --resume <folder>`` continues it into the same MLflow run, with the
+settings of its ``config.yaml``: only those of :data:`RESUME_MAY_CHANGE` may be
+changed (a changed one is recorded in a ``gman.resume.<n>`` tag).  SIGTERM at any
+point once the MLflow run exists ends it KILLED (exit 143), as inside Lightning's
+fit and test (:class:`_SigtermEndsTheRun`).
 
 What a resumed run reproduces: ``last.ckpt`` is written at every epoch end
 (after validation) and holds the weights, Adam's moments, the lr scheduler,
