@@ -14,7 +14,8 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 TESTS_DIR = Path(__file__).resolve().parent
-GMAN = [sys.executable, "-m", "gman.cli"]
+# as the `gman` console script starts it: sys.argv[0] is not a file of the package's git checkout
+GMAN = [sys.executable, "-c", "import sys; from gman.cli import main; sys.exit(main())"]
 
 # A tiny run: 10 sensors x 8 days of synthetic data, an L=1, D=8 model, 8 batches per epoch.
 TINY_CONFIG = """\
@@ -38,6 +39,9 @@ trainer:
   callbacks:
     - class_path: test_cli_train.SigkillAt
     - class_path: test_cli_train.RaiseAt
+      init_args: {message: injected failure}
+    - class_path: test_cli_train.SigtermAfter
+    - class_path: test_cli_train.RecordRunStatus
 """
 
 
@@ -52,12 +56,47 @@ class SigkillAt(Callback):
 
 
 class RaiseAt(Callback):
-    """Raises RuntimeError at ``GMAN_TEST_RAISE_AT=epoch:batch`` (inert without it)."""
+    """Raises RuntimeError(message) at ``GMAN_TEST_RAISE_AT=epoch:batch`` (inert without it)."""
+
+    def __init__(self, message: str = "failure") -> None:
+        self.message = message
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         spec = os.environ.get("GMAN_TEST_RAISE_AT")
         if spec and (trainer.current_epoch, batch_idx) == tuple(int(v) for v in spec.split(":")):
-            raise RuntimeError("injected failure")
+            raise RuntimeError(self.message)
+
+
+class SigtermAfter(Callback):
+    """Once the test stage is over, makes ``GMAN_TEST_SIGTERM_AFTER=module:function`` (one that gman's report
+    calls, e.g. ``gman.serving.pyfunc:log_model``) send its process SIGTERM when it returns (inert without it)."""
+
+    def on_test_end(self, trainer, pl_module):
+        spec = os.environ.get("GMAN_TEST_SIGTERM_AFTER")
+        if not spec:
+            return
+        import importlib
+
+        module_name, name = spec.split(":")
+        module = importlib.import_module(module_name)
+        original = getattr(module, name)
+
+        def then_sigterm(*args, **kwargs):
+            result = original(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return result
+
+        setattr(module, name, then_sigterm)
+
+
+class RecordRunStatus(Callback):
+    """Writes the MLflow run's status as training starts to the file ``GMAN_TEST_STATUS_FILE`` (inert without it)."""
+
+    def on_train_start(self, trainer, pl_module):
+        path = os.environ.get("GMAN_TEST_STATUS_FILE")
+        if path:
+            logger = trainer.logger
+            Path(path).write_text(logger.experiment.get_run(logger.run_id).info.status)
 
 
 def gman(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -67,15 +106,21 @@ def gman(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([*GMAN, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
 
 
+def yaml_of(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
 def gman_rows(folder: Path) -> list[dict]:
     with open(folder / "horizons.csv", newline="") as handle:
         return [row for row in csv.DictReader(handle) if row["model"] == "GMAN"]
 
 
-def mlflow_run(workdir: Path, run_id: str):
+def mlflow_run(workdir: Path, run_id: str, db: str = "mlflow.db"):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(run_id)
+    return MlflowClient(f"sqlite:///{workdir / db}").get_run(run_id)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +157,16 @@ def test_train_writes_a_complete_run_folder_and_mlflow_run(uninterrupted, workdi
     step12 = next(r for r in rows if r["model"] == "GMAN" and r["step"] == "12")
     assert mlrun.data.metrics["test_mae_step12_60min"] == pytest.approx(float(step12["mae"]), rel=1e-5)
     assert "val_mae" in mlrun.data.metrics and "baseline_last_value_mae_step03_15min" in mlrun.data.metrics
+    # the callbacks (runs with and without, say, EMAWeightAveraging must not look alike)
+    assert mlrun.data.params["trainer.callbacks.0.class_path"] == "test_cli_train.SigkillAt"
+    assert mlrun.data.params["trainer.callbacks.1.init_args.message"] == "injected failure"
+    # the code version: gman's, and the commit of the checkout the package was imported from
+    import gman
+
+    head = subprocess.run(["git", "-C", str(Path(gman.__file__).parent), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert mlrun.data.tags["gman.version"] == gman.__version__
+    assert mlrun.data.tags.get("mlflow.source.git.commit") == (head or None)
 
 
 def test_a_checkpoint_alone_is_servable(uninterrupted, tmp_path):
@@ -156,16 +211,133 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_test_metrics(uninterrupted
     assert len(expected) == 3 * 12 + 3 and got == expected
 
 
-def test_sigterm_ends_the_run_killed_with_a_failing_status(workdir):
+@pytest.fixture(scope="module")
+def terminated(workdir) -> tuple[subprocess.CompletedProcess, Path]:
+    """A run stopped by SIGTERM in its second epoch (last.ckpt holds epoch 0), tracked in a store given by a
+    relative path: ``termed.db`` in ``workdir``."""
+    stopped = gman(["train", "--config", "tiny.yaml", "--output-dir", "runs/termed", "--tracking_uri",
+                    "sqlite:///termed.db"], workdir, GMAN_TEST_SIGKILL_AT="1:3", GMAN_TEST_SIGNAL="SIGTERM")
+    return stopped, workdir / "runs" / "termed.partial"
+
+
+def test_sigterm_ends_the_run_killed_with_a_failing_status(terminated, workdir):
     """Lightning stops on SIGTERM with a bare SystemExit; gman must not exit 0 for a run it did not finish."""
-    stopped = gman(["train", "--config", "tiny.yaml", "--output-dir", "runs/termed"], workdir,
-                   GMAN_TEST_SIGKILL_AT="1:3", GMAN_TEST_SIGNAL="SIGTERM")
+    stopped, partial = terminated
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     assert "resume it with: gman train --resume" in stopped.stderr
-    partial = workdir / "runs" / "termed.partial"
+    run = json.loads((partial / "run.json").read_text())
+    assert run["status"] == "KILLED" and mlflow_run(workdir, run["run_id"], "termed.db").info.status == "KILLED"
+    assert not (workdir / "runs" / "termed").exists()
+
+
+def test_sigterm_during_the_report_ends_the_run_killed_and_the_resume_logs_the_model_once(workdir):
+    """After fit and test Lightning no longer handles SIGTERM; gman does, as during fit.  Here it comes
+    after the model was logged and registered: the resumed run must not log or register it again."""
+    from mlflow.tracking import MlflowClient
+
+    stopped = gman(["train", "--config", "tiny.yaml", "--output-dir", "runs/termed-report", "--register",
+                    "tiny-report", "--trainer.max_epochs", "1"], workdir,
+                   GMAN_TEST_SIGTERM_AFTER="gman.serving.pyfunc:log_model")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    partial = workdir / "runs" / "termed-report.partial"
+    assert f"resume it with: gman train --resume {partial}" in stopped.stderr
     run = json.loads((partial / "run.json").read_text())
     assert run["status"] == "KILLED" and mlflow_run(workdir, run["run_id"]).info.status == "KILLED"
-    assert not (workdir / "runs" / "termed").exists()
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+    def models_and_versions():
+        experiment = mlflow_run(workdir, run["run_id"]).info.experiment_id
+        models = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run['run_id']}'")
+        return len(models), len(client.search_model_versions("name = 'tiny-report'"))
+
+    assert models_and_versions() == (1, 1)
+    resumed = gman(["train", "--resume", str(partial), "--register", "tiny-report"], workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert mlflow_run(workdir, run["run_id"]).info.status == "FINISHED"
+    assert models_and_versions() == (1, 1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model.learning_rate", "0.01"], "model.learning_rate cannot change when a run is resumed (0.001 -> 0.01)"),
+    (["--data.batch_size", "8", "--trainer.max_epochs", "5"],
+     "data.batch_size cannot change when a run is resumed (16 -> 8)"),
+    (["--seed_everything", "4"], "seed_everything cannot change when a run is resumed (3 -> 4)"),
+    (["--trainer.callbacks", "[]"], "trainer.callbacks"),
+])
+def test_a_resume_refuses_a_changed_setting_and_leaves_the_run_as_it_was(terminated, workdir, monkeypatch, capsys,
+                                                                         args, message):
+    """Only the settings of RESUME_MAY_CHANGE may differ from the run's config.yaml; any other change is refused
+    in one line naming it, before the folder or the MLflow run is touched."""
+    from gman.cli import main
+
+    _, partial = terminated
+    monkeypatch.chdir(workdir)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    files = {p: p.read_bytes() for p in partial.rglob("*") if p.is_file()}
+    run_id = json.loads((partial / "run.json").read_text())["run_id"]
+    before = mlflow_run(workdir, run_id, "termed.db")
+    assert main(["train", "--resume", str(partial), *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gman: error:")]
+    assert len(err) == 1 and err[0].startswith("gman: error: --resume: ") and message in err[0], err
+    assert {p: p.read_bytes() for p in partial.rglob("*") if p.is_file()} == files
+    after = mlflow_run(workdir, run_id, "termed.db")
+    assert (after.info.status, after.info.end_time, after.data.tags, after.data.params) == (
+        before.info.status, before.info.end_time, before.data.tags, before.data.params)
+
+
+def test_a_resume_from_another_directory_finds_its_store_and_applies_the_allowed_changes(terminated, workdir,
+                                                                                        tmp_path, monkeypatch,
+                                                                                        capsys):
+    """The relative tracking URI is stored absolute; a resume pointed at a store that lacks the run is a
+    one-line error that creates no database and leaves run.json as it was.  A resume that changes when the run
+    stops (RESUME_MAY_CHANGE) applies it, writes it into config.yaml (folder and MLflow artifact) and records it
+    in a tag (the params keep the values the run started with)."""
+    _, partial = terminated
+    expected_uri = f"sqlite:///{workdir / 'termed.db'}"
+    assert json.loads((partial / "run.json").read_text())["tracking_uri"] == expected_uri
+    assert yaml_of(partial / "config.yaml")["tracking_uri"] == expected_uri
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    run_json = (partial / "run.json").read_bytes()
+    from mlflow.tracking import MlflowClient
+
+    from gman.cli import main
+
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for uri, message in (("sqlite:///termed.db", "does not exist (no file"),
+                         (f"sqlite:///{workdir / 'mlflow-empty.db'}", "is not in")):
+        if "empty" in uri:  # a store that exists but never saw the run
+            MlflowClient(uri).search_experiments()
+        assert main(["train", "--resume", str(partial), "--tracking_uri", uri]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gman: error:")]
+        assert len(err) == 1 and err[0].startswith("gman: error: --resume: ") and message in err[0], err
+        assert list(elsewhere.iterdir()) == [] and (partial / "run.json").read_bytes() == run_json
+
+    resumed = gman(["train", "--resume", str(partial), "--trainer.max_epochs", "2", "--patience", "3"], elsewhere,
+                   GMAN_TEST_STATUS_FILE=str(tmp_path / "status"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "status").read_text() == "RUNNING"  # not the KILLED of the first attempt while it trains
+    final = workdir / "runs" / "termed"
+    assert resumed.stdout.strip().splitlines()[-1] == str(final)
+    assert list(elsewhere.iterdir()) == []
+    run = json.loads((final / "run.json").read_text())
+    mlrun = mlflow_run(workdir, run["run_id"], "termed.db")
+    assert run["status"] == "FINISHED" and mlrun.info.status == "FINISHED"
+
+    change = "trainer.max_epochs: 3 -> 2; patience: 10 -> 3"
+    assert f"resuming MLflow run {run['run_id']}: {change}" in resumed.stdout
+    assert mlrun.data.tags["gman.resume.1"] == change
+    assert mlrun.data.params["trainer.max_epochs"] == "3" and mlrun.data.params["patience"] == "10"
+    import torch
+
+    last = torch.load(final / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 1  # trained 2 epochs, not 3
+    assert last["callbacks"]["EarlyStopping{'monitor': 'val_mae', 'mode': 'min'}"]["patience"] == 3
+    artifact = MlflowClient(expected_uri).download_artifacts(run["run_id"], "config.yaml", str(tmp_path))
+    for config in (yaml_of(final / "config.yaml"), yaml_of(Path(artifact))):
+        assert (config["trainer"]["max_epochs"], config["patience"]) == (2, 3)
 
 
 def test_evaluate_a_checkpoint_and_an_mlflow_run_reproduce_the_test_metrics(uninterrupted, workdir, monkeypatch,
@@ -341,6 +513,108 @@ def test_a_failing_run_is_marked_failed_and_its_folder_kept_only_if_resumable(wo
         if resumable:
             assert json.loads((partial / "run.json").read_text())["status"] == "FAILED"
             assert "--resume" in capsys.readouterr().err
+
+
+def test_the_default_run_folder_is_inside_runs_whatever_the_experiment_is_called(workdir, monkeypatch, capsys):
+    """The experiment's name is made one safe folder name; MLflow keeps it as given."""
+    from mlflow.tracking import MlflowClient
+
+    from gman.cli import main
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("GMAN_TEST_RAISE_AT", "1:0")  # stops it once last.ckpt exists: its .partial folder is kept
+    experiment = "../odd/ex: é 'q' *"
+    with pytest.raises(RuntimeError, match="injected failure"):
+        main(["train", "--config", "tiny.yaml", "--experiment", experiment])
+    (folder,) = [p for p in (workdir / "runs").iterdir() if p.name.startswith("odd-ex-")]
+    assert re.fullmatch(r"odd-ex-é-q-\d{8}-\d{6}\.partial", folder.name), folder.name
+    assert not list(workdir.parent.glob("odd*")) and not list(workdir.glob("odd*"))  # no ../odd/ex... folder
+    assert f"--resume {folder}" in capsys.readouterr().err
+    assert MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_experiment_by_name(experiment) is not None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A local MLflow tracking server (no authentication: it ignores the user and password a URI sends)."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = tmp_path / "server"
+    store.mkdir()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+                               "--default-artifact-root", str(store / "artifacts")],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("the MLflow server did not start")
+                time.sleep(0.2)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_password_in_the_tracking_uri_is_never_written_or_shown(mlflow_server, tmp_path, monkeypatch, capsys):
+    """The URI's password is masked wherever gman writes or prints the URI (params, config.yaml, run.json, the
+    console, errors); a resume takes it again from --tracking_uri or MLFLOW_TRACKING_URI."""
+    from mlflow.tracking import MlflowClient
+
+    from gman.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    (tmp_path / "tiny.yaml").write_text(TINY_CONFIG)
+
+    def password_anywhere() -> list[Path]:
+        return [p for p in tmp_path.rglob("*") if p.is_file() and b"s3cret" in p.read_bytes()]
+
+    # a store that cannot be reached: the error names the URI without its password
+    assert main(["train", "--config", "tiny.yaml", "--tracking_uri", "http://me:s3cret@127.0.0.1:9",
+                 "--output-dir", "runs/nowhere"]) == 2
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("gman: error:")]
+    assert len(errors) == 1 and "tracking_uri: http://me:***@127.0.0.1:9: cannot use this MLflow tracking store" in \
+        errors[0], errors
+    assert "s3cret" not in out + err and not (tmp_path / "runs").exists()
+
+    uri, masked = f"http://me:s3cret@127.0.0.1:{mlflow_server}", f"http://me:***@127.0.0.1:{mlflow_server}"
+    monkeypatch.setenv("GMAN_TEST_RAISE_AT", "1:0")  # stopped once last.ckpt exists, to be resumed
+    with pytest.raises(RuntimeError, match="injected failure"):
+        main(["train", "--config", "tiny.yaml", "--tracking_uri", uri, "--output-dir", "runs/pw",
+              "--trainer.max_epochs", "2"])
+    monkeypatch.delenv("GMAN_TEST_RAISE_AT")
+    partial = tmp_path / "runs" / "pw.partial"
+    run = json.loads((partial / "run.json").read_text())
+    assert run["tracking_uri"] == masked and yaml_of(partial / "config.yaml")["tracking_uri"] == masked
+    assert MlflowClient(uri).get_run(run["run_id"]).data.params["tracking_uri"] == masked
+    assert password_anywhere() == [] and "s3cret" not in "".join(capsys.readouterr())
+
+    files = {p: p.read_bytes() for p in partial.iterdir() if p.is_file()}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri put it there, in this process
+    assert main(["train", "--resume", str(partial)]) == 2
+    assert f"gman: error: tracking_uri: {masked}: the run's store needs its password" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in partial.iterdir() if p.is_file()} == files
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["train", "--resume", str(partial)]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == str(tmp_path / "runs" / "pw") and f"'synthetic', {masked})" in out
+    assert MlflowClient(uri).get_run(run["run_id"]).info.status == "FINISHED"
+    assert password_anywhere() == [] and "s3cret" not in out + err
 
 
 def test_evaluate_refuses_a_file_that_is_no_checkpoint_in_one_plain_line(tmp_path, monkeypatch, capsys):

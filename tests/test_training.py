@@ -242,9 +242,25 @@ def test_tracking_uri_resolution_and_a_deleted_experiment_coming_back(tmp_path, 
     assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
     assert resolve_tracking_uri(None, tmp_path) == "http://tracking.example:5000"  # the environment beats the default
-    assert resolve_tracking_uri("sqlite:///x.db", tmp_path) == "sqlite:///x.db"   # a setting beats the environment
+    # a setting beats the environment
+    assert resolve_tracking_uri("sqlite:///x.db", tmp_path) == f"sqlite:///{tmp_path.resolve() / 'x.db'}"
+    # a relative sqlite path is made absolute (the URI is stored with the run); query, memory and absolute kept
+    assert (resolve_tracking_uri("sqlite:///db/../x.db?mode=ro", tmp_path)
+            == f"sqlite:///{tmp_path.resolve() / 'x.db'}?mode=ro")
+    assert resolve_tracking_uri("sqlite:////abs/x.db", tmp_path) == "sqlite:////abs/x.db"
+    assert resolve_tracking_uri("sqlite:///:memory:", tmp_path) == "sqlite:///:memory:"
     with pytest.raises(ConfigError, match="tracking_uri: 'mlflow.db' is not a URI"):
         resolve_tracking_uri("mlflow.db")
+    # a password is masked wherever gman writes or shows the URI
+    from gman.training.tracking import has_masked_password, scrub_password, without_password
+
+    assert without_password("postgresql://me:pw@db.example:5432/mlflow") == "postgresql://me:***@db.example:5432/mlflow"
+    assert without_password("https://me:p%40ss@mlflow.example/") == "https://me:***@mlflow.example/"
+    for plain in ("https://me@mlflow.example", "http://mlflow.example:5000", "sqlite:////abs/x.db", "databricks"):
+        assert without_password(plain) == plain and not has_masked_password(plain)
+    assert has_masked_password("https://me:***@mlflow.example/")
+    assert (scrub_password("request to https://me:p%40ss@h failed", "https://me:p%40ss@h")
+            == "request to https://me:***@h failed")
 
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     first = ensure_experiment("gman-test", uri)

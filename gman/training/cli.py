@@ -13,7 +13,11 @@ The output folder is built as ``<output_dir>.partial`` and renamed to
 suffix is always complete.  An interrupted run (crash, SIGKILL) leaves the
 ``.partial`` folder with ``run.json`` (the MLflow run id), the resolved
 ``config.yaml`` and ``checkpoints/last.ckpt`` (saved at every epoch end);
-``gman train --resume <folder>`` continues it into the same MLflow run.
+``gman train --resume <folder>`` continues it into the same MLflow run, with the
+settings of its ``config.yaml``: only those of :data:`RESUME_MAY_CHANGE` may be
+changed (a changed one is recorded in a ``gman.resume.<n>`` tag).  SIGTERM at any
+point once the MLflow run exists ends it KILLED (exit 143), as inside Lightning's
+fit and test (:class:`_SigtermEndsTheRun`).
 
 What a resumed run reproduces: ``last.ckpt`` is written at every epoch end
 (after validation) and holds the weights, Adam's moments, the lr scheduler,
@@ -42,11 +46,13 @@ default the one it was trained on) and writes the same table, csv and plots.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -99,6 +105,18 @@ TRAIN_DESCRIPTION = (
     "L = 3 and a learnable spatial embedding unless data.spatial_embedding says node2vec). Any key can be "
     "overridden, e.g. "
     "--trainer.max_epochs 20 --model.num_layers 3 --data.batch_size 32."
+)
+# Settings `gman train --resume` may change: when training stops, where it runs, what it reports and
+# where the results go.  None of them changes what the checkpoint's training means.  Any other change
+# (model, data, optimiser and lr schedule, batch sizes, seed, callbacks, precision, ...) would continue
+# the run as another one than it started as (and the optimiser and lr scheduler restored from the
+# checkpoint would override model.learning_rate anyway), so it is refused.
+RESUME_MAY_CHANGE = (
+    "trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "patience",           # when it stops
+    "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",   # where it runs
+    "threads", "data.num_workers",  # the batches' order and content do not depend on the loader processes
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",  # reporting
+    "tracking_uri", "register",  # how the store is reached (the run must be in it), the registry name
 )
 TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
@@ -304,12 +322,17 @@ def _resume_folder(folder: Path) -> Path:
 
 
 # ------------------------------------------------------------- utilities
-def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+def _flatten(config: dict, prefix: str = "", lists: bool = False) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``; with ``lists``, a list of mappings by index too (``trainer.callbacks``:
+    ``trainer.callbacks.0.class_path``, ``trainer.callbacks.0.init_args.decay``)."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value and key not in ("spatial_attention_options",):
-            flat.update(_flatten(value, f"{name}."))
+            flat.update(_flatten(value, f"{name}.", lists))
+        elif lists and isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            for index, item in enumerate(value):
+                flat.update(_flatten(item, f"{name}.{index}.", lists))
         else:
             flat[name] = value
     return flat
@@ -324,10 +347,11 @@ def _write_json(path: Path, data: dict) -> None:
 def _log_params(logger, params: dict[str, Any]) -> None:
     """Log settings as MLflow params; on a resumed run only those not logged yet (params are immutable)."""
     from mlflow.entities import Param
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
     client, run_id = logger.experiment, logger.run_id
     existing = client.get_run(run_id).data.params
-    items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+    items = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items() if k not in existing]
     for lo in range(0, len(items), 100):
         client.log_batch(run_id, params=items[lo:lo + 100])
 
@@ -338,6 +362,14 @@ def _print(*lines: str) -> None:
 
 
 # ----------------------------------------------------------------- train
+def _folder_name(experiment: str) -> str:
+    """The experiment's name as one folder name (``runs/<it>-<time stamp>``): path separators, ``..``,
+    spaces, quotes and shell wildcards become ``-`` (MLflow keeps the name as given)."""
+    import re
+
+    return re.sub(r"[^\w.-]+", "-", experiment).strip(".-") or "run"
+
+
 def _check_new_run_folder(final_dir: Path) -> None:
     """Refuse a run folder that exists, finished or (``.partial``) interrupted."""
     work_dir = final_dir.with_name(final_dir.name + PARTIAL_SUFFIX)
@@ -371,24 +403,36 @@ def train(argv: list[str]) -> int:
 
         torch.set_num_threads(config.threads)
 
+    from gman.training.tracking import check_run_to_resume, resolve_tracking_uri, without_password
+
+    if config.tracking_uri:  # stored absolute (a relative sqlite path would mean another file after a cd)
+        config.tracking_uri = resolve_tracking_uri(config.tracking_uri)
+    tracking_uri = resolve_tracking_uri(config.tracking_uri or saved_run.get("tracking_uri"))
     if resume is None and config.output_dir and writer:  # before minutes of data loading
         _check_new_run_folder(Path(config.output_dir).resolve())
+    resume_changes = _resume_changes(cli, work_dir / CONFIG_FILE) if resume is not None else None
+    if resume is not None and writer:  # a store without the run: nothing is created there, run.json is untouched
+        tracking_uri = _with_password_again(tracking_uri)
+        check_run_to_resume(tracking_uri, saved_run.get("run_id") or "")
+    if without_password(tracking_uri) != tracking_uri:
+        # MLflow prints "View run ... at: <the URI with its password>" when a run on a server ends
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # Data and network first: a bad file or setting stops here, before any folder or MLflow run exists.
     datamodule.prepare_data()
     datamodule.setup("fit")
     module.build_for(datamodule)
     _check_sync_batchnorm(config, module)
 
-    from gman.training.tracking import OtherRankLogger, make_logger, resolve_tracking_uri
+    from gman.training.tracking import OtherRankLogger, code_version_tags, make_logger, unusable_store
 
     dataset_name = datamodule.dataset.name
     experiment = config.experiment or saved_run.get("experiment") or dataset_name
-    tracking_uri = resolve_tracking_uri(config.tracking_uri or saved_run.get("tracking_uri"))
     if resume is not None:
         final_dir = work_dir.with_name(work_dir.name[: -len(PARTIAL_SUFFIX)])
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        final_dir = Path(config.output_dir or Path(DEFAULT_RUNS_DIR) / f"{experiment}-{stamp}").resolve()
+        default_dir = Path(DEFAULT_RUNS_DIR) / f"{_folder_name(experiment)}-{stamp}"
+        final_dir = Path(config.output_dir or default_dir).resolve()
         if not writer and os.environ.get(RUN_DIR_ENV):
             final_dir = Path(os.environ[RUN_DIR_ENV])  # rank 0's folder (its time stamp may differ from ours)
         work_dir = final_dir.with_name(final_dir.name + PARTIAL_SUFFIX)
@@ -401,31 +445,154 @@ def train(argv: list[str]) -> int:
     if writer:
         try:
             logger = make_logger(experiment, tracking_uri, run_id=saved_run.get("run_id"), run_name=final_dir.name,
-                                 tags={"gman.output_dir": str(final_dir), "gman.dataset": dataset_name})
+                                 tags={"gman.output_dir": str(final_dir), "gman.dataset": dataset_name,
+                                       **code_version_tags()})
         except ConfigError:
             raise
         except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for an unusable store
-            raise ConfigError(f"tracking_uri: {tracking_uri}: cannot use this MLflow tracking store "
-                              f"({type(err).__name__}: {_one_line(err)[:200]})") from None
+            raise unusable_store(tracking_uri, err) from None
     else:
         logger = OtherRankLogger()
-    try:
-        result = _fit_test_and_report(cli, trainer, logger, work_dir, final_dir, experiment, tracking_uri,
-                                      resume is not None, writer)
-    except BaseException as err:
-        if writer:
-            # Lightning turns Ctrl-C into SystemExit(1) after its own clean-up
-            logger.finish(_end_status(err))
-            _handle_failed_folder(work_dir, err)
-        if isinstance(err, SystemExit) and not err.code:
-            # Lightning stops on SIGTERM with a bare SystemExit (status 0): a killed run must not look successful
-            raise SystemExit(128 + signal.SIGTERM) from None
-        raise
+    sigterm = _SigtermEndsTheRun() if writer else contextlib.nullcontext()
+    with sigterm:
+        try:
+            result = _fit_test_and_report(cli, trainer, logger, work_dir, final_dir, experiment, tracking_uri,
+                                          resume_changes, writer)
+            if writer:
+                sigterm.ignore()  # everything is logged; what is left takes milliseconds and must not be cut short
+                _complete_run(logger, work_dir, final_dir, result["best_checkpoint"])
+        except BaseException as err:
+            if writer:
+                sigterm.ignore()  # a second SIGTERM must not cut the marking of the run short
+                # Lightning turns Ctrl-C into SystemExit(1) after its own clean-up
+                logger.finish(_end_status(err))
+                _handle_failed_folder(work_dir, err)
+            if isinstance(err, SystemExit) and not err.code:
+                # Lightning stops on SIGTERM with a bare SystemExit (status 0): a killed run must not look successful
+                raise SystemExit(128 + signal.SIGTERM) from None
+            raise
     if writer:
-        logger.finish("FINISHED")
-        _print(result["table"], "", f"MLflow run: {result['run_id']} (experiment {experiment!r}, {tracking_uri})",
+        _print(result["table"], "", f"MLflow run: {result['run_id']} (experiment {experiment!r}, "
+                                    f"{without_password(tracking_uri)})",
                str(final_dir))
     return 0
+
+
+class _SigtermEndsTheRun:
+    """While installed (``with``), SIGTERM stops ``gman train`` as it does inside ``trainer.fit``.
+
+    Lightning handles SIGTERM only inside ``trainer.fit`` / ``trainer.test``: its handler notes the
+    signal and the loops raise ``SIGTERMException`` at the next batch, which :func:`train` turns into a
+    KILLED run, the resume hint and exit status 143.  Around them (set-up, baselines, plots, the model's
+    logging and registration) the default action would end the process on the spot and leave the MLflow
+    run RUNNING forever; this handler raises the same exception there.  Inside fit/test Lightning
+    installs its own handler and calls the one it found (this one) after it; this one then leaves the
+    stop to Lightning, so the graceful stop at a batch boundary and its clean-up are unchanged.
+    """
+
+    def __init__(self) -> None:
+        self._previous = None
+        self._ignoring = False
+        # signal handlers can only be set from the main thread (train() called from another: left as it is)
+        self._active = threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> "_SigtermEndsTheRun":
+        if self._active:
+            self._previous = signal.signal(signal.SIGTERM, self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._active:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def ignore(self) -> None:
+        """From now on SIGTERM is ignored: the run is being completed or marked FAILED / KILLED."""
+        self._ignoring = True
+
+    def __call__(self, signum, frame) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if self._ignoring or signal.getsignal(signal.SIGTERM) is not self:
+            return  # not installed itself: Lightning's handler called it, and its loops stop at the next batch
+        self._ignoring = True
+        raise SIGTERMException()
+
+
+def _stop_if_sigterm_was_noted(trainer) -> None:
+    """Lightning's loops act on a SIGTERM only at their checks; one that arrives after the last check of
+    ``fit`` or ``test`` (saving the last checkpoint, tear-down) is noted in ``trainer.received_sigterm``
+    and would otherwise be forgotten when the next stage resets it."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if trainer.received_sigterm:
+        raise SIGTERMException()
+
+
+def _complete_run(logger, work_dir: Path, final_dir: Path, best_name: str) -> None:
+    """The run's last step: the folder gets its final name, run.json and the MLflow run say FINISHED."""
+    os.replace(work_dir, final_dir)
+    run = json.loads((final_dir / RUN_FILE).read_text())
+    run.update(status="FINISHED", best_checkpoint=str(final_dir / CHECKPOINT_DIR / best_name))
+    _write_json(final_dir / RUN_FILE, run)
+    logger.finish("FINISHED")
+
+
+def _resume_changes(cli, saved_config: Path) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each setting of a resumed run that differs from its config.yaml.
+
+    Raises a ConfigError for the first one not in :data:`RESUME_MAY_CHANGE`, before anything is written.
+    Keys the saved config lacks (settings added to gman after the run started) are not compared.
+    """
+    import yaml
+
+    saved = _flatten(yaml.safe_load(saved_config.read_text()) or {})
+    # compared as written (the saved tracking URI has no password), so the password is not recorded either
+    now = _flatten(_without_secrets(yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)) or {}))
+    changes = [(key, saved[key], value) for key, value in now.items() if key in saved and saved[key] != value]
+    for key, old, new in changes:
+        if key not in RESUME_MAY_CHANGE:
+            raise ConfigError(f"--resume: {key} cannot change when a run is resumed ({_setting_text(old)} -> "
+                              f"{_setting_text(new)}); a resume may change only {', '.join(RESUME_MAY_CHANGE)}; "
+                              "start a new run for other settings")
+    return changes
+
+
+def _setting_text(value: Any) -> str:
+    return json.dumps(value, default=str)
+
+
+def _record_resume(logger, changes: list[tuple[str, Any, Any]]) -> None:
+    """Tag ``gman.resume.<n>`` on the MLflow run with what this resume changed (its params keep the values
+    the run started with: MLflow params cannot change), and say it on the console.  A different gman
+    version or commit than the run's tags name (those of its start) is listed too."""
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    from gman.training.tracking import code_version_tags
+
+    client, run_id = logger.experiment, logger.run_id
+    tags = client.get_run(run_id).data.tags
+    changes = [*changes, *((key, tags.get(key), value) for key, value in code_version_tags().items()
+                           if tags.get(key) != value)]
+    previous = [k for k in tags if k.startswith("gman.resume.")]
+    text = "; ".join(f"{key}: {_setting_text(old)} -> {_setting_text(new)}" for key, old, new in changes)
+    text = text or "settings unchanged"
+    client.set_tag(run_id, f"gman.resume.{len(previous) + 1}", text[:MAX_TAG_VAL_LENGTH])
+    _print(f"resuming MLflow run {run_id}: {text}")
+
+
+def _with_password_again(tracking_uri: str) -> str:
+    """The URI of a resumed run's store with its password: gman wrote it as ``user:***@host`` (see
+    :func:`~gman.training.tracking.without_password`), so the password comes from ``--tracking_uri`` given
+    again (then it is not masked here) or from ``MLFLOW_TRACKING_URI`` naming the same store."""
+    from gman.training.tracking import has_masked_password, without_password
+
+    if not has_masked_password(tracking_uri):
+        return tracking_uri
+    from_environment = os.environ.get("MLFLOW_TRACKING_URI")
+    if from_environment and without_password(from_environment) == tracking_uri:
+        return from_environment
+    raise ConfigError(f"tracking_uri: {tracking_uri}: the run's store needs its password, which gman does not "
+                      "write down; give the URI again with --tracking_uri or MLFLOW_TRACKING_URI")
 
 
 def _launch_rank_is_zero() -> bool:
@@ -482,18 +649,48 @@ def _handle_failed_folder(work_dir: Path, err: BaseException) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
+def _early_stopping_class():
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    class EarlyStoppingKeepingPatience(EarlyStopping):
+        """Lightning's EarlyStopping with the configured patience also on ``--resume``.
+
+        The stock callback restores ``patience`` from the checkpoint, so a resume could not change it;
+        and ``trainer.should_stop`` is not saved, so a run whose early stopping had fired before it was
+        stopped (during its test or report) would train another epoch when resumed.  Here such a run
+        stops at once, unless the new patience is larger than the epochs it has waited.
+        """
+
+        @property
+        def state_key(self) -> str:
+            # the stock class's key, so that checkpoints written with either class restore into both
+            return f"EarlyStopping{dict(monitor=self.monitor, mode=self.mode)!r}"
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            patience = self.patience
+            super().load_state_dict(state_dict)
+            self.patience = patience
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            super().on_train_start(trainer, pl_module)
+            if self.wait_count >= self.patience:
+                trainer.should_stop = True
+
+    return EarlyStoppingKeepingPatience
+
+
 def _build_trainer(cli, work_dir: Path, writer: bool):
     """The Lightning trainer with gman's callbacks, still without its logger: built before the MLflow
     experiment is touched, so that a trainer setting Lightning refuses leaves nothing behind."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     config = cli.config
     # every rank gets the same callbacks; ModelCheckpoint takes rank 0's folder (a broadcast) and only
     # rank 0 saves, but all ranks track the best checkpoint, which they all load for the test stage
     checkpoint = ModelCheckpoint(dirpath=work_dir / CHECKPOINT_DIR, filename=BEST_CHECKPOINT, monitor=MONITOR,
                                  mode="min", save_top_k=1, save_last=True, enable_version_counter=False)
-    callbacks = [checkpoint, EarlyStopping(monitor=MONITOR, mode="min", patience=config.patience),
+    callbacks = [checkpoint, _early_stopping_class()(monitor=MONITOR, mode="min", patience=config.patience),
                  LearningRateMonitor(logging_interval="epoch")]
     user_callbacks = cli._get(cli.config_init, "trainer", default={}).get("callbacks") or []
     try:
@@ -510,10 +707,13 @@ def _build_trainer(cli, work_dir: Path, writer: bool):
 
 
 def _fit_test_and_report(cli, trainer, logger, work_dir: Path, final_dir: Path, experiment: str, tracking_uri: str,
-                         resuming: bool, writer: bool = True) -> dict[str, Any]:
+                         resume_changes: list[tuple[str, Any, Any]] | None, writer: bool = True) -> dict[str, Any]:
+    """Fit, test and report; ``resume_changes`` is None for a new run, else the settings a resume changed."""
     from gman.training.module import DATA_DERIVED, data_hparams
+    from gman.training.tracking import without_password
 
     config, datamodule, module = cli.config, cli.datamodule, cli.model
+    resuming = resume_changes is not None
     trainer.logger = logger
 
     last = work_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
@@ -521,23 +721,30 @@ def _fit_test_and_report(cli, trainer, logger, work_dir: Path, final_dir: Path, 
     if not writer:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         run_test_on_best_checkpoint(trainer, module, datamodule)
-        return {"table": "", "run_id": None}
+        return {"table": "", "run_id": None, "best_checkpoint": None}
 
     work_dir.mkdir(parents=True, exist_ok=resuming)
     run_id = logger.run_id  # creates (or reopens) the MLflow run now, so run.json can name it
-    resolved = cli.parser.dump(config, skip_none=False)
-    if not resuming:
-        config_yaml = _set_output_dir(resolved, final_dir)
-        (work_dir / (CONFIG_FILE + ".tmp")).write_text(config_yaml)
-        os.replace(work_dir / (CONFIG_FILE + ".tmp"), work_dir / CONFIG_FILE)
-    _write_json(work_dir / RUN_FILE, {"run_id": run_id, "experiment": experiment, "tracking_uri": tracking_uri,
+    if resuming:
+        # reopened, the run shows RUNNING again (not KILLED / FAILED while it trains); MLflow keeps its old
+        # end time until the run ends, as mlflow.start_run(run_id=...) does
+        logger.experiment.update_run(run_id, status="RUNNING")
+        _record_resume(logger, resume_changes)
+    # a resumed run's config.yaml takes the settings the resume changed (RESUME_MAY_CHANGE)
+    config_yaml = _set_output_dir(cli.parser.dump(config, skip_none=False), final_dir)
+    (work_dir / (CONFIG_FILE + ".tmp")).write_text(config_yaml)
+    os.replace(work_dir / (CONFIG_FILE + ".tmp"), work_dir / CONFIG_FILE)
+    _write_json(work_dir / RUN_FILE, {"run_id": run_id, "experiment": experiment,
+                                      "tracking_uri": without_password(tracking_uri),
                                       "output_dir": str(final_dir), "status": "RUNNING"})
 
     # run-control options are not settings; data-derived model sizes are logged from the data (data_derived.*)
-    params = {k: v for k, v in _flatten(config.as_dict()).items()
-              if not k.startswith(("resume", "register", "config", "trainer.callbacks", "trainer.logger"))
+    params = {k: v for k, v in _flatten(config.as_dict(), lists=True).items()
+              if not k.startswith(("resume", "register", "config", "trainer.logger"))
               and not (k.startswith("model.") and k[len("model."):] in DATA_DERIVED and v is None)}
     params.update({f"data_derived.{k}": v for k, v in data_hparams(datamodule, config.model.se_dim).items()})
+    if params.get("tracking_uri"):
+        params["tracking_uri"] = without_password(params["tracking_uri"])
     _log_params(logger, params)
     logger.experiment.log_artifact(run_id, str(work_dir / CONFIG_FILE))
 
@@ -551,7 +758,9 @@ def _fit_test_and_report(cli, trainer, logger, work_dir: Path, final_dir: Path, 
             os.environ.pop(RUN_DIR_ENV, None)
         else:
             os.environ[RUN_DIR_ENV] = previous
+    _stop_if_sigterm_was_noted(trainer)
     run_test_on_best_checkpoint(trainer, module, datamodule)
+    _stop_if_sigterm_was_noted(trainer)
     return _report(module, datamodule, trainer.checkpoint_callback, logger, work_dir, final_dir, config.register)
 
 
@@ -583,18 +792,33 @@ def _rank_environment() -> str:
 
 
 def _set_output_dir(config_yaml: str, final_dir: Path) -> str:
-    """The resolved config with ``output_dir`` fixed to the run's folder (so ``--resume`` finds it again)."""
+    """The resolved config with ``output_dir`` fixed to the run's folder (so ``--resume`` finds it again),
+    and no password in ``tracking_uri``."""
     import yaml
 
-    data = yaml.safe_load(config_yaml)
+    data = _without_secrets(yaml.safe_load(config_yaml))
     data["output_dir"] = str(final_dir)
     data["resume"] = None
     return yaml.safe_dump(data, sort_keys=False)
 
 
+def _without_secrets(settings: dict) -> dict:
+    """The settings (a loaded config) with the tracking URI's password masked."""
+    from gman.training.tracking import without_password
+
+    if settings.get("tracking_uri"):
+        settings = {**settings, "tracking_uri": without_password(settings["tracking_uri"])}
+    return settings
+
+
 def _report(module, datamodule, checkpoint, logger, work_dir: Path, final_dir: Path,
             register: str | None) -> dict[str, Any]:
-    """Baselines, table, csv, plots, package, MLflow artifacts; rename the folder. Rank 0 only."""
+    """Baselines, table, csv, plots, package, MLflow artifacts and model. Rank 0 only.
+
+    A resumed run whose first attempt was stopped here does it all again (the metrics are logged again
+    at the same step, the artifacts overwritten) except the model: one already logged complete (READY)
+    by the run is not logged again, nor registered again under a name that has a version from the run.
+    """
     import mlflow
 
     from gman.serving.package import save_package
@@ -632,14 +856,25 @@ def _report(module, datamodule, checkpoint, logger, work_dir: Path, final_dir: P
         client.log_artifact(run_id, str(work_dir / name))
     client.log_artifact(run_id, str(best), artifact_path=CHECKPOINT_DIR)
     with mlflow.start_run(run_id=run_id):
-        log_model(package, artifact_path=PACKAGE_DIR, registered_model_name=register)
+        model_uri = _model_logged_by(client, run_id)
+        if model_uri is None:
+            log_model(package, artifact_path=PACKAGE_DIR, registered_model_name=register)
+        elif register and not client.search_model_versions(f"name = '{register}' AND run_id = '{run_id}'"):
+            mlflow.register_model(model_uri, register)
     client.set_tag(run_id, "gman.best_checkpoint", f"{CHECKPOINT_DIR}/{best_name}")
+    return {"table": table, "run_id": run_id, "best_checkpoint": best_name}
 
-    os.replace(work_dir, final_dir)
-    run = json.loads((final_dir / RUN_FILE).read_text())
-    run.update(status="FINISHED", best_checkpoint=str(final_dir / CHECKPOINT_DIR / best_name))
-    _write_json(final_dir / RUN_FILE, run)
-    return {"table": table, "run_id": run_id}
+
+def _model_logged_by(client, run_id: str) -> str | None:
+    """URI of the complete (READY) model package a run has logged, if any (a resumed run's first attempt
+    may have logged it before it was stopped)."""
+    from mlflow.entities import LoggedModelStatus
+
+    run = client.get_run(run_id)
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}' AND name = '{PACKAGE_DIR}'")
+    ready = [m for m in models if m.status == LoggedModelStatus.READY]
+    return f"models:/{ready[0].model_id}" if ready else None
 
 
 def _observed_training_mean(datamodule) -> float:
@@ -682,11 +917,13 @@ def _fetch_run(run_id: str, tracking_uri: str, into: Path) -> tuple[Path, Path |
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from gman.training.tracking import without_password
+
     client = MlflowClient(tracking_uri)
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise ConfigError(f"--run_id: no MLflow run {run_id!r} in {tracking_uri}") from None
+        raise ConfigError(f"--run_id: no MLflow run {run_id!r} in {without_password(tracking_uri)}") from None
     best = run.data.tags.get("gman.best_checkpoint")
     if not best:
         raise ConfigError(f"--run_id: run {run_id} has no best checkpoint logged (did it finish?)")

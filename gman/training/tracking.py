@@ -38,7 +38,102 @@ def resolve_tracking_uri(setting: str | None = None, workdir: str | Path | None 
         raise ConfigError(
             f"tracking_uri: {uri!r} is not a URI; use sqlite:///<path>/mlflow.db or http://host:port"
         )
-    return uri
+    return _absolute_sqlite_path(uri, workdir)
+
+
+def _absolute_sqlite_path(uri: str, workdir: str | Path | None) -> str:
+    """``sqlite:///rel.db`` (three slashes: relative to the working directory) as ``sqlite:////abs/rel.db``.
+
+    The URI is stored in the run's ``run.json`` and ``config.yaml``; a relative one would point
+    ``--resume`` (or ``gman evaluate --run_id``) from another directory at another, empty database.
+    Other schemes are left alone; a bare path or a ``file:rel`` URI has no ``://`` and is refused above.
+    """
+    if not uri.startswith("sqlite:///"):
+        return uri
+    path, query_mark, query = uri[len("sqlite:///"):].partition("?")
+    if not path or path == ":memory:" or Path(path).is_absolute():
+        return uri
+    absolute = os.path.abspath(Path(workdir or os.getcwd()).resolve() / path)
+    return f"sqlite:///{absolute}{query_mark}{query}"
+
+
+PASSWORD_MASK = "***"
+
+
+def without_password(uri: str) -> str:
+    """The URI with its password (``scheme://user:PASSWORD@host``), if any, replaced by ``***``.
+
+    The form in which gman writes or prints a tracking URI: the MLflow param, ``config.yaml``,
+    ``run.json``, the console, error messages.
+    """
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    if parts.password is None:
+        return uri
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return parts._replace(netloc=f"{user}:{PASSWORD_MASK}@{hostport}").geturl()
+
+
+def scrub_password(text: str, uri: str) -> str:
+    """``text`` (e.g. an exception's message, which may quote the URI) with the URI's password masked."""
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(uri).password
+    except ValueError:
+        return text
+    return text.replace(password, PASSWORD_MASK) if password else text
+
+
+def has_masked_password(uri: str | None) -> bool:
+    """Whether the URI is one written by gman without its password (``user:***@host``)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return bool(uri) and urlsplit(uri).password == PASSWORD_MASK
+    except ValueError:
+        return False
+
+
+def check_run_to_resume(tracking_uri: str, run_id: str) -> None:
+    """Raise a ConfigError unless the MLflow run ``run_id`` is in the store at ``tracking_uri``.
+
+    Called before ``--resume`` writes anything: MLflow would otherwise create an empty sqlite
+    database where the URI points and then fail deep inside Lightning's logger.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    shown_uri = without_password(tracking_uri)
+    if tracking_uri.startswith("sqlite:///"):
+        db_path = Path(tracking_uri[len("sqlite:///"):].partition("?")[0])
+        if not db_path.is_file():
+            raise ConfigError(f"--resume: the run's MLflow store {shown_uri} does not exist (no file {db_path}); "
+                              "give its URI with --tracking_uri")
+    try:
+        run = MlflowClient(tracking_uri).get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise ConfigError(f"--resume: MLflow run {run_id} is not in {shown_uri}; give the URI of the store "
+                              "it was started in with --tracking_uri") from None
+        raise unusable_store(tracking_uri, err) from None
+    except Exception as err:  # noqa: BLE001 - an unreachable server or database raises many kinds
+        raise unusable_store(tracking_uri, err) from None
+    if run.info.lifecycle_stage == "deleted":
+        raise ConfigError(f"--resume: MLflow run {run_id} in {shown_uri} was deleted; restore it (mlflow runs "
+                          "restore) or start a new run")
+
+
+def unusable_store(tracking_uri: str, err: BaseException) -> ConfigError:
+    """The one-line error for a store MLflow cannot use, with no password in it."""
+    detail = " ".join(part.strip() for part in str(err).splitlines() if part.strip())[:200]
+    return ConfigError(f"tracking_uri: {without_password(tracking_uri)}: cannot use this MLflow tracking store "
+                       f"({type(err).__name__}: {scrub_password(detail, tracking_uri)})")
 
 
 def default_artifact_location(tracking_uri: str) -> str | None:
@@ -87,6 +182,36 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
                 client.restore_experiment(experiment.experiment_id)
             return experiment.experiment_id
         return client.create_experiment(name, artifact_location=default_artifact_location(tracking_uri))
+
+
+def code_version_tags() -> dict[str, str]:
+    """``gman.version`` and, where the imported gman package is tracked in a git checkout, the checkout's
+    HEAD as ``mlflow.source.git.commit`` (no such tag if git is missing, slow or says otherwise).
+
+    MLflow derives that tag from ``sys.argv[0]``, which for the ``gman`` console script is in the virtual
+    environment, not in the checkout.  "Tracked" rules out a copy installed into a virtual environment
+    that happens to lie inside some other repository.
+    """
+    import subprocess
+
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
+    import gman
+
+    tags = {"gman.version": gman.__version__}
+    package_dir = Path(gman.__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(package_dir), *args], capture_output=True, text=True, timeout=5)
+
+    try:
+        if git("ls-files", "--error-unmatch", Path(gman.__file__).name).returncode == 0:
+            head = git("rev-parse", "HEAD")
+            if head.returncode == 0 and head.stdout.strip():
+                tags[MLFLOW_GIT_COMMIT] = head.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
 
 
 def make_logger(experiment_name: str, tracking_uri: str, run_id: str | None = None, run_name: str | None = None,
