@@ -342,6 +342,7 @@ def test_model_layout_reorders_and_drops_sensors_and_converts_the_time_zone(tmp_
     np.testing.assert_array_equal(got.values, reference.values[:, columns])
     np.testing.assert_array_equal(got.mask, reference.mask[:, columns])
     np.testing.assert_array_equal(got.adjacency, reference.adjacency[np.ix_(columns, columns)])
+    assert got.graph_order().tolist() == columns  # node-indexed files (a spatial embedding) still map by id
     # local clock times: 00:00 UTC is 16:00 or 17:00 the day before in Los Angeles
     assert got.time_features()[0, 1] in (16 * 12, 17 * 12)
 

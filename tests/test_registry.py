@@ -536,3 +536,15 @@ def test_a_graph_path_given_with_a_card_is_read_in_its_own_format(data_root, tmp
     datamodule = GMANDataModule(dataset="mine", graph_path=str(tmp_path / "adj_mx.pkl"), history_steps=2, horizon_steps=2)
     datamodule.setup()  # the card's graph_format (dense-csv) is not the pickle's
     assert datamodule.dataset.adjacency[0, 1] == 0.25 and datamodule.dataset.adjacency[2, 0] == 0.5  # a -> b, c -> a
+
+
+def test_the_cards_own_graph_file_by_another_spelling_keeps_the_cards_graph_options(data_root, tmp_path):
+    from gman.data.readers import load_dataset
+
+    _speeds(100, ["a", "b", "c"]).to_csv(tmp_path / "v.csv")
+    (tmp_path / "g.csv").write_text("a,b,c,d\n1,0,0,1\n0,1,0,0\n0,0,1,0\n1,0,0,1\n")  # d: a node without data
+    assert run_cli("import", "extra", "--values", str(tmp_path / "v.csv"), "--graph", str(tmp_path / "g.csv"),
+                   "--unmatched-sensors", "drop") == 0
+    for spelling in (data_root / "extra" / "adjacency.csv", data_root / "extra" / ".." / "extra" / "adjacency.csv"):
+        with pytest.warns(UserWarning, match="1 only in the graph"):  # the card's unmatched_sensors: drop still holds
+            assert load_dataset("extra", graph_path=str(spelling)).sensor_ids == ["a", "b", "c"]

@@ -261,6 +261,10 @@ def test_tracking_uri_resolution_and_a_deleted_experiment_coming_back(tmp_path, 
     assert has_masked_password("https://me:***@mlflow.example/")
     assert (scrub_password("request to https://me:p%40ss@h failed", "https://me:p%40ss@h")
             == "request to https://me:***@h failed")
+    # a short password is masked in the URI only, not in every word that contains its letters
+    assert scrub_password("error at http://u:a@host: bad data", "http://u:a@host") == "error at http://u:***@host: bad data"
+    assert scrub_password("token correcthorse refused", "http://u:correcthorse@h") == "token *** refused"
+    assert without_password("http://u:@host") == "http://u:@host" and not has_masked_password("http://u:@host")
 
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     first = ensure_experiment("gman-test", uri)

@@ -160,7 +160,9 @@ class SensorDataset:
         return SensorDataset(
             values=self.values[:, columns], mask=self.mask[:, columns], index=self.index, sensor_ids=wanted,
             adjacency=adjacency, name=self.name, units=self.units, missing_value=self.missing_value,
-            graph_node_ids=self.graph_node_ids, interval_hint=self.interval,
+            # the graph's node order stays known (files indexed by node, e.g. a spatial embedding, map by it)
+            graph_node_ids=self.graph_node_ids if self.graph_node_ids is not None else list(self.sensor_ids),
+            interval_hint=self.interval,
         )
 
     def graph_order(self) -> np.ndarray:

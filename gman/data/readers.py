@@ -192,7 +192,9 @@ def _load_card(name: str, options: dict) -> SensorDataset:
     card_options.setdefault("name", name)
     card_options.pop("split", None)  # a card's split is the data module's business
     own_graph = card_options.get("graph_path")
-    if options.get("graph_path") is not None and (own_graph is None or Path(options["graph_path"]) != Path(own_graph)):
+    if options.get("graph_path") is not None and (
+        own_graph is None or Path(options["graph_path"]).resolve() != Path(own_graph).resolve()
+    ):
         # another graph file: how the card's file is read (its format, its node list, its
         # unmatched nodes) does not describe it; unless given, they come from the new file
         for key in _CARD_GRAPH_FILE_OPTIONS:

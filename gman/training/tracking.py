@@ -72,7 +72,7 @@ def without_password(uri: str) -> str:
         parts = urlsplit(uri)
     except ValueError:
         return uri
-    if parts.password is None:
+    if not parts.password:  # none, or empty (``user:@host``): nothing to hide, and a resume needs nothing back
         return uri
     userinfo, _, hostport = parts.netloc.rpartition("@")
     user = userinfo.partition(":")[0]
@@ -80,14 +80,19 @@ def without_password(uri: str) -> str:
 
 
 def scrub_password(text: str, uri: str) -> str:
-    """``text`` (e.g. an exception's message, which may quote the URI) with the URI's password masked."""
+    """``text`` (e.g. an exception's message, which may quote the URI) with the URI's password masked:
+    wherever it stands as ``:PASSWORD@`` (the URI quoted), and also alone when it is long enough (8
+    characters or more) not to be an everyday word or a letter of the message."""
     from urllib.parse import urlsplit
 
     try:
         password = urlsplit(uri).password
     except ValueError:
         return text
-    return text.replace(password, PASSWORD_MASK) if password else text
+    if not password:
+        return text
+    text = text.replace(f":{password}@", f":{PASSWORD_MASK}@")
+    return text.replace(password, PASSWORD_MASK) if len(password) >= 8 else text
 
 
 def has_masked_password(uri: str | None) -> bool:
