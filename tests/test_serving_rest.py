@@ -374,6 +374,13 @@ def test_payloads_without_timestamps_get_gmans_one_line_400(scoring_app):
         answer = scoring_app.post("/invocations", json=payload)
         assert answer.status_code == 400, answer.text[-300:]
         assert answer.json()["message"] == "payload: needs a 'timestamp' column with the time of each row"
+    epoch_seconds = split_payload(toy_history())
+    for row, seconds in zip(epoch_seconds["dataframe_split"]["data"], range(1704067200, 1704070000, 300)):
+        row[0] = seconds
+    answer = scoring_app.post("/invocations", json=epoch_seconds)
+    assert answer.status_code == 400, answer.text[-300:]
+    assert answer.json()["message"] == ("payload: column 'timestamp' holds values that are not timestamps (numbers "
+                                        "such as 1704067200 are not timestamps (send ISO 8601 text))")
 
 
 def test_a_sensor_sent_as_null_throughout_is_forecast_as_missing(scoring_app, toy_package):

@@ -745,6 +745,10 @@ def history_index(values: Any, timezone: str | None, name: str | None = None) ->
     """
     from gman.data.dataset import MixedOffsetsError, parse_timestamps
 
+    if pd.api.types.is_numeric_dtype(getattr(values, "dtype", None)) and not pd.api.types.is_bool_dtype(values):
+        # pandas would read them as nanoseconds since 1970
+        first = next(iter(values), None)
+        raise ValueError(f"numbers such as {first!r} are not timestamps (send ISO 8601 text)")
     try:
         return pd.DatetimeIndex(parse_timestamps(values, timezone), name=name)
     except MixedOffsetsError:
