@@ -339,7 +339,8 @@ def read_history(path: Path, timezone: str | None = None, *, sensor_ids: list[st
     keeps its offset (:func:`gman.serving.forecaster.history_index`). A long table leaves missing
     readings out: its ids are read as text ("007" stays), a sensor of ``sensor_ids`` (the model's)
     without rows becomes a column of missing readings, and steps of ``interval`` without any row
-    become rows of missing readings.
+    become rows of missing readings (not in a table whose UTC offsets change, read for a model without
+    a time zone: there every step needs a row, NaN for missing readings).
     """
     import pandas as pd
 
