@@ -859,7 +859,8 @@ def _report(module, datamodule, checkpoint, logger, work_dir: Path, final_dir: P
         model_uri = _model_logged_by(client, run_id)
         if model_uri is None:
             log_model(package, artifact_path=PACKAGE_DIR, registered_model_name=register)
-        elif register and not client.search_model_versions(f"name = '{register}' AND run_id = '{run_id}'"):
+        elif register and not any(version.name == register  # the name compared here: it may hold quotes
+                                  for version in client.search_model_versions(f"run_id = '{run_id}'")):
             mlflow.register_model(model_uri, register)
     client.set_tag(run_id, "gman.best_checkpoint", f"{CHECKPOINT_DIR}/{best_name}")
     return {"table": table, "run_id": run_id, "best_checkpoint": best_name}
