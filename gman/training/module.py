@@ -342,7 +342,8 @@ class GMANLightningModule(L.LightningModule):
             every_rank: list[list[int]] = [[] for _ in range(torch.distributed.get_world_size())]
             torch.distributed.all_gather_object(every_rank, starts)
             starts = [s for rank_starts in every_rank for s in rank_starts]
-        self.test_window_starts = np.unique(np.asarray(starts, dtype=np.int64))
+        # None where the batches name no window starts (a data module of another kind): then unknown
+        self.test_window_starts = np.unique(np.asarray(starts, dtype=np.int64)) if starts else None
         self._tested_starts = []
         self.log_dict(horizon_metric_names(errors, self.hparams.interval_minutes))
 
