@@ -196,9 +196,11 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_test_metrics(uninterrupted
     run_id = json.loads((partial / "run.json").read_text())["run_id"]
     assert mlflow_run(workdir, run_id).info.status == "RUNNING"
 
-    resumed = gman(["train", "--resume", str(partial)], workdir)
+    resumed = gman(["train", "--resume", "runs/killed.partial"], workdir)  # relative to the working directory
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = workdir / "runs" / "killed"
+    run = json.loads((final / "run.json").read_text())  # the recorded paths stay absolute
+    assert run["output_dir"] == str(final) and run["best_checkpoint"].startswith(str(final))
     assert resumed.stdout.strip().splitlines()[-1] == str(final)
     assert json.loads((final / "run.json").read_text())["run_id"] == run_id   # the same MLflow run
     assert mlflow_run(workdir, run_id).info.status == "FINISHED"

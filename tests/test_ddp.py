@@ -250,3 +250,22 @@ def test_a_rank_the_trainer_does_not_see_is_refused_before_anything_is_written(t
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gman: error:")]
     assert len(err) == 1 and "SLURM_PROCID=1" in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_world_size_that_the_launcher_does_not_give_is_refused_before_anything_is_written(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """torchrun started 2 processes, the config asks for 4 devices: Lightning would say so only inside fit,
+    after rank 0 had created the MLflow run."""
+    from gman.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key, value in {"TORCHELASTIC_RUN_ID": "test", "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+                       "GROUP_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(key, value)
+    args = ["--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
+            "--trainer.devices", "4", "--data.options", "{num_sensors: 10, days: 4}", "--output-dir", "runs/out"]
+    assert main(["train", *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gman: error:")]
+    assert len(err) == 1 and "does not match the world size (2)" in err[0], err
+    assert list(tmp_path.iterdir()) == []

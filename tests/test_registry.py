@@ -548,3 +548,13 @@ def test_the_cards_own_graph_file_by_another_spelling_keeps_the_cards_graph_opti
     for spelling in (data_root / "extra" / "adjacency.csv", data_root / "extra" / ".." / "extra" / "adjacency.csv"):
         with pytest.warns(UserWarning, match="1 only in the graph"):  # the card's unmatched_sensors: drop still holds
             assert load_dataset("extra", graph_path=str(spelling)).sensor_ids == ["a", "b", "c"]
+
+
+def test_list_shows_a_broken_card_as_invalid_beside_the_others(data_root, capsys):
+    (data_root / "broken").mkdir()
+    (data_root / "broken" / "dataset.yaml").write_text("name: broken\nvalues: {file: x.csv\n")
+    assert run_cli("list") == 1
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
+    assert "invalid:" in rows["broken"] and "not valid YAML" in rows["broken"]
+    assert "missing metr-la.h5 (manual)" in rows["metr-la"]  # the built-in cards are still listed

@@ -90,8 +90,14 @@ def _list(args) -> int:
         print("no dataset cards found")
         return 0
     rows = []
+    invalid = 0
     for name in names:
-        card = registry.load_card(name)
+        try:
+            card = registry.load_card(name)
+        except DataError as err:  # one broken card must not hide the others
+            invalid += 1
+            rows.append((name, "-", f"invalid: {err}", ""))
+            continue
         missing = card.missing_files()
         present = len(card.files) - len(missing)
         if not missing:
@@ -105,7 +111,7 @@ def _list(args) -> int:
         print(f"{name:<{width}}  {count:<5}  {status}")
         if title:
             print(f"{'':<{width}}         {title}")
-    return 0
+    return 1 if invalid else 0
 
 
 # ----------------------------------------------------------------------------- fetch

@@ -388,7 +388,7 @@ def train(argv: list[str]) -> int:
     writer = _launch_rank_is_zero()
     saved_run: dict[str, Any] = {}
     if resume is not None:
-        work_dir = _resume_folder(resume)
+        work_dir = _resume_folder(resume).resolve()  # the paths run.json and config.yaml record stay absolute
         saved_run = json.loads((work_dir / RUN_FILE).read_text())
         argv = ["--config", str(work_dir / CONFIG_FILE), *_settings_older_runs_had(work_dir / CONFIG_FILE), *argv]
     cli = parse_train_args(argv)
@@ -699,6 +699,14 @@ def _build_trainer(cli, work_dir: Path, writer: bool):
     except (MisconfigurationException, ModuleNotFoundError, ValueError, RuntimeError) as err:
         # e.g. max_epochs -2, an accelerator whose package is missing, devices more than the machine has
         raise ConfigError(f"trainer: {_one_line(err)}") from None
+    environment = getattr(trainer.strategy, "cluster_environment", None)  # none for one device
+    if environment is not None and environment.creates_processes_externally:
+        # torchrun / SLURM started the processes: Lightning would check devices × num_nodes against their
+        # number only inside fit, after rank 0 had created the MLflow run
+        try:
+            environment.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
+        except ValueError as err:
+            raise ConfigError(f"trainer: {_one_line(err)}") from None
     if trainer.is_global_zero != writer:  # e.g. a stray SLURM_PROCID=1 in a one-process run; nothing written yet
         raise ConfigError(f"trainer: the launcher's environment ({_rank_environment()}) and Lightning (global rank "
                           f"{trainer.global_rank} of {trainer.world_size}) disagree on whether this process is rank 0; "

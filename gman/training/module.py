@@ -326,8 +326,10 @@ class GMANLightningModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         errors = self._reduced(self._val_metrics)
-        self.log("val_mae", errors.mae_all, prog_bar=True)
-        self.log_dict({"val_rmse": errors.rmse_all, "val_mape": errors.mape_all})
+        # the figures are already the whole split's (summed over ranks): sync_dist=True averages equal
+        # values, and says so to Lightning, which would otherwise warn about every key under DDP
+        self.log("val_mae", errors.mae_all, prog_bar=True, sync_dist=True)
+        self.log_dict({"val_rmse": errors.rmse_all, "val_mape": errors.mape_all}, sync_dist=True)
 
     def on_test_epoch_start(self) -> None:
         self._test_metrics.reset()
@@ -345,7 +347,8 @@ class GMANLightningModule(L.LightningModule):
         # None where the batches name no window starts (a data module of another kind): then unknown
         self.test_window_starts = np.unique(np.asarray(starts, dtype=np.int64)) if starts else None
         self._tested_starts = []
-        self.log_dict(horizon_metric_names(errors, self.hparams.interval_minutes))
+        # whole-split figures already (see on_validation_epoch_end)
+        self.log_dict(horizon_metric_names(errors, self.hparams.interval_minutes), sync_dist=True)
 
     def on_fit_start(self) -> None:
         if self.net is not None and any(isinstance(m, torch.nn.SyncBatchNorm) for m in self.net.modules()):
