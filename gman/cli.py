@@ -6,6 +6,7 @@ list`` does not pay for torch.
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 import warnings
@@ -42,6 +43,10 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return _python_format_warning(message, category, filename, lineno, line)
 
 
+_FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+                       errno.EISDIR, errno.ENOENT, errno.EEXIST}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
@@ -58,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     except GmanError as err:
         print(f"gman: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in _FILE_SYSTEM_ERRORS:
+            raise
+        # a full disk, a read-only or missing folder: what the user must fix, in one line, not a traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"gman: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
     finally:
         warnings.formatwarning = previous_format
 

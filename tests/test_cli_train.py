@@ -636,3 +636,42 @@ def test_evaluate_refuses_a_file_that_is_no_checkpoint_in_one_plain_line(tmp_pat
         assert err.startswith(f"gman: error: --checkpoint: {name} is not a gman checkpoint") and err.endswith(ending), err
         assert err.count("\n") == 1 and "Traceback" not in err
     assert not Path("runs").exists() or not any(Path("runs").iterdir())  # nothing written
+
+
+def test_a_run_folder_is_claimed_by_one_process_only(tmp_path):
+    """Two gman train into one folder: the second is refused in one line and cannot clean up the first's folder."""
+    from gman.errors import ConfigError
+    from gman.training.cli import _claim_run_folder
+
+    folder = tmp_path / "runs" / "r.partial"
+    held = _claim_run_folder(folder, resuming=False)
+    try:
+        with pytest.raises(ConfigError, match="was just created by another gman train"):
+            _claim_run_folder(folder, resuming=False)
+        with pytest.raises(ConfigError, match="is being trained by another gman train process"):
+            _claim_run_folder(folder, resuming=True)
+        assert folder.is_dir()
+    finally:
+        os.close(held)
+    os.close(_claim_run_folder(folder, resuming=True))  # free again once the holder is gone
+
+
+def test_a_file_system_error_is_one_line_and_others_keep_their_traceback(monkeypatch, capsys):
+    import errno
+
+    import gman.data.cli
+    from gman.cli import main
+
+    def full_disk(command, argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/run/last.ckpt")
+
+    monkeypatch.setattr(gman.data.cli, "main", full_disk)
+    assert main(["data", "list"]) == 1
+    assert capsys.readouterr().err == "gman: error: /data/run/last.ckpt: No space left on device\n"
+
+    def connection_reset(command, argv):
+        raise ConnectionResetError(errno.ECONNRESET, "reset")
+
+    monkeypatch.setattr(gman.data.cli, "main", connection_reset)
+    with pytest.raises(ConnectionResetError):
+        main(["data", "list"])

@@ -198,3 +198,13 @@ def test_auto_switches_to_sampling_above_the_dense_limit_and_keys_the_cache_by_i
     assert len(list(tmp_path.iterdir())) == 2 and not np.array_equal(dense, sampled)
     assert np.array_equal(node2vec_embedding(graph, cache_dir=False, method="sampled", batch_pairs=512, **SMALL), sampled)
     assert np.array_equal(node2vec_embedding(graph, cache_dir=False, method="dense", **SMALL), dense)
+
+
+def test_an_unwritable_cache_is_a_warning_not_a_failure(tmp_path):
+    from gman.data.embedding import node2vec_embedding
+
+    (tmp_path / "file").write_text("a file, not a folder")
+    adjacency = np.eye(5, k=1) + np.eye(5, k=-1)
+    with pytest.warns(UserWarning, match="node2vec: could not cache the embedding"):
+        vectors = node2vec_embedding(adjacency, dim=4, steps=3, cache_dir=tmp_path / "file" / "cache", progress=False)
+    assert vectors.shape == (5, 4)

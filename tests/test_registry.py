@@ -558,3 +558,11 @@ def test_list_shows_a_broken_card_as_invalid_beside_the_others(data_root, capsys
     rows = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
     assert "invalid:" in rows["broken"] and "not valid YAML" in rows["broken"]
     assert "missing metr-la.h5 (manual)" in rows["metr-la"]  # the built-in cards are still listed
+
+
+def test_hidden_folders_of_an_interrupted_import_are_no_cards(data_root):
+    from gman.data import registry
+
+    (data_root / ".mine.import-x1").mkdir()
+    (data_root / ".mine.import-x1" / "dataset.yaml").write_text("name: mine\n")
+    assert not any(name.startswith(".") for name in registry.card_names())

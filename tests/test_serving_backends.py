@@ -223,3 +223,12 @@ def test_onnx_backend_loads_without_torch(onnx_package):
     )
     env = {k: v for k, v in os.environ.items() if k != "GMAN_BACKEND"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_a_server_stopped_by_a_signal_exits_with_128_plus_the_signal():
+    import sys
+
+    from gman.serving.cli import _run_until_stopped
+
+    command = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"]
+    assert _run_until_stopped(command) == 143

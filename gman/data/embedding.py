@@ -375,7 +375,11 @@ def node2vec_embedding(
     finally:
         torch.set_num_threads(threads)
     if cache_path is not None:
-        write_word2vec(cache_path, vectors)
+        try:
+            write_word2vec(cache_path, vectors)
+        except OSError as err:  # a cache is best effort: an unwritable one must not stop the training
+            warnings.warn(f"node2vec: could not cache the embedding in {cache_path.parent} ({err.strerror or err}); "
+                          f"set GMAN_CACHE_DIR to a writable folder to keep it", stacklevel=2)
     return vectors
 
 

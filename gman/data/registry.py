@@ -88,7 +88,8 @@ def card_names() -> list[str]:
     names = set()
     for root in _card_dirs():
         if root.is_dir():
-            names.update(p.parent.name for p in root.glob(f"*/{CARD_FILE}"))
+            # hidden folders are gman data import's staging and replaced copies, not cards
+            names.update(p.parent.name for p in root.glob(f"*/{CARD_FILE}") if not p.parent.name.startswith("."))
     return sorted(names)
 
 

@@ -696,7 +696,8 @@ def _run_until_stopped(command: list[str]) -> int:
     server = subprocess.Popen(command, env=serving_environment())
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: server.terminate())
     try:
-        return server.wait()
+        code = server.wait()
+        return 128 - code if code < 0 else code  # stopped by signal N: 128 + N, as a shell reports it (143)
     except KeyboardInterrupt:
         server.terminate()
         server.wait()

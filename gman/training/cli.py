@@ -453,6 +453,9 @@ def train(argv: list[str]) -> int:
             raise unusable_store(tracking_uri, err) from None
     else:
         logger = OtherRankLogger()
+    # held until the process ends: a second gman train on the same folder is refused, and this one only
+    # ever cleans up a folder it holds (before, a second run's failure removed the first run's .partial)
+    folder_lock = _claim_run_folder(work_dir, resuming=bool(resume)) if writer else None  # noqa: F841
     sigterm = _SigtermEndsTheRun() if writer else contextlib.nullcontext()
     with sigterm:
         try:
@@ -632,6 +635,28 @@ def _end_status(err: BaseException) -> str:
     return "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
 
 
+def _claim_run_folder(work_dir: Path, resuming: bool) -> int:
+    """Make the run's ``.partial`` folder (a new run: it must not exist) and lock it for this process;
+    returns the open descriptor that holds the lock (released when the process ends).  Another process
+    training into the same folder, or resuming it, gets a one-line ConfigError."""
+    import fcntl
+
+    try:
+        work_dir.mkdir(parents=True, exist_ok=resuming)
+    except FileExistsError:
+        raise ConfigError(f"output_dir: {work_dir} was just created by another gman train; choose another "
+                          "--output-dir") from None
+    except OSError as err:
+        raise ConfigError(f"output_dir: cannot create {work_dir}: {err.strerror}") from None
+    handle = os.open(work_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(handle)
+        raise ConfigError(f"--resume: {work_dir} is being trained by another gman train process") from None
+    return handle
+
+
 def _handle_failed_folder(work_dir: Path, err: BaseException) -> None:
     """A failed run keeps its ``.partial`` folder only where there is a checkpoint to resume from."""
     last = work_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
@@ -731,7 +756,7 @@ def _fit_test_and_report(cli, trainer, logger, work_dir: Path, final_dir: Path, 
         run_test_on_best_checkpoint(trainer, module, datamodule)
         return {"table": "", "run_id": None, "best_checkpoint": None}
 
-    work_dir.mkdir(parents=True, exist_ok=resuming)
+    work_dir.mkdir(parents=True, exist_ok=True)  # claimed (made, locked) by train() already
     run_id = logger.run_id  # creates (or reopens) the MLflow run now, so run.json can name it
     if resuming:
         # reopened, the run shows RUNNING again (not KILLED / FAILED while it trains); MLflow keeps its old
