@@ -675,3 +675,24 @@ def test_a_file_system_error_is_one_line_and_others_keep_their_traceback(monkeyp
     monkeypatch.setattr(gman.data.cli, "main", connection_reset)
     with pytest.raises(ConnectionResetError):
         main(["data", "list"])
+
+
+def test_a_store_that_refuses_the_new_run_is_a_one_line_error_that_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    """E.g. a read-only sqlite file whose experiment exists: MLflow fails only when the run is created."""
+    from mlflow.tracking import MlflowClient
+
+    from gman.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "tiny.yaml").write_text(TINY_CONFIG)
+
+    def read_only(self, *args, **kwargs):
+        raise RuntimeError("attempt to write a readonly database")
+
+    monkeypatch.setattr(MlflowClient, "create_run", read_only)
+    assert main(["train", "--config", "tiny.yaml", "--output-dir", "runs/ro"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gman: error:")]
+    assert len(errors) == 1 and "cannot use this MLflow tracking store (RuntimeError: attempt to write a readonly" \
+        in errors[0], errors
+    assert not list((tmp_path / "runs").glob("ro*"))

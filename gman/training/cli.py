@@ -757,7 +757,14 @@ def _fit_test_and_report(cli, trainer, logger, work_dir: Path, final_dir: Path, 
         return {"table": "", "run_id": None, "best_checkpoint": None}
 
     work_dir.mkdir(parents=True, exist_ok=True)  # claimed (made, locked) by train() already
-    run_id = logger.run_id  # creates (or reopens) the MLflow run now, so run.json can name it
+    try:
+        run_id = logger.run_id  # creates (or reopens) the MLflow run now, so run.json can name it
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - e.g. a read-only sqlite store whose experiment exists
+        from gman.training.tracking import unusable_store
+
+        raise unusable_store(tracking_uri, err) from None
     if resuming:
         # reopened, the run shows RUNNING again (not KILLED / FAILED while it trains); MLflow keeps its old
         # end time until the run ends, as mlflow.start_run(run_id=...) does
