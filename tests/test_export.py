@@ -117,3 +117,16 @@ def test_export_refuses_an_unwritable_output_before_loading_the_model(package, t
             serving_main("export", ["--model", str(package), "--format", fmt, "--output", str(output)])
         assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "plain"]) and not list((tmp_path / name).iterdir())
+
+
+def test_an_export_that_fails_its_parity_check_leaves_the_previous_file_alone(package, tmp_path, monkeypatch, capsys):
+    import gman.serving.cli as serving_cli
+
+    output = tmp_path / "gman.pt2"
+    output.write_bytes(b"the previous, good export")
+    monkeypatch.setattr(serving_cli, "PARITY_TOLERANCE", -1.0)  # every graph fails the check
+    from gman.errors import DataError
+
+    with pytest.raises(DataError, match="exported graph differs from PyTorch"):
+        serving_main("export", ["--model", str(package), "--format", "torch-export", "--output", str(output)])
+    assert output.read_bytes() == b"the previous, good export" and sorted(tmp_path.iterdir()) == [output]

@@ -872,19 +872,20 @@ def export_onnx(forecaster: "Forecaster", path: Path, *, check: bool = True) -> 
         )
     proto = program.model_proto
     onnx.helper.set_model_props(proto, {"gman.json": json.dumps(forecaster.metadata)})
+    # checked under its temporary name: a graph that fails the check never replaces the file at path
     with _atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
-    if not check:
-        return None
-    try:
-        import onnxruntime
-    except ImportError:
-        print("gman export: onnxruntime not installed; parity check skipped", file=sys.stderr)
-        return None
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    values, time = example_inputs(forecaster, batch=3, seed=1)  # another batch size than traced
-    (output,) = session.run(None, {"values": values.numpy(), "time": time.numpy()})
-    return _check_parity(output, _reference(forecaster, values, time), path)
+        if not check:
+            return None
+        try:
+            import onnxruntime
+        except ImportError:
+            print("gman export: onnxruntime not installed; parity check skipped", file=sys.stderr)
+            return None
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        values, time = example_inputs(forecaster, batch=3, seed=1)  # another batch size than traced
+        (output,) = session.run(None, {"values": values.numpy(), "time": time.numpy()})
+        return _check_parity(output, _reference(forecaster, values, time), path)
 
 
 def export_torch(forecaster: "Forecaster", path: Path, *, check: bool = True) -> float | None:
@@ -896,20 +897,19 @@ def export_torch(forecaster: "Forecaster", path: Path, *, check: bool = True) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(module, (values, time), dynamic_shapes=_dynamic_batch())
-    with _atomic_path(path) as tmp:
+    with _atomic_path(path) as tmp:  # checked under its temporary name, as export_onnx's graph
         torch.export.save(program, tmp, extra_files={"gman.json": json.dumps(forecaster.metadata)})
-    if not check:
-        return None
-    loaded = torch.export.load(path).module()
-    values, time = example_inputs(forecaster, batch=3, seed=1)
-    with torch.inference_mode():
-        output = loaded(values, time).numpy()
-    return _check_parity(output, _reference(forecaster, values, time), path)
+        if not check:
+            return None
+        loaded = torch.export.load(tmp).module()
+        values, time = example_inputs(forecaster, batch=3, seed=1)
+        with torch.inference_mode():
+            output = loaded(values, time).numpy()
+        return _check_parity(output, _reference(forecaster, values, time), path)
 
 
 def _check_parity(output: np.ndarray, expected: np.ndarray, path: Path) -> float:
     difference = float(np.max(np.abs(output - expected)))
-    if not difference <= PARITY_TOLERANCE:
-        path.unlink(missing_ok=True)  # a graph that does not compute the model is not left behind
+    if not difference <= PARITY_TOLERANCE:  # raised inside _atomic_path: the checked file is not kept
         raise DataError(f"{path}: exported graph differs from PyTorch by {difference:.3g} > {PARITY_TOLERANCE}")
     return difference
