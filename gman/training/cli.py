@@ -453,11 +453,11 @@ def train(argv: list[str]) -> int:
             raise unusable_store(tracking_uri, err) from None
     else:
         logger = OtherRankLogger()
-    # held until the process ends: a second gman train on the same folder is refused, and this one only
-    # ever cleans up a folder it holds (before, a second run's failure removed the first run's .partial)
-    folder_lock = _claim_run_folder(work_dir, resuming=bool(resume)) if writer else None  # noqa: F841
+    # held while this run trains and reports: a second gman train on the same folder is refused, and this
+    # one only ever cleans up a folder it holds (before, a second run's failure removed the first's .partial)
+    folder_lock = _claim_run_folder(work_dir, resuming=bool(resume)) if writer else None
     sigterm = _SigtermEndsTheRun() if writer else contextlib.nullcontext()
-    with sigterm:
+    with sigterm, _released(folder_lock):
         try:
             result = _fit_test_and_report(cli, trainer, logger, work_dir, final_dir, experiment, tracking_uri,
                                           resume_changes, writer)
@@ -635,9 +635,19 @@ def _end_status(err: BaseException) -> str:
     return "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
 
 
+@contextlib.contextmanager
+def _released(descriptor: int | None):
+    """Close ``descriptor`` (releasing its lock) when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
+
+
 def _claim_run_folder(work_dir: Path, resuming: bool) -> int:
     """Make the run's ``.partial`` folder (a new run: it must not exist) and lock it for this process;
-    returns the open descriptor that holds the lock (released when the process ends).  Another process
+    returns the open descriptor that holds the lock until it is closed (or the process ends).  Another process
     training into the same folder, or resuming it, gets a one-line ConfigError."""
     import fcntl
 
