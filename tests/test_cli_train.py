@@ -641,19 +641,19 @@ def test_evaluate_refuses_a_file_that_is_no_checkpoint_in_one_plain_line(tmp_pat
 def test_a_run_folder_is_claimed_by_one_process_only(tmp_path):
     """Two gman train into one folder: the second is refused in one line and cannot clean up the first's folder."""
     from gman.errors import ConfigError
-    from gman.training.cli import _claim_run_folder
+    from gman.training.cli import _claimed_run_folder
 
     folder = tmp_path / "runs" / "r.partial"
-    held = _claim_run_folder(folder, resuming=False)
-    try:
+    with _claimed_run_folder(folder, resuming=False):
         with pytest.raises(ConfigError, match="was just created by another gman train"):
-            _claim_run_folder(folder, resuming=False)
+            with _claimed_run_folder(folder, resuming=False):
+                pass
         with pytest.raises(ConfigError, match="is being trained by another gman train process"):
-            _claim_run_folder(folder, resuming=True)
+            with _claimed_run_folder(folder, resuming=True):
+                pass
         assert folder.is_dir()
-    finally:
-        os.close(held)
-    os.close(_claim_run_folder(folder, resuming=True))  # free again once the holder is gone
+    with _claimed_run_folder(folder, resuming=True):  # free again once the holder is done
+        pass
 
 
 def test_a_file_system_error_is_one_line_and_others_keep_their_traceback(monkeypatch, capsys):

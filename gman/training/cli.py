@@ -455,9 +455,9 @@ def train(argv: list[str]) -> int:
         logger = OtherRankLogger()
     # held while this run trains and reports: a second gman train on the same folder is refused, and this
     # one only ever cleans up a folder it holds (before, a second run's failure removed the first's .partial)
-    folder_lock = _claim_run_folder(work_dir, resuming=bool(resume)) if writer else None
+    claimed = _claimed_run_folder(work_dir, resuming=bool(resume)) if writer else contextlib.nullcontext()
     sigterm = _SigtermEndsTheRun() if writer else contextlib.nullcontext()
-    with sigterm, _released(folder_lock):
+    with claimed, sigterm:
         try:
             result = _fit_test_and_report(cli, trainer, logger, work_dir, final_dir, experiment, tracking_uri,
                                           resume_changes, writer)
@@ -636,19 +636,9 @@ def _end_status(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _released(descriptor: int | None):
-    """Close ``descriptor`` (releasing its lock) when the block ends, however it ends."""
-    try:
-        yield
-    finally:
-        if descriptor is not None:
-            os.close(descriptor)
-
-
-def _claim_run_folder(work_dir: Path, resuming: bool) -> int:
-    """Make the run's ``.partial`` folder (a new run: it must not exist) and lock it for this process;
-    returns the open descriptor that holds the lock until it is closed (or the process ends).  Another process
-    training into the same folder, or resuming it, gets a one-line ConfigError."""
+def _claimed_run_folder(work_dir: Path, resuming: bool):
+    """Make the run's ``.partial`` folder (a new run: it must not exist) and hold a lock on it while the
+    block runs.  Another process training into the same folder, or resuming it, gets a one-line ConfigError."""
     import fcntl
 
     try:
@@ -664,7 +654,10 @@ def _claim_run_folder(work_dir: Path, resuming: bool) -> int:
     except BlockingIOError:
         os.close(handle)
         raise ConfigError(f"--resume: {work_dir} is being trained by another gman train process") from None
-    return handle
+    try:
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def _handle_failed_folder(work_dir: Path, err: BaseException) -> None:
@@ -766,8 +759,7 @@ def _fit_test_and_report(cli, trainer, logger, work_dir: Path, final_dir: Path, 
         run_test_on_best_checkpoint(trainer, module, datamodule)
         return {"table": "", "run_id": None, "best_checkpoint": None}
 
-    work_dir.mkdir(parents=True, exist_ok=True)  # claimed (made, locked) by train() already
-    try:
+    try:  # the folder exists: train() claimed it
         run_id = logger.run_id  # creates (or reopens) the MLflow run now, so run.json can name it
     except ConfigError:
         raise
