@@ -566,3 +566,19 @@ def test_hidden_folders_of_an_interrupted_import_are_no_cards(data_root):
     (data_root / ".mine.import-x1").mkdir()
     (data_root / ".mine.import-x1" / "dataset.yaml").write_text("name: mine\n")
     assert not any(name.startswith(".") for name in registry.card_names())
+
+
+def test_an_import_without_force_never_replaces_a_dataset_that_appeared_meanwhile(tmp_path):
+    """Two imports of one name at once: the existence check at the start passed for both."""
+    from gman.data.cli import _replace_folder
+    from gman.errors import DataError
+
+    target, staging = tmp_path / "mine", tmp_path / ".mine.import-x"
+    for folder, text in ((target, "first"), (staging, "second")):
+        folder.mkdir()
+        (folder / "dataset.yaml").write_text(text)
+    with pytest.raises(DataError, match="a dataset of that name was imported meanwhile; use --force"):
+        _replace_folder(staging, target, replace=False)
+    assert (target / "dataset.yaml").read_text() == "first"
+    _replace_folder(staging, target, replace=True)  # --force
+    assert (target / "dataset.yaml").read_text() == "second" and not staging.exists()

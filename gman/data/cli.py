@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import sys
@@ -295,7 +296,7 @@ def _import(args) -> int:
             for f in files
         ]
         registry.write_card(staging, card)
-        _replace_folder(staging, target)
+        _replace_folder(staging, target, replace=args.force)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -329,8 +330,20 @@ def _write_adjacency(dataset, path: Path) -> dict:
     return graph
 
 
-def _replace_folder(staging: Path, target: Path) -> None:
-    """Move the finished ``staging`` folder to ``target``; an old ``target`` is removed only afterwards."""
+def _replace_folder(staging: Path, target: Path, replace: bool = True) -> None:
+    """Move the finished ``staging`` folder to ``target``; an old ``target`` is removed only afterwards.
+
+    Without ``replace`` a ``target`` that appeared meanwhile (another import of the same name) is kept
+    and this one refused: the existence check at the start of the import is not enough.
+    """
+    if not replace:
+        try:
+            os.rename(staging, target)  # fails on a non-empty target folder, never replaces one
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            raise DataError(f"{target}: a dataset of that name was imported meanwhile; use --force to replace it") from None
+        return
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
