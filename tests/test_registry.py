@@ -582,3 +582,21 @@ def test_an_import_without_force_never_replaces_a_dataset_that_appeared_meanwhil
     assert (target / "dataset.yaml").read_text() == "first"
     _replace_folder(staging, target, replace=True)  # --force
     assert (target / "dataset.yaml").read_text() == "second" and not staging.exists()
+
+
+def test_imported_data_sets_get_the_usual_permissions(data_root, tmp_path):
+    """mkdtemp / mkstemp make 0700 folders and 0600 files: a shared data root would be unreadable to others."""
+    import stat
+
+    from gman.data.embedding import write_word2vec
+
+    previous = os.umask(0o022)
+    try:
+        _speeds(100, ["a", "b", "c"]).to_csv(tmp_path / "v.csv")
+        assert run_cli("import", "shared", "--values", str(tmp_path / "v.csv")) == 0
+        cache = write_word2vec(tmp_path / "cache" / "x.txt", np.zeros((2, 3)))
+    finally:
+        os.umask(previous)
+    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
+    assert mode(data_root / "shared") == 0o755
+    assert mode(data_root / "shared" / "dataset.yaml") == 0o644 and mode(cache) == 0o644

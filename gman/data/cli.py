@@ -10,6 +10,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from gman._modes import give_usual_mode
 from gman.errors import ConfigError, DataError
 
 USAGE = "gman data {list,fetch,import,check} ..."
@@ -260,6 +261,7 @@ def _import(args) -> int:
 
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.import-", dir=root))
+    give_usual_mode(staging, folder=True)  # mkdtemp creates 0700: a shared data root is read by others
     try:
         frame = pd.DataFrame(np.where(dataset.mask, dataset.values, np.nan), index=dataset.index,
                              columns=[str(s) for s in dataset.sensor_ids])

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gman._modes import give_usual_mode
 from gman.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only; torch is imported where it is used
@@ -77,6 +78,7 @@ def write_word2vec(path: str | Path, vectors: np.ndarray) -> Path:
             for i, row in enumerate(vectors):
                 # 9 significant digits round-trip float32 exactly
                 fh.write(f"{i} " + " ".join(format(float(v), ".9g") for v in row) + "\n")
+        give_usual_mode(tmp)  # mkstemp creates 0600: a shared cache is read by others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from gman._modes import give_usual_mode
 from gman.errors import ConfigError, DataError, UnknownDatasetError
 
 CARD_FILE = "dataset.yaml"
@@ -429,6 +430,7 @@ def write_card(folder: Path, card: dict) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             yaml.safe_dump(card, fh, sort_keys=False, allow_unicode=True, width=100)
+        give_usual_mode(tmp)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

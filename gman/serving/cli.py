@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gman._modes import give_usual_mode
 from gman.errors import ConfigError, DataError, ForecastInputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -112,7 +113,7 @@ def _atomic_path(path: Path, option: str = "--output"):
     os.close(handle)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        give_usual_mode(tmp)  # mkstemp creates 0600
         try:
             os.replace(tmp, path)
         except OSError as err:
@@ -135,12 +136,6 @@ def check_output_path(path: Path, option: str) -> None:
         raise ConfigError(f"{option}: {path} cannot be written: {parent} is a file, not a folder")
     if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{option}: {path} cannot be written: no permission to write in {parent}")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ============================================================================ predict

@@ -43,6 +43,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gman._modes import give_usual_mode
 from gman.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -225,7 +226,7 @@ def save_package(
 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp creates 0700; give the folder the usual permissions
+        give_usual_mode(staging, folder=True)  # mkdtemp creates 0700
         weights = _write_weights(model.state_dict(), staging)
         metadata["weights"] = {"file": weights.name, "sha256": _sha256(weights)}
         with open(staging / METADATA_FILE, "w", encoding="utf-8") as handle:
@@ -236,12 +237,6 @@ def save_package(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _replace_folder(staging: Path, target: Path) -> None:
