@@ -122,9 +122,6 @@ class GMANDataModule(LightningDataModule):
             spatial_embedding = "learnable"
         elif isinstance(spatial_embedding, os.PathLike):
             spatial_embedding = os.fspath(spatial_embedding)
-        elif not isinstance(spatial_embedding, str):
-            raise ConfigError(f"data.spatial_embedding: expected 'learnable', 'node2vec' or a path to a word2vec file, "
-                              f"got {type(spatial_embedding).__name__}")
         for option, value, low in (("history_steps", history_steps, 1), ("horizon_steps", horizon_steps, 1),
                                    ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -135,7 +132,9 @@ class GMANDataModule(LightningDataModule):
             raise ConfigError(f"data.eval_batch_size: expected an integer >= 1 or null, got {eval_batch_size!r}")
         if isinstance(missing_value, str) and missing_value != "auto":
             raise ConfigError(f"data.missing_value: expected a number, null or 'auto', got {missing_value!r}")
-        if spatial_embedding not in SPATIAL_EMBEDDINGS and not _looks_like_path(spatial_embedding):
+        if not isinstance(spatial_embedding, str) or (
+            spatial_embedding not in SPATIAL_EMBEDDINGS and not _looks_like_path(spatial_embedding)
+        ):
             raise ConfigError(
                 f"data.spatial_embedding: expected 'learnable', 'node2vec' or a path to a word2vec file, "
                 f"got {spatial_embedding!r}"

@@ -385,19 +385,31 @@ def _read_long(frame: pd.DataFrame, where: str, options: dict) -> _Table:
     if frame.shape[0] == 0:
         raise DataError(f"{where}: no data rows")
     timestamps = _parse_timestamps(frame[timestamp_column], where, timestamp_column, options)
+    values = _numeric_values(frame[[value_column]], where)[:, 0]
+    long = pd.DataFrame({timestamp_column: timestamps, sensor_column: frame[sensor_column].to_numpy(),
+                         value_column: values})
+    wide = pivot_long(long, timestamp_column, sensor_column, value_column, where).sort_index()
+    return _Table(wide.to_numpy(dtype=np.float64), pd.DatetimeIndex(wide.index), list(wide.columns))
+
+
+def pivot_long(frame: pd.DataFrame, time_column: str, sensor_column: str, value_column: str, where: str,
+               error: type[Exception] = DataError) -> pd.DataFrame:
+    """Rows of (time, sensor, value) -> a wide frame: time x sensor id (as text, in order of first
+    appearance), NaN where a pair has no row; not sorted.  An empty sensor id, or two readings of one
+    sensor at one time, is a one-line ``error`` naming ``where``.  The data readers and ``gman predict``'s
+    long histories share it."""
     if frame[sensor_column].isna().any():
         row = int(np.argmax(frame[sensor_column].isna().to_numpy()))
-        raise DataError(f"{where}: empty {sensor_column!r} in data row {row + 1}")
-    sensors = frame[sensor_column].map(id_text)
-    values = _numeric_values(frame[[value_column]], where)[:, 0]
-    long = pd.DataFrame({"t": timestamps, "s": sensors.to_numpy(), "v": values})
-    duplicated = long.duplicated(["t", "s"])
+        raise error(f"{where}: empty {sensor_column!r} in data row {row + 1}")
+    frame = frame.assign(**{sensor_column: frame[sensor_column].map(id_text)})
+    duplicated = frame.duplicated([time_column, sensor_column])
     if duplicated.any():
-        row = long[duplicated].iloc[0]
-        raise DataError(f"{where}: duplicate reading for sensor {row['s']} at {row['t']}")
-    sensor_order = list(pd.unique(long["s"]))
-    wide = long.pivot(index="t", columns="s", values="v").reindex(columns=sensor_order).sort_index()
-    return _Table(wide.to_numpy(dtype=np.float64), pd.DatetimeIndex(wide.index), sensor_order)
+        row = frame[duplicated].iloc[0]
+        raise error(f"{where}: two readings for sensor {row[sensor_column]!r} at {row[time_column]}")
+    wide = frame.pivot(index=time_column, columns=sensor_column, values=value_column)
+    wide = wide.reindex(columns=list(pd.unique(frame[sensor_column])))
+    wide.columns.name = None
+    return wide
 
 
 def _read_npz(path: Path, options: dict) -> _Table:
@@ -603,8 +615,9 @@ def _adjacency_in_memory(adjacency, id_map: list[str] | None) -> tuple[np.ndarra
         raise DataError(f"adjacency: expected a square numeric matrix, got shape {matrix.shape}, dtype {matrix.dtype}")
     if nodes is not None and len(nodes) != matrix.shape[0]:
         raise DataError(f"adjacency: {matrix.shape[0]} rows but {len(nodes)} graph_sensor_ids")
-    if nodes is not None and repeated(nodes):
-        raise DataError(f"adjacency: sensor id {repeated(nodes)[0]!r} names two nodes")
+    twice = repeated(nodes) if nodes is not None else []
+    if twice:
+        raise DataError(f"adjacency: sensor id {twice[0]!r} names two nodes")
     return matrix.astype(np.float32), nodes
 
 

@@ -339,8 +339,7 @@ def read_history(path: Path, timezone: str | None = None, *, sensor_ids: list[st
     """
     import pandas as pd
 
-    from gman.data.graph import id_text
-    from gman.data.readers import check_csv_header
+    from gman.data.readers import check_csv_header, pivot_long
     from gman.serving.forecaster import history_index
 
     if not path.is_file():
@@ -368,17 +367,7 @@ def read_history(path: Path, timezone: str | None = None, *, sensor_ids: list[st
                         f"{', '.join(long_columns)}: no {' or '.join(map(repr, missing))} column (columns found: {found})")
     long = set(long_columns) <= set(frame.columns)
     if long:
-        if frame["sensor_id"].isna().any():
-            row = int(np.argmax(frame["sensor_id"].isna().to_numpy()))
-            raise ForecastInputError(f"{path}: empty 'sensor_id' in data row {row + 1}")
-        frame = frame.assign(sensor_id=frame["sensor_id"].map(id_text))
-        duplicated = frame.duplicated(["timestamp", "sensor_id"])
-        if duplicated.any():
-            row = frame[duplicated].iloc[0]
-            raise ForecastInputError(f"{path}: two readings for sensor {row['sensor_id']!r} at {row['timestamp']}")
-        frame = frame.pivot(index="timestamp", columns="sensor_id", values="value")
-        frame.columns.name = None
-        frame = frame.reset_index()
+        frame = pivot_long(frame, *long_columns, str(path), error=ForecastInputError).reset_index()
     if isinstance(frame.index, pd.DatetimeIndex):
         return frame
     if frame.shape[1] == 0 or len(frame) == 0:

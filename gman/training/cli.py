@@ -761,8 +761,6 @@ def _fit_test_and_report(cli, trainer, logger, work_dir: Path, final_dir: Path, 
 
     try:  # the folder exists: train() claimed it
         run_id = logger.run_id  # creates (or reopens) the MLflow run now, so run.json can name it
-    except ConfigError:
-        raise
     except Exception as err:  # noqa: BLE001 - e.g. a read-only sqlite store whose experiment exists
         from gman.training.tracking import unusable_store
 

@@ -16,6 +16,7 @@ experiment is always created here, with an absolute artifact location.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 
@@ -190,6 +191,12 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
 
 
 def code_version_tags() -> dict[str, str]:
+    """A copy of :func:`_code_version_tags`, which asks git once per process (a resume compares them again)."""
+    return dict(_code_version_tags())
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version_tags() -> dict[str, str]:
     """``gman.version`` and, where the imported gman package is tracked in a git checkout, the checkout's
     HEAD as ``mlflow.source.git.commit`` (no such tag if git is missing, slow or says otherwise).
 
